@@ -1,0 +1,100 @@
+"""The data scientist's view of a site: mocks, job submission, and approved calls."""
+
+from __future__ import annotations
+
+import linecache
+from typing import Any
+
+import pandas as pd
+
+from datasites import job_code
+from datasites.datasite import DATASET_NAME
+from datasites.quiet import quiet
+from datasites.syft_server import SyftException, sy, syft_message
+from fed_tasks.codec import PayloadError, dumps, loads
+from fed_tasks.interface import SiteRefusedError
+from fed_tasks.spec import JobSpec
+
+
+def _function_from_source(source: str, name: str) -> Any:
+    """Compile generated source so that ``inspect.getsource`` (used by syft) can read it."""
+    filename = f"<fedsyft-{name}>"
+    linecache.cache[filename] = (len(source), None, source.splitlines(True), filename)
+    namespace: dict[str, Any] = {}
+    exec(compile(source, filename, "exec"), namespace)  # noqa: S102 - our own template
+    return namespace[name]
+
+
+class ScientistSession:
+    """A data scientist logged in to one site (a syft client wrapped for fedsyft jobs)."""
+
+    def __init__(self, client: Any) -> None:
+        self.client = client
+        self.site = str(client.name)
+        self._assets: dict[str, Any] | None = None
+
+    def assets(self) -> dict[str, Any]:
+        if self._assets is None:
+            with quiet():
+                datasets = [d for d in self.client.datasets if d.name == DATASET_NAME]
+            if not datasets:
+                raise LookupError(f"site {self.site!r} publishes no dataset {DATASET_NAME!r}")
+            self._assets = {a.name: a for a in datasets[0].assets}
+        return self._assets
+
+    def mock(self, split: str = "train") -> pd.DataFrame:
+        """The synthetic mock of a split: all a data scientist ever sees of the rows."""
+        with quiet():
+            return self.assets()[split].mock
+
+    def submit(self, spec: JobSpec) -> str:
+        """Submit the job as one code request; returns the request id at this site."""
+        name = job_code.function_name(spec.job_id)
+        func = _function_from_source(job_code.render(self.site, spec), name)
+        assets = self.assets()
+        with quiet():
+            policy = sy.MixedInputPolicy(client=self.client, train=assets["train"],
+                                         test=assets["test"], action=str, payload=str)
+            syft_func = sy.syft_function(input_policy=policy,
+                                         output_policy=sy.SingleExecutionExactOutput())(func)
+            req = self.client.code.request_code_execution(syft_func)
+        if isinstance(req, sy.SyftError):
+            raise RuntimeError(f"site {self.site!r} did not accept the request: "
+                               f"{syft_message(req)}")
+        return req.id.no_dash
+
+    def connection(self, spec: JobSpec) -> SyftJobConnection:
+        return SyftJobConnection(self, spec)
+
+
+class SyftJobConnection:
+    """:class:`fed_tasks.interface.SiteConnection` over an approved syft code request."""
+
+    def __init__(self, session: ScientistSession, spec: JobSpec) -> None:
+        self.session = session
+        self.spec = spec
+        self.name = session.site
+        self._func_name = job_code.function_name(spec.job_id)
+
+    def call(self, action: str, message: dict[str, Any]) -> dict[str, Any]:
+        client, assets = self.session.client, self.session.assets()
+        try:
+            with quiet():
+                func = getattr(client.code, self._func_name)
+                out = func(train=assets["train"], test=assets["test"], action=action,
+                           payload=dumps(message))
+                value = out.get() if hasattr(out, "get") else out
+        except SyftException as exc:
+            raise SiteRefusedError(self.name, syft_message(exc)) from None
+        except AttributeError:
+            raise SiteRefusedError(self.name, f"no job code {self._func_name} is visible "
+                                              "(not submitted, or not yet approved)") from None
+        if isinstance(value, sy.SyftError):
+            raise SiteRefusedError(self.name, syft_message(value))
+        try:
+            envelope = loads(value)
+        except PayloadError as exc:
+            raise SiteRefusedError(self.name, f"unreadable reply: {exc}") from None
+        if envelope.get("status") != "ok":
+            raise SiteRefusedError(self.name, str(envelope.get("reason")))
+        return envelope["result"]

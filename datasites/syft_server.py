@@ -1,0 +1,76 @@
+"""Starting and logging into a PySyft 0.9.5 datasite (the only syft-specific plumbing).
+
+We build the server ourselves rather than through ``sy.orchestra.launch`` because a named
+orchestra server derives its signing key — and with it the root identity — from the
+server's *name*; ours get a random key and the root password chosen at provisioning, and
+keep their store in the site's own directory.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from datasites.errors import AuthenticationError
+from datasites.quiet import quiet, silence_syft_logging
+
+silence_syft_logging()
+
+import syft as sy  # noqa: E402
+from syft.server.credentials import SyftSigningKey  # noqa: E402
+from syft.server.datasite import Datasite as SyftDatasite  # noqa: E402
+from syft.service.user.user_roles import ServiceRole  # noqa: E402
+from syft.types.errors import SyftException  # noqa: E402
+from syft.types.uid import UID  # noqa: E402
+
+__all__ = ["sy", "ServiceRole", "SyftException", "start_server", "login", "syft_message"]
+
+
+def _key(directory: Path) -> SyftSigningKey:
+    """The site's server signing key, random and kept 0600 in the site directory."""
+    path = directory / "server_signing_key"
+    if path.exists():
+        return SyftSigningKey.from_string(path.read_text().strip())
+    key = SyftSigningKey.generate()
+    path.touch(mode=0o600)
+    path.write_text(str(key))
+    return key
+
+
+def _uid(directory: Path) -> UID:
+    path = directory / "server_uid"
+    if not path.exists():
+        path.write_text(UID().no_dash)
+    return UID(path.read_text().strip())
+
+
+def start_server(name: str, directory: Path, root_email: str, root_password: str,
+                 reset: bool) -> Any:
+    """Start an in-process datasite whose store lives in ``directory``."""
+    directory.mkdir(parents=True, exist_ok=True)
+    with quiet():
+        return SyftDatasite(
+            name=name, id=_uid(directory), signing_key=_key(directory),
+            root_email=root_email, root_password=root_password,
+            db_url=f"sqlite:///{directory / 'syft.db'}", reset=reset,
+            deployment_type="python", in_memory_workers=True,
+        )
+
+
+def login(server: Any, email: str, password: str, site: str) -> Any:
+    """A logged-in client, or :class:`AuthenticationError` naming the site and account."""
+    try:
+        with quiet():
+            return server.get_guest_client(verbose=False).login(email=email, password=password)
+    except SyftException as exc:
+        detail = syft_message(exc)
+        if detail in ("Item not found.", "Invalid credentials."):
+            detail = "wrong email or password"
+        raise AuthenticationError(
+            f"cannot log in to site {site!r} as {email!r}: {detail}") from None
+
+
+def syft_message(obj: Any) -> str:
+    """The human part of a syft exception or SyftError."""
+    text = getattr(obj, "public_message", None) or getattr(obj, "message", None) or str(obj)
+    return str(text).strip()

@@ -1,0 +1,32 @@
+"""The one thing the orchestrator needs from a site: make an approved call, get a reply.
+
+``datasites`` implements this for PySyft datasites (in-process or HTTP); tests and the
+in-memory baseline implement it directly over local frames.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol, runtime_checkable
+
+
+class SiteRefusedError(RuntimeError):
+    """A site declined a call (budget spent, job not approved, policy); ``reason`` says why."""
+
+    def __init__(self, site: str, reason: str) -> None:
+        super().__init__(f"site {site!r} refused the call: {reason}")
+        self.site = site
+        self.reason = reason
+
+
+@runtime_checkable
+class SiteConnection(Protocol):
+    """A data scientist's handle on one site for one approved job."""
+
+    name: str
+
+    def call(self, action: str, message: dict[str, Any]) -> dict[str, Any]:
+        """Run the approved job code with ``action`` and return its reply.
+
+        Raises :class:`SiteRefusedError` when the site refuses.
+        """
+        ...

@@ -1,0 +1,100 @@
+"""The round loop the data scientist runs: statistics, training rounds, evaluation."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from fed_tasks.codec import decode_array, encode_array
+from fed_tasks.interface import SiteConnection
+from fed_tasks.preprocessing import Moments, Standardizer
+from fed_tasks.site_step import new_model
+from fed_tasks.spec import JobSpec
+from fed_tasks.strategy import FedAvg, SummedUpdate
+
+
+@dataclass
+class TrainingResult:
+    """The released global model and what the data scientist may see of its training."""
+
+    spec: JobSpec
+    weights: np.ndarray
+    norm: Standardizer
+    losses: list[float] = field(default_factory=list)
+    round_seconds: list[float] = field(default_factory=list)
+
+    def model(self):
+        """The trained detector, ready for ``score_samples`` on standardized rows."""
+        model = new_model(self.spec)
+        model.set_weights(self.weights)
+        return model
+
+    def score_samples(self, x: np.ndarray) -> np.ndarray:
+        """Anomaly scores (higher = more anomalous) of raw feature rows."""
+        return self.model().score_samples(self.norm.transform(x))
+
+
+class FederatedTrainer:
+    """Runs one approved job across sites: moments → ``spec.rounds`` FedAvg rounds.
+
+    Sites are called concurrently; each returns only its own contribution, and the
+    trainer only uses the sum of contributions (see :mod:`fed_tasks.strategy`).
+    """
+
+    def __init__(self, spec: JobSpec, sites: Sequence[SiteConnection],
+                 strategy: FedAvg | None = None, progress: bool = True,
+                 on_round: Callable[[int, float], None] | None = None) -> None:
+        if not sites:
+            raise ValueError("a federated job needs at least one site")
+        self.spec = spec
+        self.sites = list(sites)
+        self.strategy = strategy or FedAvg()
+        self.progress = progress
+        self.on_round = on_round
+
+    def _call_all(self, action: str, message: dict[str, Any]) -> list[dict[str, Any]]:
+        with ThreadPoolExecutor(max_workers=len(self.sites)) as pool:
+            return list(pool.map(lambda s: s.call(action, message), self.sites))
+
+    def standardizer(self) -> Standardizer:
+        """Global feature scaling from summed site moments."""
+        total: Moments | None = None
+        for reply in self._call_all("stats", {}):
+            m = Moments(int(reply["count"]), decode_array(reply["sum"]),
+                        decode_array(reply["sum_sq"]))
+            total = m if total is None else total + m
+        assert total is not None
+        return Standardizer.from_moments(total)
+
+    def fit(self) -> TrainingResult:
+        norm = self.standardizer()
+        weights = new_model(self.spec).get_weights()
+        result = TrainingResult(self.spec, weights, norm)
+        bar = tqdm(range(1, self.spec.rounds + 1), desc=f"job {self.spec.job_id}", unit="round",
+                   disable=not self.progress)
+        for rnd in bar:
+            started = time.perf_counter()
+            message = {"round": rnd, "weights": encode_array(weights), "norm": norm.to_dict()}
+            replies = self._call_all("fit", message)
+            summed = SummedUpdate(np.sum([decode_array(r["update"], weights.size + 2)
+                                          for r in replies], axis=0))
+            weights = self.strategy.aggregate(weights, summed)
+            result.weights = weights
+            result.losses.append(summed.mean_loss)
+            result.round_seconds.append(time.perf_counter() - started)
+            bar.set_postfix(loss=f"{summed.mean_loss:.4f}")
+            if self.on_round:
+                self.on_round(rnd, summed.mean_loss)
+        return result
+
+    def evaluate(self, result: TrainingResult) -> list[dict[str, Any]]:
+        """Each site's metrics of the final model on its private test split."""
+        message = {"weights": encode_array(result.weights), "norm": result.norm.to_dict()}
+        return [{"site": s.name, **r} for s, r in
+                zip(self.sites, self._call_all("evaluate", message), strict=True)]

@@ -1,0 +1,79 @@
+"""What runs at a site for one approved call: train, summarize or evaluate locally.
+
+The functions take the site's private frames and return only what the job allows to
+leave: moment sums, a weight update with its sample count, or metrics. The site wrapper in
+``datasites`` decides *whether* a call may run; this module decides *what* it computes.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import pandas as pd
+
+from fed_tasks.codec import PayloadError, decode_array, encode_array
+from fed_tasks.evaluation import detection_metrics
+from fed_tasks.models import AutoencoderDetector, build_model
+from fed_tasks.preprocessing import Moments, Standardizer
+from fed_tasks.spec import JobSpec
+from fed_tasks.strategy import pack_update
+
+ACTIONS = ("stats", "fit", "evaluate")
+
+
+def feature_matrix(spec: JobSpec, frame: pd.DataFrame) -> np.ndarray:
+    """The spec's feature columns as float64; the label never enters training."""
+    missing = [c for c in spec.features if c not in frame.columns]
+    if missing:
+        raise PayloadError(f"table lacks the job's feature columns {missing}")
+    return frame.loc[:, list(spec.features)].to_numpy(dtype=np.float64)
+
+
+def new_model(spec: JobSpec) -> AutoencoderDetector:
+    return build_model(spec.model, len(spec.features), spec.hidden, spec.latent, spec.seed)
+
+
+def _model_at(spec: JobSpec, message: dict[str, Any]) -> tuple[AutoencoderDetector, Standardizer]:
+    model = new_model(spec)
+    model.set_weights(decode_array(message["weights"], model.n_params))
+    return model, Standardizer.from_dict(message["norm"])
+
+
+def stats(spec: JobSpec, train: pd.DataFrame) -> dict[str, Any]:
+    m = Moments.of(feature_matrix(spec, train))
+    return {"count": m.count, "sum": encode_array(m.total), "sum_sq": encode_array(m.total_sq)}
+
+
+def fit(spec: JobSpec, train: pd.DataFrame, message: dict[str, Any]) -> dict[str, Any]:
+    """Local epochs from the global weights; returns ``[n·Δ, n·loss, n]`` (see strategy)."""
+    model, norm = _model_at(spec, message)
+    start = model.get_weights()
+    rnd = int(message["round"])
+    loss = model.fit(norm.transform(feature_matrix(spec, train)), epochs=spec.local_epochs,
+                     batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed * 100_003 + rnd,
+                     trim=spec.trim)
+    update = pack_update(model.get_weights() - start, loss, len(train))
+    return {"update": encode_array(update), "round": rnd}
+
+
+def evaluate(spec: JobSpec, test: pd.DataFrame, message: dict[str, Any]) -> dict[str, Any]:
+    """Metrics of the given model on the site's private test split; only numbers leave."""
+    if spec.label_column is None or spec.label_column not in test.columns:
+        raise PayloadError("evaluation needs the job's label column in the site's test split")
+    model, norm = _model_at(spec, message)
+    scores = model.score_samples(norm.transform(feature_matrix(spec, test)))
+    metrics = detection_metrics(test[spec.label_column].to_numpy(), scores)
+    return {**metrics, "n_test": int(len(test))}
+
+
+def run(spec: JobSpec, action: str, message: dict[str, Any], train: pd.DataFrame,
+        test: pd.DataFrame) -> dict[str, Any]:
+    """Dispatch one approved call."""
+    if action == "stats":
+        return stats(spec, train)
+    if action == "fit":
+        return fit(spec, train, message)
+    if action == "evaluate":
+        return evaluate(spec, test, message)
+    raise PayloadError(f"unknown action {action!r}; expected one of {ACTIONS}")
