@@ -12,6 +12,7 @@ class Role(StrEnum):
     ADMIN = "admin"
     DATA_OWNER = "data_owner"
     DATA_SCIENTIST = "data_scientist"
+    COMPLIANCE_OFFICER = "compliance_officer"  # fedsyft-level, read-only: not a syft user
 
 
 def new_password() -> str:

@@ -51,6 +51,8 @@ def demo(
     sites: int = typer.Option(3, min=1, max=20, help="Number of institutions."),
     rounds: int = typer.Option(10, min=1, max=1000, help="Federated rounds."),
     model: str = typer.Option("ae", help="Model kind: ae (dense autoencoder)."),
+    aggregation: str = typer.Option("plain", help="How updates are combined: plain | "
+                                    "paillier (key authority decrypts sums only) | secagg."),
     seed: int = typer.Option(0, help="Seed for the split and the model."),
     report: Path = typer.Option(None, help="Write the JSON report here."),
 ) -> None:
@@ -62,7 +64,7 @@ def demo(
     from fed_tasks.interface import SiteRefusedError
 
     cfg = DemoConfig(data=data or BUNDLED_TABLE, label_column=label_column, sites=sites,
-                     rounds=rounds, model=model, seed=seed)
+                     rounds=rounds, model=model, seed=seed, aggregation=aggregation)
     try:
         result = run_demo(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     except (TableError, ProvisioningError, AuthenticationError, SiteRefusedError,

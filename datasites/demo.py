@@ -34,6 +34,7 @@ class DemoConfig:
     sites: int = 3
     rounds: int = 10
     model: str = "ae"
+    aggregation: str = "plain"
     seed: int = 0
     split_by: str | None = None
     alpha: float = 0.5
@@ -73,6 +74,7 @@ def _train_local(spec: JobSpec, sites: list[LocalSite]) -> tuple[TrainingResult,
 def reference_models(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFrame]],
                      schema: FederationSchema, names: list[str]) -> dict[str, Any]:
     """Centralized (union of train splits) and each-site-alone models, same budget."""
+    spec = spec.model_copy(update={"aggregation": "plain", "min_sites": 1})
     tests = [t for _, t in splits]
     union_train = pd.concat([tr for tr, _ in splits], ignore_index=True)
     central, _ = _train_local(spec, [LocalSite("central", spec, union_train, tests[0])])
@@ -108,13 +110,15 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
     splits = partition(frame, schema, cfg)
     names = [f"site-{i + 1}" for i in range(cfg.sites)]
     spec = JobSpec(model=cfg.model, features=schema.features, label_column=schema.label,
-                   rounds=cfg.rounds, seed=cfg.seed)
+                   rounds=cfg.rounds, seed=cfg.seed, aggregation=cfg.aggregation,
+                   min_sites=min(2, cfg.sites))
     log(f"{len(frame):,} rows, {schema.describe()}; {cfg.sites} sites "
         f"(rows {[len(tr) + len(te) for tr, te in splits]})")
     from datasites.federation import Federation  # imports syft (~10 s): after input checks
 
     t0 = time.perf_counter()
-    with Federation.start(splits, schema, names=names) as fed:
+    with Federation.start(splits, schema, names=names,
+                          key_authority=cfg.aggregation == "paillier") as fed:
         provision_s = time.perf_counter() - t0
         log(f"provisioned {cfg.sites} datasites in {provision_s:.1f} s; "
             f"submitting job {spec.job_id}")
@@ -123,7 +127,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
             review = fed.site(name).review(rid)
             log(review.plain_words().splitlines()[0] + " -> approved by its data owner")
             fed.site(name).approve(rid)
-        trainer = FederatedTrainer(spec, fed.connections(spec), progress=cfg.progress)
+        trainer = fed.trainer(spec, progress=cfg.progress)
         t1 = time.perf_counter()
         result = trainer.fit()
         train_s = time.perf_counter() - t1

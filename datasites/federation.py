@@ -11,26 +11,49 @@ import pandas as pd
 
 from datasites.accounts import Account, Role, new_password
 from datasites.datasite import Datasite
+from datasites.federation_config import ensure_signing_key, write_config
+from datasites.key_authority_site import KeyAuthoritySite
 from datasites.scientist import ScientistSession
 from datasites.tables import FederationSchema
+from fed_tasks.aggregation import KeyAuthoritySum, PlainSum, SecureSum
+from fed_tasks.orchestrator import FederatedTrainer
 from fed_tasks.spec import JobSpec
+
+
+def _configure(sites: list[Datasite], authority: KeyAuthoritySite, min_sites: int) -> None:
+    """What the owners agree on out of band: members, their signing keys, the authority's
+    public key, and the smallest aggregate the authority will ever decrypt."""
+    config = {
+        "key_authority": authority.name,
+        "paillier_public_key": authority.public_key,
+        "sites": {s.name: ensure_signing_key(s.directory) for s in sites},
+        "max_sites": len(sites),
+        "min_sites": max(2, min_sites),
+    }
+    for member in [*sites, authority]:
+        write_config(member.directory, config)
 
 
 class Federation:
     """Provisions one datasite per (train, test) partition; closes them all on exit."""
 
     def __init__(self, sites: list[Datasite], scientist: Account, root: Path,
-                 owns_root: bool) -> None:
+                 owns_root: bool, authority: KeyAuthoritySite | None = None) -> None:
         self.sites = sites
+        self.authority = authority
         self.scientist = scientist
         self.root = root
         self._owns_root = owns_root
         self._sessions: list[ScientistSession] | None = None
+        self._authority_session: ScientistSession | None = None
 
     @classmethod
     def start(cls, partitions: Sequence[tuple[pd.DataFrame, pd.DataFrame]],
               schema: FederationSchema, root: str | Path | None = None,
-              names: Sequence[str] | None = None) -> Federation:
+              names: Sequence[str] | None = None, key_authority: bool = True,
+              min_sites: int = 2, key_bits: int = 2048) -> Federation:
+        """Provision the sites (and a key authority for Paillier jobs), then configure
+        every member with the federation's public facts (see ``federation_config``)."""
         names = list(names or [f"site-{i + 1}" for i in range(len(partitions))])
         if len(names) != len(partitions):
             raise ValueError("one name per partition")
@@ -39,23 +62,36 @@ class Federation:
         scientist = Account("scientist@federation.org", Role.DATA_SCIENTIST, new_password(),
                             "Data scientist")
         sites: list[Datasite] = []
+        authority = None
         try:
             for name, (train, test) in zip(names, partitions, strict=True):
                 sites.append(Datasite.provision(name, root_path / name, train=train, test=test,
                                                 schema=schema, scientist=scientist))
+            if key_authority:
+                authority = KeyAuthoritySite.provision_authority(
+                    "key-authority", root_path / "key-authority", scientist, key_bits)
+                _configure(sites, authority, min_sites)
         except BaseException:
-            for site in sites:
+            for site in [*sites, *([authority] if authority else [])]:
                 site.close()
             if owns_root:
                 shutil.rmtree(root_path, ignore_errors=True)
             raise
-        return cls(sites, scientist, root_path, owns_root)
+        return cls(sites, scientist, root_path, owns_root, authority)
 
     def site(self, name: str) -> Datasite:
-        for s in self.sites:
+        for s in [*self.sites, *([self.authority] if self.authority else [])]:
             if s.name == name:
                 return s
         raise KeyError(f"no site {name!r}; sites are {[s.name for s in self.sites]}")
+
+    def authority_session(self) -> ScientistSession:
+        if self.authority is None:
+            raise RuntimeError("this federation has no key authority")
+        if self._authority_session is None:
+            client = self.authority.login(self.scientist.email, self.scientist.password)
+            self._authority_session = ScientistSession(client, kind="authority")
+        return self._authority_session
 
     def sessions(self) -> list[ScientistSession]:
         """The data scientist logged in at every site (cached)."""
@@ -66,8 +102,13 @@ class Federation:
         return self._sessions
 
     def submit(self, spec: JobSpec) -> dict[str, str]:
-        """The data scientist submits ``spec`` everywhere: site name → request id."""
-        return {sess.site: sess.submit(spec) for sess in self.sessions()}
+        """The data scientist submits ``spec`` everywhere (and to the key authority for a
+        Paillier job): site name → request id."""
+        ids = {sess.site: sess.submit(spec) for sess in self.sessions()}
+        if spec.aggregation == "paillier":
+            session = self.authority_session()
+            ids[session.site] = session.submit(spec)
+        return ids
 
     def approve_all(self, request_ids: dict[str, str]) -> None:
         """Every data owner reviews and approves (demo shortcut for the owners' step)."""
@@ -77,8 +118,21 @@ class Federation:
     def connections(self, spec: JobSpec) -> list:
         return [sess.connection(spec) for sess in self.sessions()]
 
+    def secure_sum(self, spec: JobSpec) -> SecureSum:
+        """How the orchestrator sums the sites' vectors for ``spec``."""
+        if spec.aggregation == "paillier":
+            return KeyAuthoritySum(self.authority_session().connection(spec))
+        if spec.aggregation == "plain":
+            return PlainSum(spec.min_sites)
+        raise ValueError(f"aggregation {spec.aggregation!r} is not available yet")
+
+    def trainer(self, spec: JobSpec, **kwargs) -> FederatedTrainer:
+        """A trainer wired to this federation's sites and the job's secure sum."""
+        return FederatedTrainer(spec, self.connections(spec), secure_sum=self.secure_sum(spec),
+                                **kwargs)
+
     def close(self) -> None:
-        for site in self.sites:
+        for site in [*self.sites, *([self.authority] if self.authority else [])]:
             site.close()
         if self._owns_root:
             shutil.rmtree(self.root, ignore_errors=True)

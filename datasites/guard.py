@@ -4,12 +4,18 @@ A data owner approves a job once; the guard remembers what was approved (the exa
 and code hash) and how many calls of each kind remain, on disk in the site's directory so
 it survives restarts. Every call of the approved code asks the guard first; the usage is
 written *before* the call runs, so a crash never hands out a free round.
+
+The guard also owns the site's tamper-evident audit log (``guard.audit``): each call it
+authorizes is logged (``function_executed``) before it runs, and what leaves is logged by
+:mod:`datasites.call_audit` before it is handed out.
 """
 
 from __future__ import annotations
 
+import contextvars
 import hashlib
 import json
+import logging
 import os
 import threading
 from dataclasses import dataclass
@@ -18,7 +24,16 @@ from typing import Any
 
 import pandas as pd
 
+from datasites.audit import Action, AuditError, AuditLog
+from datasites.audit import Role as AuditRole
 from fed_tasks.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+# What the audited entry point knows about the call in progress (round, payload hash), so
+# that ``authorize`` can log it; set by :func:`datasites.call_audit.audited_call`.
+CALL_CONTEXT: contextvars.ContextVar[dict[str, Any] | None] = contextvars.ContextVar(
+    "fedsyft_call", default=None)
 
 
 class CallRefused(PermissionError):
@@ -56,6 +71,7 @@ class SiteGuard:
         self._path = self.directory / "approvals.json"
         self._lock = threading.Lock()
         self._state: dict[str, Any] = self._load()
+        self.audit = AuditLog(self.directory, site)  # one log per site directory
 
     def _load(self) -> dict[str, Any]:
         if not self._path.exists():
@@ -74,12 +90,16 @@ class SiteGuard:
             os.fsync(fh.fileno())
         os.replace(tmp, self._path)
 
-    def record_approval(self, spec: JobSpec, code_hash: str, approved_by: str) -> Approval:
+    def record_approval(self, spec: JobSpec, code_hash: str, approved_by: str,
+                        limits: dict[str, int] | None = None, *,
+                        request: dict[str, str] | None = None) -> Approval:
+        limits = limits or call_limits(spec)
         with self._lock:
             if spec.job_id in self._state["jobs"]:
                 raise CallRefused(f"job {spec.job_id!r} was already approved at {self.site!r}")
             entry = {"spec": spec.to_json(), "code_hash": code_hash, "approved_by": approved_by,
-                     "limits": call_limits(spec), "used": {k: 0 for k in call_limits(spec)}}
+                     "limits": dict(limits), "used": {k: 0 for k in limits},
+                     "request": dict(request or {})}
             self._state["jobs"][spec.job_id] = entry
             self._save()
         return Approval(spec.job_id, entry["spec"], code_hash, approved_by, entry["limits"])
@@ -126,6 +146,9 @@ class SiteGuard:
             if job["spec"] != spec.to_json():
                 raise CallRefused(f"job {spec.job_id!r}: the running spec differs from the "
                                   "approved one")
+            if job.get("revoked"):
+                raise CallRefused(f"job {spec.job_id!r} was revoked at {self.site!r} by its "
+                                  f"data owner: {job['revoked'].get('reason', '')}")
             limit = job["limits"].get(action)
             if limit is None:
                 raise CallRefused(f"action {action!r} is not part of job {spec.job_id!r}")
@@ -133,9 +156,107 @@ class SiteGuard:
             if used >= limit:
                 raise CallRefused(f"job {spec.job_id!r} has used all {limit} approved "
                                   f"{action!r} calls at {self.site!r}")
+            self._audit_execution(spec, job, action, used + 1)  # logged before it runs
             job["used"][action] = used + 1
             self._save()
             return used + 1
+
+
+    def refund(self, spec: JobSpec, action: str) -> None:
+        """Give back a call that failed before anything left the site."""
+        with self._lock:
+            job = self._state["jobs"].get(spec.job_id)
+            if job and job["used"].get(action, 0) > 0:
+                job["used"][action] -= 1
+                self._save()
+
+    # ---- revocation and the audit trail of calls ------------------------------------------
+    def revoke(self, job_id: str, by: str, reason: str) -> None:
+        """Refuse every further call of an approved job (the owner denied it after all)."""
+        with self._lock:
+            job = self._state["jobs"].get(job_id)
+            if job is not None:
+                job["revoked"] = {"by": by, "reason": reason}
+                self._save()
+
+    def reinstate(self, job_id: str) -> None:
+        """Undo :meth:`revoke` (the owner approved the request again)."""
+        with self._lock:
+            job = self._state["jobs"].get(job_id)
+            if job is not None and job.pop("revoked", None) is not None:
+                self._save()
+
+    def _requester(self, job: dict[str, Any] | None) -> tuple[str, str]:
+        email = str(((job or {}).get("request") or {}).get("requester") or "")
+        if "@" in email:
+            return email, AuditRole.DATA_SCIENTIST
+        return "unknown-caller", AuditRole.SYSTEM
+
+    def _objects(self, job_id: str, job: dict[str, Any] | None) -> dict[str, str]:
+        req = (job or {}).get("request") or {}
+        return {"job_id": job_id, **{k: str(req[k]) for k in ("request_id", "code_id")
+                                     if req.get(k)}}
+
+    def _audit_execution(self, spec: JobSpec, job: dict[str, Any], action: str,
+                         call_no: int) -> None:
+        """``function_executed``, written before the call runs; no record, no run."""
+        ctx = CALL_CONTEXT.get()
+        params: dict[str, Any] = {"action": action, "call": call_no,
+                                  "limit": job["limits"][action],
+                                  "spec_fingerprint": spec.fingerprint}
+        if ctx:
+            params.update({k: ctx[k] for k in ("round", "payload_sha256", "payload_bytes")
+                           if ctx.get(k) is not None})
+        actor, role = self._requester(job)
+        try:
+            self.audit.append(actor, role, Action.FUNCTION_EXECUTED,
+                              objects=self._objects(spec.job_id, job),
+                              code_hash=job.get("code_hash") or None, params=params)
+        except AuditError as exc:
+            log.error("site %s: cannot audit job %s %s: %s", self.site, spec.job_id, action, exc)
+            raise CallRefused(f"site {self.site!r} cannot record this call in its audit log; "
+                              "refusing to run it") from None
+        if ctx is not None:
+            ctx["call"] = call_no
+
+    def record_release(self, job_id: str, action: str, reply: str,
+                       call_no: int | None = None, round_no: Any = None) -> dict[str, Any]:
+        """``result_released`` for the exact reply string about to leave the site.
+
+        Raises :class:`datasites.audit.AuditError` if it cannot be recorded: the caller must
+        then withhold the reply.
+        """
+        job = self.approval(job_id)
+        owner = str((job or {}).get("approved_by") or "")
+        actor, role = (owner, AuditRole.DATA_OWNER) if "@" in owner else ("fedsyft",
+                                                                          AuditRole.SYSTEM)
+        data = reply.encode("utf-8")
+        params: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+                                  "recipient": self._requester(job)[0], "action": action}
+        if call_no is not None:
+            params["call"] = call_no
+        if round_no is not None:
+            params["round"] = round_no
+        objects = {**self._objects(job_id, job),
+                   "result_id": f"{job_id}/{action}/{call_no if call_no is not None else '-'}"}
+        return self.audit.append(actor, role, Action.RESULT_RELEASED, objects=objects,
+                                 params=params)
+
+    def record_refusal(self, job_id: str, action: str, reason: str, *,
+                       after_run: bool = False) -> None:
+        """``call_refused`` (or ``result_withheld`` once the call had run); best effort."""
+        job = self.approval(job_id)
+        actor, role = self._requester(job)
+        what = Action.RESULT_WITHHELD if after_run else Action.CALL_REFUSED
+        try:
+            self.audit.append(actor, role, what, objects=self._objects(job_id, job),
+                              params={"call": f"{action} (job {job_id})",
+                                      "reason": reason[:2000]})
+        except AuditError as exc:
+            log.error("site %s: cannot audit a refused call: %s", self.site, exc)
+
+    def close(self) -> None:
+        self.audit.close()
 
 
 _GUARDS: dict[str, SiteGuard] = {}

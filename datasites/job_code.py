@@ -29,17 +29,35 @@ def {func}(train, test, action, payload):
 '''
 
 
+AUTHORITY_TEMPLATE = '''\
+def {func}(keyring, action, payload):
+    """fedsyft job {job_id}: key authority {site} decrypts checked sums, nothing else."""
+    from datasites.key_authority_site import run_key_authority
+
+    return run_key_authority(
+        site={site!r},
+        job_id={job_id!r},
+        spec={spec!r},
+        keyring=keyring,
+        action=action,
+        payload=payload,
+    )
+'''
+
+TEMPLATES = {"site": TEMPLATE, "authority": AUTHORITY_TEMPLATE}
+
+
 class NotATemplateError(ValueError):
     """Submitted code is not exactly the fedsyft job template."""
 
 
-def function_name(job_id: str) -> str:
-    return f"fedsyft_job_{job_id}"
+def function_name(job_id: str, kind: str = "site") -> str:
+    return f"fedsyft_job_{job_id}" if kind == "site" else f"fedsyft_authority_{job_id}"
 
 
-def render(site: str, spec: JobSpec) -> str:
-    return TEMPLATE.format(func=function_name(spec.job_id), job_id=spec.job_id, site=site,
-                           spec=spec.to_json())
+def render(site: str, spec: JobSpec, kind: str = "site") -> str:
+    return TEMPLATES[kind].format(func=function_name(spec.job_id, kind), job_id=spec.job_id,
+                                  site=site, spec=spec.to_json())
 
 
 def code_hash(source: str) -> str:
@@ -56,7 +74,7 @@ def _function_def(source: str) -> ast.FunctionDef:
     return func
 
 
-def parse_request(source: str, site: str) -> JobSpec:
+def parse_request(source: str, site: str, kind: str = "site") -> JobSpec:
     """Return the spec pinned by ``source`` if it is exactly the template for ``site``.
 
     Compares ASTs (formatting and the syft decorator aside), so any added statement, import,
@@ -73,7 +91,7 @@ def parse_request(source: str, site: str) -> JobSpec:
                 raise NotATemplateError(f"request pins an invalid job spec: {exc}") from exc
     if spec is None:
         raise NotATemplateError("request code does not pin a fedsyft job spec")
-    expected = _function_def(render(site, spec))
+    expected = _function_def(render(site, spec, kind))
     if ast.dump(func) != ast.dump(expected):
         raise NotATemplateError(
             f"request code differs from the fedsyft template for site {site!r} "

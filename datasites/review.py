@@ -9,6 +9,10 @@ from fed_tasks.spec import JobSpec
 MODEL_NAMES = {"ae": "dense autoencoder"}
 AGGREGATION_WORDS = {
     "plain": "plain: the data scientist's orchestrator sees this site's individual update",
+    "paillier": "paillier: the update leaves encrypted under the key authority's key and "
+                "signed by this site; only sums over at least the federation's minimum "
+                "number of sites are ever decrypted",
+    "secagg": "secagg: the update leaves masked; the masks cancel only in the sum over sites",
 }
 
 

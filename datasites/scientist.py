@@ -28,8 +28,9 @@ def _function_from_source(source: str, name: str) -> Any:
 class ScientistSession:
     """A data scientist logged in to one site (a syft client wrapped for fedsyft jobs)."""
 
-    def __init__(self, client: Any) -> None:
+    def __init__(self, client: Any, kind: str = "site") -> None:
         self.client = client
+        self.kind = kind  # "site" (a data holder) or "authority" (the key authority)
         self.site = str(client.name)
         self._assets: dict[str, Any] | None = None
 
@@ -49,12 +50,11 @@ class ScientistSession:
 
     def submit(self, spec: JobSpec) -> str:
         """Submit the job as one code request; returns the request id at this site."""
-        name = job_code.function_name(spec.job_id)
-        func = _function_from_source(job_code.render(self.site, spec), name)
-        assets = self.assets()
+        name = job_code.function_name(spec.job_id, self.kind)
+        func = _function_from_source(job_code.render(self.site, spec, self.kind), name)
         with quiet():
-            policy = sy.MixedInputPolicy(client=self.client, train=assets["train"],
-                                         test=assets["test"], action=str, payload=str)
+            policy = sy.MixedInputPolicy(client=self.client, **self.assets(), action=str,
+                                         payload=str)
             syft_func = sy.syft_function(input_policy=policy,
                                          output_policy=sy.SingleExecutionExactOutput())(func)
             req = self.client.code.request_code_execution(syft_func)
@@ -74,15 +74,14 @@ class SyftJobConnection:
         self.session = session
         self.spec = spec
         self.name = session.site
-        self._func_name = job_code.function_name(spec.job_id)
+        self._func_name = job_code.function_name(spec.job_id, session.kind)
 
     def call(self, action: str, message: dict[str, Any]) -> dict[str, Any]:
         client, assets = self.session.client, self.session.assets()
         try:
             with quiet():
                 func = getattr(client.code, self._func_name)
-                out = func(train=assets["train"], test=assets["test"], action=action,
-                           payload=dumps(message))
+                out = func(**assets, action=action, payload=dumps(message))
                 value = out.get() if hasattr(out, "get") else out
         except SyftException as exc:
             raise SiteRefusedError(self.name, syft_message(exc)) from None
@@ -95,6 +94,9 @@ class SyftJobConnection:
             envelope = loads(value)
         except PayloadError as exc:
             raise SiteRefusedError(self.name, f"unreadable reply: {exc}") from None
+        if envelope.get("status") == "mock":
+            raise SiteRefusedError(self.name, "the call ran on the mock only (not approved "
+                                              "for the private data)")
         if envelope.get("status") != "ok":
             raise SiteRefusedError(self.name, str(envelope.get("reason")))
         return envelope["result"]

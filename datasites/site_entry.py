@@ -13,14 +13,19 @@ import logging
 
 import pandas as pd
 
+from datasites.call_audit import audited_call
+from datasites.federation_config import load_site_keys
 from datasites.guard import CallRefused, guard_for
+from datasites.protection import protect
 from fed_tasks import site_step
 from fed_tasks.codec import PayloadError, dumps, loads
 from fed_tasks.spec import JobSpec
+from privacy.fixed_point import FixedPointError
 
 log = logging.getLogger(__name__)
 
 
+@audited_call  # logs what leaves (result_released / call_refused) before it leaves
 def run_approved(*, site: str, job_id: str, spec: str, train: pd.DataFrame, test: pd.DataFrame,
                  action: str, payload: str) -> str:
     """Authorize, run and wrap one call; never lets a private value into an error message."""
@@ -33,13 +38,22 @@ def run_approved(*, site: str, job_id: str, spec: str, train: pd.DataFrame, test
             # syft's twin execution: nothing private, nothing counted, nothing computed
             return dumps({"status": "mock"})
         call_no = guard.authorize(job, action)
-        result = site_step.run(job, action, loads(payload), train, test)
+        try:
+            result = protect(load_site_keys(guard.directory, site), job, action,
+                             site_step.run(job, action, loads(payload), train, test))
+        except BaseException:
+            guard.refund(job, action)  # nothing left the site: the call is not spent
+            raise
         reply = dumps({"status": "ok", "action": action, "call": call_no, "result": result})
         log.info("site %s job %s %s #%d released %s", site, job_id, action, call_no,
                  hashlib.sha256(reply.encode()).hexdigest()[:16])
         return reply
     except CallRefused as exc:
         return dumps({"status": "refused", "reason": str(exc)})
+    except FixedPointError as exc:
+        # the message would quote a value derived from private data: name the bound only
+        return dumps({"status": "error", "reason": f"{type(exc).__name__}: a contribution "
+                      f"exceeds the job's encoding bound (update_bound={job.update_bound:g})"})
     except (PayloadError, ValueError, KeyError) as exc:
         # our own messages name columns and sizes, never cell values
         return dumps({"status": "error", "reason": f"{type(exc).__name__}: {exc}"})

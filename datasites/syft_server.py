@@ -20,6 +20,10 @@ import syft as sy  # noqa: E402
 from syft.server.credentials import SyftSigningKey  # noqa: E402
 from syft.server.datasite import Datasite as SyftDatasite  # noqa: E402
 from syft.service.user.user_roles import ServiceRole  # noqa: E402
+from syft.store.blob_storage.on_disk import (  # noqa: E402
+    OnDiskBlobStorageClientConfig,
+    OnDiskBlobStorageConfig,
+)
 from syft.types.errors import SyftException  # noqa: E402
 from syft.types.uid import UID  # noqa: E402
 
@@ -46,14 +50,22 @@ def _uid(directory: Path) -> UID:
 
 def start_server(name: str, directory: Path, root_email: str, root_password: str,
                  reset: bool) -> Any:
-    """Start an in-process datasite whose store lives in ``directory``."""
+    """Start an in-process datasite whose store lives in ``directory``.
+
+    Everything it needs to restart is there: ``syft.db``, the signing key, the uid and the
+    blob store (syft's default blob store is under /tmp, which does not survive a reboot).
+    With ``reset=False`` the existing root account is kept and ``root_password`` is unused.
+    """
     directory.mkdir(parents=True, exist_ok=True)
+    blobs = OnDiskBlobStorageConfig(
+        client_config=OnDiskBlobStorageClientConfig(base_directory=directory / "blob"),
+        min_blob_size=1)  # MB, syft's default: larger objects go to the blob store
     with quiet():
         return SyftDatasite(
             name=name, id=_uid(directory), signing_key=_key(directory),
             root_email=root_email, root_password=root_password,
             db_url=f"sqlite:///{directory / 'syft.db'}", reset=reset,
-            deployment_type="python", in_memory_workers=True,
+            deployment_type="python", in_memory_workers=True, blob_storage_config=blobs,
         )
 
 

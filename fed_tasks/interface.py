@@ -30,3 +30,12 @@ class SiteConnection(Protocol):
         Raises :class:`SiteRefusedError` when the site refuses.
         """
         ...
+
+
+def call_all(sites: list[SiteConnection], action: str, message: dict[str, Any]
+             ) -> list[dict[str, Any]]:
+    """Call every site concurrently (sites train in parallel); replies in site order."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max_workers=max(1, len(sites))) as pool:
+        return list(pool.map(lambda s: s.call(action, message), sites))

@@ -22,4 +22,5 @@ class LocalSite(SiteConnection):
         self.test = test
 
     def call(self, action: str, message: dict[str, Any]) -> dict[str, Any]:
-        return site_step.run(self.spec, action, message, self.train, self.test)
+        return site_step.plain_reply(
+            site_step.run(self.spec, action, message, self.train, self.test))

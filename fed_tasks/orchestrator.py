@@ -4,17 +4,17 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from fed_tasks.codec import decode_array, encode_array
-from fed_tasks.interface import SiteConnection
+from fed_tasks.aggregation import PlainSum, SecureSum
+from fed_tasks.codec import encode_array
+from fed_tasks.interface import SiteConnection, call_all
 from fed_tasks.preprocessing import Moments, Standardizer
-from fed_tasks.site_step import new_model
+from fed_tasks.site_step import new_model, vector_length
 from fed_tasks.spec import JobSpec
 from fed_tasks.strategy import FedAvg, SummedUpdate
 
@@ -43,13 +43,14 @@ class TrainingResult:
 class FederatedTrainer:
     """Runs one approved job across sites: moments → ``spec.rounds`` FedAvg rounds.
 
-    Sites are called concurrently; each returns only its own contribution, and the
-    trainer only uses the sum of contributions (see :mod:`fed_tasks.strategy`).
+    Sites are called concurrently; the trainer only ever uses the *sum* of their
+    contributions, obtained through ``secure_sum`` (see :mod:`fed_tasks.aggregation`).
     """
 
     def __init__(self, spec: JobSpec, sites: Sequence[SiteConnection],
                  strategy: FedAvg | None = None, progress: bool = True,
-                 on_round: Callable[[int, float], None] | None = None) -> None:
+                 on_round: Callable[[int, float], None] | None = None,
+                 secure_sum: SecureSum | None = None) -> None:
         if not sites:
             raise ValueError("a federated job needs at least one site")
         self.spec = spec
@@ -57,20 +58,16 @@ class FederatedTrainer:
         self.strategy = strategy or FedAvg()
         self.progress = progress
         self.on_round = on_round
+        if secure_sum is None and spec.aggregation != "plain":
+            raise ValueError(f"a {spec.aggregation!r} job needs its secure_sum")
+        self.secure_sum = secure_sum or PlainSum()
 
-    def _call_all(self, action: str, message: dict[str, Any]) -> list[dict[str, Any]]:
-        with ThreadPoolExecutor(max_workers=len(self.sites)) as pool:
-            return list(pool.map(lambda s: s.call(action, message), self.sites))
+    def _sum(self, action: str, message: dict[str, Any]) -> np.ndarray:
+        return self.secure_sum.sum(self.sites, action, message, vector_length(self.spec, action))
 
     def standardizer(self) -> Standardizer:
-        """Global feature scaling from summed site moments."""
-        total: Moments | None = None
-        for reply in self._call_all("stats", {}):
-            m = Moments(int(reply["count"]), decode_array(reply["sum"]),
-                        decode_array(reply["sum_sq"]))
-            total = m if total is None else total + m
-        assert total is not None
-        return Standardizer.from_moments(total)
+        """Global feature scaling from the summed site moments."""
+        return Standardizer.from_moments(Moments.from_vector(self._sum("stats", {})))
 
     def fit(self) -> TrainingResult:
         norm = self.standardizer()
@@ -81,9 +78,7 @@ class FederatedTrainer:
         for rnd in bar:
             started = time.perf_counter()
             message = {"round": rnd, "weights": encode_array(weights), "norm": norm.to_dict()}
-            replies = self._call_all("fit", message)
-            summed = SummedUpdate(np.sum([decode_array(r["update"], weights.size + 2)
-                                          for r in replies], axis=0))
+            summed = SummedUpdate(self._sum("fit", message))
             weights = self.strategy.aggregate(weights, summed)
             result.weights = weights
             result.losses.append(summed.mean_loss)
@@ -97,4 +92,4 @@ class FederatedTrainer:
         """Each site's metrics of the final model on its private test split."""
         message = {"weights": encode_array(result.weights), "norm": result.norm.to_dict()}
         return [{"site": s.name, **r} for s, r in
-                zip(self.sites, self._call_all("evaluate", message), strict=True)]
+                zip(self.sites, call_all(self.sites, "evaluate", message), strict=True)]

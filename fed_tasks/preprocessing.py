@@ -20,6 +20,14 @@ class Moments:
         x = np.asarray(x, dtype=np.float64)
         return cls(int(x.shape[0]), x.sum(axis=0), np.square(x).sum(axis=0))
 
+    def to_vector(self) -> np.ndarray:
+        return np.concatenate([[float(self.count)], self.total, self.total_sq])
+
+    @classmethod
+    def from_vector(cls, v: np.ndarray) -> Moments:
+        d = (len(v) - 1) // 2
+        return cls(int(round(float(v[0]))), np.asarray(v[1:1 + d]), np.asarray(v[1 + d:]))
+
     def __add__(self, other: Moments) -> Moments:
         return Moments(self.count + other.count, self.total + other.total,
                        self.total_sq + other.total_sq)

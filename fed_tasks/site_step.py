@@ -1,8 +1,9 @@
 """What runs at a site for one approved call: train, summarize or evaluate locally.
 
 The functions take the site's private frames and return only what the job allows to
-leave: moment sums, a weight update with its sample count, or metrics. The site wrapper in
-``datasites`` decides *whether* a call may run; this module decides *what* it computes.
+leave: a vector to be *summed* across sites (moment sums, or a weight update with its sample
+count) under key ``"vector"``, or metrics. The site wrapper in ``datasites`` decides
+*whether* a call may run and how the vector is protected (plain, Paillier, masked).
 """
 
 from __future__ import annotations
@@ -41,8 +42,8 @@ def _model_at(spec: JobSpec, message: dict[str, Any]) -> tuple[AutoencoderDetect
 
 
 def stats(spec: JobSpec, train: pd.DataFrame) -> dict[str, Any]:
-    m = Moments.of(feature_matrix(spec, train))
-    return {"count": m.count, "sum": encode_array(m.total), "sum_sq": encode_array(m.total_sq)}
+    """``[count, Σx, Σx²]`` of the training features (summed across sites)."""
+    return {"vector": Moments.of(feature_matrix(spec, train)).to_vector()}
 
 
 def fit(spec: JobSpec, train: pd.DataFrame, message: dict[str, Any]) -> dict[str, Any]:
@@ -53,8 +54,7 @@ def fit(spec: JobSpec, train: pd.DataFrame, message: dict[str, Any]) -> dict[str
     loss = model.fit(norm.transform(feature_matrix(spec, train)), epochs=spec.local_epochs,
                      batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed * 100_003 + rnd,
                      trim=spec.trim)
-    update = pack_update(model.get_weights() - start, loss, len(train))
-    return {"update": encode_array(update), "round": rnd}
+    return {"vector": pack_update(model.get_weights() - start, loss, len(train)), "round": rnd}
 
 
 def evaluate(spec: JobSpec, test: pd.DataFrame, message: dict[str, Any]) -> dict[str, Any]:
@@ -67,6 +67,13 @@ def evaluate(spec: JobSpec, test: pd.DataFrame, message: dict[str, Any]) -> dict
     return {**metrics, "n_test": int(len(test))}
 
 
+def vector_length(spec: JobSpec, action: str) -> int:
+    """Length of the summed vector of ``action`` (for checks on every side)."""
+    if action == "stats":
+        return 1 + 2 * len(spec.features)
+    return new_model(spec).n_params + 2
+
+
 def run(spec: JobSpec, action: str, message: dict[str, Any], train: pd.DataFrame,
         test: pd.DataFrame) -> dict[str, Any]:
     """Dispatch one approved call."""
@@ -77,3 +84,10 @@ def run(spec: JobSpec, action: str, message: dict[str, Any], train: pd.DataFrame
     if action == "evaluate":
         return evaluate(spec, test, message)
     raise PayloadError(f"unknown action {action!r}; expected one of {ACTIONS}")
+
+
+def plain_reply(result: dict[str, Any]) -> dict[str, Any]:
+    """The reply of a plain-aggregation site: the summed vector travels in clear."""
+    if "vector" not in result:
+        return result
+    return {**result, "vector": encode_array(result["vector"])}

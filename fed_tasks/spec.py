@@ -9,7 +9,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 ModelKind = Literal["ae"]
-Aggregation = Literal["plain"]
+Aggregation = Literal["plain", "paillier", "secagg"]
 
 
 class JobSpec(BaseModel):
@@ -34,6 +34,9 @@ class JobSpec(BaseModel):
     rounds: int = Field(default=10, ge=1, le=1000)
     evaluations: int = Field(default=1, ge=0, le=10)
     aggregation: Aggregation = "plain"
+    min_sites: int = Field(default=2, ge=1, le=1000)
+    update_bound: float = Field(default=2.0**24, gt=0)
+    frac_bits: int = Field(default=16, ge=0, le=32)
     seed: int = 0
 
     @field_validator("features")

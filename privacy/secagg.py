@@ -761,6 +761,33 @@ class SecAggClient:
 # ---------------------------------------------------------------- server
 
 
+def collect_messages(cls: type[M], messages: Iterable[M | str], job_id: str,
+                     participants: Iterable[str] | None, step: str) -> dict[str, M]:
+    """Parse one step's messages into sender -> message, rejecting wrong job, outsiders, dups.
+
+    Shared by every server of this package (single-shot and multi-round), so the checks on
+    what a site sends stay identical.
+    """
+    allowed = set(participants) if participants is not None else None
+    out: dict[str, M] = {}
+    for raw in messages:
+        msg = cls.coerce(raw)
+        sender = msg.sender  # type: ignore[attr-defined]
+        if msg.job_id != job_id:
+            raise SecAggMessageError(
+                f"{step} from site {sender!r} is for job {msg.job_id!r}, not {job_id!r}"
+            )
+        if allowed is not None and sender not in allowed:
+            raise SecAggUnknownSenderError(
+                f"{step} from site {sender!r}, which is not a participant of this step "
+                f"(expected one of {sorted(allowed)})"
+            )
+        if sender in out:
+            raise SecAggMessageError(f"duplicate {step} from site {sender!r}")
+        out[sender] = msg
+    return out
+
+
 class SecAggServer:
     """Orchestrator side: relays ciphertexts, collects masked inputs, removes the masks.
 
@@ -791,24 +818,7 @@ class SecAggServer:
 
     def _collect(self, cls: type[M], messages: Iterable[M | str],
                  participants: Iterable[str] | None, step: str) -> dict[str, M]:
-        allowed = set(participants) if participants is not None else None
-        out: dict[str, M] = {}
-        for raw in messages:
-            msg = cls.coerce(raw)
-            sender = msg.sender  # type: ignore[attr-defined]
-            if msg.job_id != self.job_id:
-                raise SecAggMessageError(
-                    f"{step} from site {sender!r} is for job {msg.job_id!r}, not {self.job_id!r}"
-                )
-            if allowed is not None and sender not in allowed:
-                raise SecAggUnknownSenderError(
-                    f"{step} from site {sender!r}, which is not a participant of this step "
-                    f"(expected one of {sorted(allowed)})"
-                )
-            if sender in out:
-                raise SecAggMessageError(f"duplicate {step} from site {sender!r}")
-            out[sender] = msg
-        return out
+        return collect_messages(cls, messages, self.job_id, participants, step)
 
     def collect_keys(self, adverts: Iterable[AdvertiseKeys | str]) -> KeyDirectory:
         """Round 0: build the key directory (U1) to broadcast to every site."""

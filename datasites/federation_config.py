@@ -1,0 +1,75 @@
+"""Keys and the federation facts each site trusts, set up by the owners, not the scientist.
+
+Every site holds an Ed25519 key to sign what it contributes, and a ``federation.json``
+naming the key authority's Paillier public key and the member sites' signing keys. The key
+authority holds the Paillier private key; it never leaves the authority's directory.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from privacy import paillier, signing
+
+CONFIG_FILE = "federation.json"
+SIGNING_KEY_FILE = "contribution_key.pem"
+PAILLIER_KEY_FILE = "paillier_private_key.json"
+
+
+def _write_secret(path: Path, text: str) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as fh:
+        fh.write(text)
+
+
+def ensure_signing_key(directory: Path) -> str:
+    """Create the site's contribution-signing key if needed; returns its public key."""
+    path = Path(directory) / SIGNING_KEY_FILE
+    if not path.exists():
+        _write_secret(path, signing.private_key_to_str(signing.generate_signing_key()))
+    return signing.public_key_to_str(signing.private_key_from_str(path.read_text()))
+
+
+def store_paillier_key(directory: Path, private_key: Any) -> None:
+    """Keep the authority's private key (0600) in its directory; it never leaves it."""
+    _write_secret(Path(directory) / PAILLIER_KEY_FILE, paillier.private_key_to_str(private_key))
+
+
+def write_config(directory: Path, config: dict[str, Any]) -> None:
+    path = Path(directory) / CONFIG_FILE
+    path.write_text(json.dumps(config, indent=1, sort_keys=True))
+    load_site_keys.cache_clear()
+
+
+def read_config(directory: Path) -> dict[str, Any] | None:
+    path = Path(directory) / CONFIG_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+@dataclass(frozen=True)
+class SiteKeys:
+    """What a member site needs to contribute under secure aggregation."""
+
+    site: str
+    signing_key: Any
+    paillier_public_key: Any
+    max_sites: int
+
+
+@lru_cache(maxsize=64)
+def load_site_keys(directory: Path, site: str) -> SiteKeys | None:
+    config = read_config(directory)
+    if config is None:
+        return None
+    key = signing.private_key_from_str((Path(directory) / SIGNING_KEY_FILE).read_text())
+    return SiteKeys(site, key, paillier.public_key_from_str(config["paillier_public_key"]),
+                    int(config["max_sites"]))
+
+
+def load_authority_key(directory: Path) -> Any:
+    return paillier.private_key_from_str((Path(directory) / PAILLIER_KEY_FILE).read_text())
