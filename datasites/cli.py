@@ -1,9 +1,16 @@
-"""``fedsyft``: the command line for the demo federation (and, later, owners and auditors)."""
+"""``fedsyft``: the demo federation, the data owner's ``requests`` and the officer's ``audit``.
+
+Passwords never come from files or the command line: environment variables or a hidden
+prompt. Bad input (unknown site directory or request id, wrong credentials, a broken audit
+log) is one line on stderr and exit code 2; ``audit verify`` exits 1 when the chain breaks.
+"""
 
 from __future__ import annotations
 
+import getpass
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +33,9 @@ def results_table(report: dict[str, Any]) -> Table:
     """Federated vs centralized vs local-only, per site and pooled (ROC-AUC / PR-AUC)."""
     table = Table(title=f"ROC-AUC / PR-AUC on the sites' private test splits\n"
                         f"{report['sites']} sites, {report['rounds']} rounds, "
-                        f"{report['aggregation']} aggregation")
+                        f"{report['aggregation']} aggregation"
+                        + (f", {report['dp']} epsilon {report['epsilon_spent']:.3g}"
+                           if report.get("dp") else ""))
     sites = [row["site"] for row in report["per_site"]]
     table.add_column("model")
     for name in sites:
@@ -43,6 +52,49 @@ def results_table(report: dict[str, Any]) -> Table:
     return table
 
 
+def _kept_site_passwords(keep_sites: Path | None, sites: int) -> dict[str, dict[str, str]]:
+    """Owner/officer passwords of kept sites: from the environment, else random."""
+    if keep_sites is None:
+        return {}
+    if keep_sites.exists() and (not keep_sites.is_dir() or any(keep_sites.iterdir())):
+        raise _fail(f"--keep-sites {keep_sites} must be an empty or new directory")
+    from datasites.accounts import new_password, password_from_env
+
+    owner = password_from_env("FEDSYFT_OWNER_PASSWORD")
+    officer = password_from_env("FEDSYFT_OFFICER_PASSWORD")
+    if officer is not None and len(officer) < 8:
+        raise _fail("FEDSYFT_OFFICER_PASSWORD must have at least 8 characters")
+    return {f"site-{i + 1}": {"owner": owner or new_password(),
+                              "officer": officer or new_password()} for i in range(sites)}
+
+
+def _print_kept_sites(cfg: Any) -> None:
+    """Where the kept sites are and how to log in; random passwords appear here only."""
+    if cfg.keep_sites is None or not cfg.passwords:
+        return
+    from datasites.site_files import SiteDirectoryError, officer_email, read_site_info
+
+    owner_env = bool(os.environ.get("FEDSYFT_OWNER_PASSWORD"))
+    officer_env = bool(os.environ.get("FEDSYFT_OFFICER_PASSWORD"))
+    lines = []
+    for name, pw in cfg.passwords.items():
+        try:
+            info = read_site_info(cfg.keep_sites / name)
+            officer = officer_email(info.directory)
+        except SiteDirectoryError:
+            continue
+        owner_pw = "$FEDSYFT_OWNER_PASSWORD" if owner_env else pw["owner"]
+        officer_pw = "$FEDSYFT_OFFICER_PASSWORD" if officer_env else pw["officer"]
+        lines.append(f"  {name}: data owner {info.email('data_owner')} password {owner_pw} ; "
+                     f"compliance officer {officer} password {officer_pw}")
+    if lines:
+        _say(f"kept sites in {cfg.keep_sites} (random passwords are shown only now, and are "
+             "stored nowhere):")
+        for line in lines:
+            _say(line)
+        _say(f"try: fedsyft requests list --site {cfg.keep_sites / next(iter(cfg.passwords))}")
+
+
 @app.command()
 def demo(
     data: Path = typer.Option(None, help="CSV with numeric features and a 0/1 label column "
@@ -55,23 +107,50 @@ def demo(
                                     "paillier (key authority decrypts sums only) | secagg."),
     seed: int = typer.Option(0, help="Seed for the split and the model."),
     report: Path = typer.Option(None, help="Write the JSON report here."),
+    keep_sites: Path = typer.Option(None, "--keep-sites", help=(
+        "Keep the site directories here (for `fedsyft requests` / `fedsyft audit`). Owner and "
+        "officer passwords: FEDSYFT_OWNER_PASSWORD / FEDSYFT_OFFICER_PASSWORD, else random "
+        "and printed once.")),
+    epsilon: float = typer.Option(None, "--epsilon", min=0.0, help=(
+        "Differential privacy: the job's epsilon, charged to each site's privacy ledger "
+        "round by round [default: no DP]. Sites refuse a job above their remaining budget.")),
+    delta: float = typer.Option(1e-5, "--delta", help="DP delta (with --epsilon)."),
+    clip: float = typer.Option(1.0, "--clip", help=(
+        "DP clipping bound: L2 norm of a site's update (DP-FedAvg), or of a row's gradient "
+        "with --dp-sgd.")),
+    dp_sgd: bool = typer.Option(False, "--dp-sgd", help=(
+        "Sample-level DP-SGD (Opacus) during local training instead of client-level "
+        "DP-FedAvg (with --epsilon).")),
 ) -> None:
     """Split a table across non-IID sites, provision datasites, train, evaluate, report."""
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
+    passwords = _kept_site_passwords(keep_sites, sites)  # checks --keep-sites first
     from datasites.demo import BUNDLED_TABLE, DemoConfig, run_demo
     from datasites.errors import AuthenticationError, ProvisioningError
     from datasites.tables import TableError
     from fed_tasks.interface import SiteRefusedError
 
     cfg = DemoConfig(data=data or BUNDLED_TABLE, label_column=label_column, sites=sites,
-                     rounds=rounds, model=model, seed=seed, aggregation=aggregation)
+                     rounds=rounds, model=model, seed=seed, aggregation=aggregation,
+                     keep_sites=keep_sites, passwords=passwords,
+                     epsilon=epsilon, delta=delta, clip=clip, dp_sgd=dp_sgd)
+    if (dp_sgd or clip != 1.0 or delta != 1e-5) and epsilon is None:
+        raise _fail("--delta, --clip and --dp-sgd need --epsilon")
     try:
         result = run_demo(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     except (TableError, ProvisioningError, AuthenticationError, SiteRefusedError,
-            ValueError) as exc:
+            ValueError, PermissionError) as exc:
         err.print(f"[red]error:[/red] {exc}")
         raise typer.Exit(2) from None
+    finally:
+        _print_kept_sites(cfg)
     console.print(results_table(result))
+    if result.get("dp"):
+        console.print(f"differential privacy ({result['dp']}): epsilon spent "
+                      f"{result['epsilon_spent']:.3g} (max over sites' ledgers) at delta "
+                      f"{result['delta']:g}, noise multiplier "
+                      + (f"{result['noise_multiplier']:.3g}" if result["noise_multiplier"]
+                         else "per site (DP-SGD)"))
     console.print(f"finished in {result['seconds']:.1f} s "
                   f"(provisioning {result['timing']['provision_s']:.1f} s, federated training "
                   f"{result['timing']['train_s']:.1f} s)")
@@ -79,6 +158,253 @@ def demo(
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(result, indent=2))
         console.print(f"report written to {report}")
+
+
+# ---- data owners: requests at one site ---------------------------------------------------
+requests_app = typer.Typer(no_args_is_help=True, help=(
+    "Data owner: list, read, approve or deny the requests at your site. The site is reopened "
+    "from its directory, acts, and is closed again. Password: FEDSYFT_OWNER_PASSWORD or a "
+    "prompt."))
+audit_app = typer.Typer(no_args_is_help=True, help=(
+    "Compliance officer: verify and export a site's tamper-evident audit log. Password "
+    "(export, requests): FEDSYFT_OFFICER_PASSWORD or a prompt."))
+app.add_typer(requests_app, name="requests")
+app.add_typer(audit_app, name="audit")
+
+SITE = typer.Option(..., "--site", help="The site's directory (e.g. from demo --keep-sites).")
+OWNER = typer.Option(None, "--owner", help="Data owner's email [default: from site.json].")
+OFFICER = typer.Option(None, "--officer", help="Officer's email [default: from officer.json].")
+PUBLIC_KEY = typer.Option(None, "--public-key", help="The site's audit public key (PEM), "
+                                                     "obtained out of band [default: the "
+                                                     "directory's audit_key.pub].")
+
+
+def _fail(message: object, code: int = 2) -> typer.Exit:
+    """Print one line on stderr; the caller raises the returned Exit."""
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _say(text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _password(env_var: str, who: str) -> str:
+    """From the environment, else an interactive prompt: never argv, never a file."""
+    from datasites.accounts import password_from_env
+
+    value = password_from_env(env_var)
+    if value:
+        return value
+    # one attempt, never a loop: a closed or empty stdin (CI, pipes) must fail, not hang
+    try:
+        if sys.stdin is not None and sys.stdin.isatty():
+            value = getpass.getpass(f"password of {who}: ")
+        else:
+            console.print(f"password of {who}: ", end="", markup=False, highlight=False)
+            value = (sys.stdin.readline() if sys.stdin is not None else "").rstrip("\r\n")
+    except (EOFError, KeyboardInterrupt, OSError):
+        value = ""
+    if not value:
+        raise _fail(f"no password for {who}: set {env_var} or run interactively")
+    return value
+
+
+def _site_info(site: Path) -> Any:
+    from datasites.site_files import SiteDirectoryError, read_site_info
+
+    try:
+        return read_site_info(site)
+    except SiteDirectoryError as exc:
+        raise _fail(exc) from None
+
+
+class _OpenSite:
+    """``with _OpenSite(dir, owner) as site``: reopen as the data owner, always close."""
+
+    def __init__(self, site_dir: Path, owner: str | None) -> None:
+        self.site_dir, self.owner, self.site = site_dir, owner, None
+
+    def __enter__(self) -> Any:
+        from datasites.audit import verify
+
+        info = _site_info(self.site_dir)
+        report = verify(self.site_dir)  # before syft starts: a broken log opens nothing
+        if not report.ok:
+            raise _fail(f"site {info.name!r}: its audit log is corrupt, refusing to open the "
+                        f"site: {report.problem}")
+        email = self.owner or info.email("data_owner")
+        password = _password("FEDSYFT_OWNER_PASSWORD", f"data owner {email} of {info.name}")
+        from datasites.datasite import Datasite  # imports syft (~7 s)
+
+        try:
+            self.site = Datasite.open(self.site_dir, email, password)
+        except (PermissionError, LookupError, ValueError, RuntimeError) as exc:
+            raise _fail(exc) from None
+        return self.site
+
+    def __exit__(self, *exc: object) -> None:
+        if self.site is not None:
+            self.site.close()
+
+
+def _owner_action(site_dir: Path, owner: str | None, action: Any) -> None:
+    """Run ``action(site)`` on the reopened site; owner-side errors exit 2 in one line."""
+    with _OpenSite(site_dir, owner) as site:
+        try:
+            action(site)
+        except (PermissionError, LookupError, ValueError, RuntimeError) as exc:
+            raise _fail(exc) from None
+
+
+@requests_app.command("list")
+def requests_list(site: Path = SITE, owner: str = OWNER) -> None:
+    """Every request at the site: id, job, requester, status."""
+    def show(ds: Any) -> None:
+        rows = ds.requests()
+        if not rows:
+            _say(f"no requests at {ds.name}")
+            return
+        _say(f"{len(rows)} request(s) at {ds.name}:")
+        _say(f"{'request':<32}  {'status':<8}  {'job':<8}  requester")
+        for r in rows:
+            job = r.job_id or f"(not a fedsyft job: {r.function})"
+            _say(f"{r.request_id:<32}  {r.status:<8}  {job:<8}  {r.requester}")
+
+    _owner_action(site, owner, show)
+
+
+@requests_app.command("show")
+def requests_show(request_id: str = typer.Argument(..., help="Request id (or a prefix)."),
+                  site: Path = SITE, owner: str = OWNER) -> None:
+    """A request in plain words, then its code."""
+    def show(ds: Any) -> None:
+        review = ds.review(request_id)
+        _say(review.plain_words())
+        _say("\n--- code ---")
+        _say(review.code)
+
+    _owner_action(site, owner, show)
+
+
+@requests_app.command("approve")
+def requests_approve(request_id: str = typer.Argument(..., help="Request id (or a prefix)."),
+                     site: Path = SITE, owner: str = OWNER,
+                     reason: str = typer.Option("", "--reason", help="Why (for the record).")
+                     ) -> None:
+    """Approve a request (only the exact fedsyft template can be approved)."""
+    def act(ds: Any) -> None:
+        review = ds.approve(request_id, reason=reason)
+        _say(review.plain_words().splitlines()[0])
+        _say(f"approved at {ds.name} by {ds.operator.email}")
+
+    _owner_action(site, owner, act)
+
+
+@requests_app.command("deny")
+def requests_deny(request_id: str = typer.Argument(..., help="Request id (or a prefix)."),
+                  site: Path = SITE, owner: str = OWNER,
+                  reason: str = typer.Option(..., "--reason",
+                                             help="Why; the data scientist reads it.")) -> None:
+    """Deny a request, or revoke an approved one."""
+    def act(ds: Any) -> None:
+        ds.deny(request_id, reason)
+        _say(f"request {request_id} denied at {ds.name} by {ds.operator.email}: {reason}")
+
+    _owner_action(site, owner, act)
+
+
+# ---- compliance officers: the audit log ------------------------------------------------------
+def _audit_dir(site: Path) -> Path:
+    if not site.is_dir():
+        raise _fail(f"site directory {site} does not exist")
+    if not (site / "audit.jsonl").exists() and not (site / "audit.head.json").exists():
+        raise _fail(f"{site} holds no fedsyft audit log (no audit.jsonl)")
+    return site
+
+
+def _officer_session(site: Path, officer: str | None, public_key: Path | None) -> Any:
+    from datasites.compliance import AuditorSession
+    from datasites.errors import AuthenticationError
+    from datasites.site_files import SiteDirectoryError, officer_email
+
+    info = _site_info(site)
+    try:
+        email = officer or officer_email(site)
+    except SiteDirectoryError as exc:
+        raise _fail(exc) from None
+    password = _password("FEDSYFT_OFFICER_PASSWORD", f"compliance officer {email} of "
+                                                     f"{info.name}")
+    try:
+        return AuditorSession.login(site, email, password, public_key=public_key)
+    except (AuthenticationError, SiteDirectoryError) as exc:
+        raise _fail(exc) from None
+
+
+@audit_app.command("verify")
+def audit_verify(site: Path = SITE, public_key: Path = PUBLIC_KEY) -> None:
+    """Check the hash chain and signed head: exit 0 if intact, 1 naming where it breaks."""
+    from datasites.audit import AuditError, verify
+
+    _audit_dir(site)
+    try:
+        report = verify(site, public_key)
+    except AuditError as exc:
+        raise _fail(exc) from None
+    if report.ok:
+        _say(f"audit log in {site}: {report.entries} entries, hash chain intact, head "
+             "signature valid")
+        return
+    where = "" if report.first_bad_seq is None else f" at entry {report.first_bad_seq}"
+    raise _fail(f"audit log in {site} is BROKEN{where}: {report.problem}", code=1)
+
+
+@audit_app.command("export")
+def audit_export(site: Path = SITE,
+                 fmt: str = typer.Option(..., "--format", help="json, csv or html."),
+                 out: Path = typer.Option(..., "--out", help="File to write."),
+                 officer: str = OFFICER, public_key: Path = PUBLIC_KEY) -> None:
+    """Export the log (the officer's read, itself logged); a broken log exports but exits 1."""
+    from datasites.audit import AuditError
+    from datasites.audit_report import FORMATS
+
+    if fmt not in FORMATS:
+        raise _fail(f"unknown format {fmt!r}; use one of {', '.join(sorted(FORMATS))}")
+    _audit_dir(site)
+    session = _officer_session(site, officer, public_key)
+    try:
+        path = session.export(fmt, out)
+        report = session.verify()
+    except (AuditError, OSError) as exc:
+        raise _fail(exc) from None
+    if not report.ok:
+        raise _fail(f"exported to {path}, but the audit log is BROKEN: {report.problem}", 1)
+    _say(f"exported {report.entries} verified entries of site {session.site} to {path}")
+
+
+@audit_app.command("requests")
+def audit_requests(site: Path = SITE, officer: str = OFFICER,
+                   since: str = typer.Option(None, help="ISO time with zone, e.g. "
+                                                        "2025-01-01T00:00:00+00:00."),
+                   until: str = typer.Option(None, help="ISO time with zone (exclusive)."),
+                   public_key: Path = PUBLIC_KEY) -> None:
+    """Who asked for what, who decided and why, what ran and what left (officer only)."""
+    from datasites.audit import AuditError
+
+    _audit_dir(site)
+    session = _officer_session(site, officer, public_key)
+    try:
+        records = session.requests(since=since, until=until)
+        report = session.verify()
+    except AuditError as exc:
+        raise _fail(exc) from None
+    if not report.ok:
+        err.print(f"warning: the audit log is BROKEN: {report.problem}", markup=False,
+                  soft_wrap=True)
+    for rec in records:
+        _say(rec.describe())
+    if not records:
+        _say(f"no requests recorded at {session.site} in that period")
 
 
 def main() -> None:

@@ -12,9 +12,10 @@ No syft import here, so ``fedsyft audit ...`` starts in about a second.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -38,13 +39,28 @@ log = logging.getLogger(__name__)
 _DECISION_WORDS = {Action.REQUEST_APPROVED: "approved", Action.REQUEST_DENIED: "denied"}
 
 
+@contextlib.contextmanager
+def site_log(directory: Path, site: str) -> Iterator[AuditLog]:
+    """The site's own log writer if the site runs in this process, else a short-lived one
+    (the log is safe with several writers, across threads and processes)."""
+    from datasites.guard import guard_for, is_registered
+
+    if is_registered(site):
+        guard = guard_for(site)
+        if guard.directory.resolve() == Path(directory).resolve():
+            yield guard.audit
+            return
+    with AuditLog(directory, site) as audit:
+        yield audit
+
+
 def record_failed_login(directory: Path, site: str, email: str, role: str, via: str) -> None:
     """Append ``login_failed`` (best effort: a broken log must not hide the refusal itself)."""
     actor, actor_role = (email, role) if "@" in email and len(email) <= 254 else (
         "unknown", Role.SYSTEM)
     try:
-        with AuditLog(directory, site) as audit:
-            audit.append(actor[:254].replace("\n", " "), actor_role, Action.LOGIN_FAILED,
+        with site_log(directory, site) as audit:
+            audit.append(actor.replace("\n", " "), actor_role, Action.LOGIN_FAILED,
                          params={"reason": "wrong email or password", "via": via})
     except (AuditError, OSError) as exc:
         log.warning("site %s: could not record a failed login: %s", site, exc)
@@ -228,7 +244,7 @@ class AuditorSession:
             raise audit_report.ExportFormatError(
                 f"unknown audit export format {fmt!r}; use one of {sorted(audit_report.FORMATS)}")
         try:
-            with AuditLog(self._directory, self.site) as audit:
+            with site_log(self._directory, self.site) as audit:
                 audit.append(self._email, Role.COMPLIANCE_OFFICER, Action.AUDIT_EXPORTED,
                              params={"format": fmt, "entries": audit.count})
         except AuditError as exc:

@@ -22,6 +22,8 @@ from datasites.guard import (
     register_guard,
     unregister_guard,
 )
+from datasites.policy import DATASET_NAME as POLICY_DATASET
+from datasites.policy import DatasetPolicy, PolicyError
 from datasites.quiet import quiet
 from datasites.review import Review
 from datasites.site_files import (
@@ -34,7 +36,7 @@ from datasites.site_files import (
 from datasites.syft_server import ServiceRole, login, start_server, sy, syft_message
 from datasites.tables import FederationSchema, make_mock, validate
 
-DATASET_NAME = "records"
+DATASET_NAME = POLICY_DATASET  # the one dataset a site publishes (see datasites.policy)
 _SYFT_ROLES = {Role.DATA_OWNER: ServiceRole.DATA_OWNER,
                Role.DATA_SCIENTIST: ServiceRole.DATA_SCIENTIST}
 _AUDIT_ROLES = {Role.ADMIN: AuditRole.SYSTEM, Role.DATA_OWNER: AuditRole.DATA_OWNER,
@@ -55,6 +57,8 @@ class RequestSummary:
 
 class Datasite:
     """A running PySyft datasite plus the site-side state fedsyft keeps beside it."""
+
+    holds_data = True  # a data site: its dataset policy and privacy budget apply
 
     def __init__(self, name: str, directory: Path, server: Any, accounts: dict[Role, Account],
                  guard: SiteGuard, operator: Account | None = None,
@@ -169,6 +173,9 @@ class Datasite:
                                 params={"name": DATASET_NAME, "assets": assets_facts,
                                         "rows": sum(len(v) for v in private.values())})
         self.guard.register_assets(private, mocks)
+        self.guard.privacy.policies.set_base_description(description)
+        if self.holds_data:  # the scientist reads the owner's policy with the dataset
+            description = self.guard.privacy.describe()
         assets = [sy.Asset(name=k, data=private[k], mock=mocks[k]) for k in private]
         with quiet():
             res = self.owner_client().upload_dataset(
@@ -338,8 +345,68 @@ class Datasite:
             spec = self.parse_request(source)
         except job_code.NotATemplateError as exc:
             ok, problem = False, str(exc)
+        violations: tuple[str, ...] = ()
+        budget = ""
+        if self.holds_data:
+            pinned = spec or job_code.pinned_spec(source)
+            if pinned is not None:
+                violations = tuple(self.guard.privacy.check_job(pinned,
+                                                                req.requesting_user_email))
+            budget = self._budget_words()
         return Review(req.id.no_dash, self.name, req.requesting_user_email,
-                      str(req.status.name).lower(), source, spec, ok, problem)
+                      str(req.status.name).lower(), source, spec, ok, problem,
+                      violations=violations, budget=budget)
+
+    # ---- the dataset's policy and privacy budget ---------------------------------------------
+    def policy(self) -> DatasetPolicy:
+        """The data owner's current policy for this site's dataset."""
+        return self.guard.privacy.policy()
+
+    def set_policy(self, policy: DatasetPolicy | None = None, *, reason: str = "",
+                   **changes: Any) -> DatasetPolicy:
+        """Replace the policy, or change some of its fields (``max_rounds=20``...).
+
+        Only the data owner may; logged (``policy_changed``) before it takes effect, then the
+        dataset description the data scientist reads is rewritten. Running jobs are held to
+        the new policy from their next call on.
+        """
+        self._require_owner("change the dataset policy")
+        try:
+            new = policy or DatasetPolicy.model_validate({**self.policy().model_dump(),
+                                                          **changes})
+        except ValueError as exc:
+            raise PolicyError(f"invalid policy for dataset {DATASET_NAME!r} at site "
+                              f"{self.name!r}: {exc}") from None
+        self.guard.privacy.set_policy(new, self.operator.email, reason)
+        self._refresh_description()
+        return new
+
+    def privacy_spent(self) -> dict[str, Any]:
+        """The dataset's ledger: epsilon/delta spent, per job, and unaccounted overrides."""
+        return self.guard.privacy.ledger.snapshot()["datasets"].get(
+            DATASET_NAME, {"epsilon_spent": 0.0, "delta_spent": 0.0, "jobs": {},
+                           "unaccounted": []})
+
+    def _budget_words(self) -> str:
+        pol, spent = self.policy(), self.guard.privacy.ledger.spent(DATASET_NAME)
+        return (f"dataset {DATASET_NAME!r} has spent epsilon {spent:.4g} of its budget "
+                f"{pol.epsilon_budget:g} ({max(0.0, pol.epsilon_budget - spent):.4g} left)")
+
+    def _refresh_description(self) -> None:
+        """Rewrite the syft dataset's description (base text + current policy).
+
+        Syft 0.9.5 has no dataset-update service, so the owner's process updates the record
+        in the server's own store (the server runs in this process).
+        """
+        if not self.holds_data:
+            return
+        from syft.util.misc_objs import MarkdownDescription
+
+        stash = self.server.services.dataset.stash
+        with quiet():
+            dataset = stash.get_by_name(self.server.verify_key, DATASET_NAME).unwrap()
+            dataset.description = MarkdownDescription(text=self.guard.privacy.describe())
+            stash.update(self.server.verify_key, dataset).unwrap()
 
     def parse_request(self, source: str):
         """The job spec pinned by ``source`` if it is this site's template (else raises)."""
@@ -351,20 +418,27 @@ class Datasite:
 
         return call_limits(spec)
 
-    def approve(self, request_id: str, reason: str = "") -> Review:
-        """Approve a request that is exactly the fedsyft template; records the limits first.
+    def approve(self, request_id: str, reason: str = "", *,
+                override_reason: str | None = None) -> Review:
+        """Approve a request that is exactly the fedsyft template and complies with the
+        dataset's policy; records the limits first.
 
         Only the data owner may approve. The decision is logged (``request_approved``, or
-        ``request_overridden`` when it replaces a denial) before it takes effect.
+        ``request_overridden`` when it replaces a denial) before it takes effect. A policy
+        violation (rounds, model, DP, clip, delta, min_sites, remaining budget, submitter)
+        is refused with the reason. Code that is *not* the template is refused unless
+        ``override_reason`` is given: see :meth:`_approve_override`.
         """
         self._require_owner(f"approve request {request_id}")
         req = self._request(request_id)
         review = self._review(req)
         if not review.template_ok or review.spec is None:
-            self._refuse(f"approve request {review.request_id}",
-                         f"it cannot be approved: {review.problem}")
+            return self._approve_override(req, review, override_reason)
         spec = review.spec
-        assert spec is not None
+        if review.violations:
+            self._refuse(f"approve request {review.request_id}",
+                         f"job {spec.job_id!r} breaks the policy of dataset {DATASET_NAME!r}: "
+                         + "; ".join(review.violations))
         ledger = self.guard.approval(spec.job_id)
         if review.status == "approved" or (ledger and not ledger.get("revoked")):
             self._refuse(f"approve request {review.request_id}",
@@ -397,6 +471,59 @@ class Datasite:
         if isinstance(res, sy.SyftError):
             raise RuntimeError(f"syft could not approve request {request_id}: "
                                f"{syft_message(res)}")
+        return review
+
+    def _approve_override(self, req: Any, review: Review, override_reason: str | None
+                          ) -> Review:
+        """Approve code that is not the fedsyft template, on the data owner's explicit word.
+
+        What an override means: the owner vouches for code the site cannot check. If the
+        code still pins a fedsyft spec, that spec must comply with the policy and its calls
+        through the fedsyft entry point keep every limit (calls, rounds, budget); anything
+        else the code does is beyond the site's reach, so the ledger records the approval
+        as *unaccounted*, and a dataset whose policy requires DP refuses overrides outright.
+        Logged as ``request_overridden`` (with the reason and the problem) before it acts.
+        """
+        rid = review.request_id
+        if not (override_reason or "").strip():
+            self._refuse(f"approve request {rid}",
+                         f"it cannot be approved: {review.problem} (code that is not the "
+                         "fedsyft template needs an explicit override_reason)")
+        if review.status == "approved":
+            self._refuse(f"approve request {rid}", "it is already approved")
+        if self.holds_data and self.policy().require_dp:
+            self._refuse(f"approve request {rid}",
+                         f"the policy of dataset {DATASET_NAME!r} requires differential "
+                         "privacy, which the site cannot enforce on arbitrary code")
+        if review.violations:
+            self._refuse(f"approve request {rid}",
+                         "the job spec it pins breaks the policy of dataset "
+                         f"{DATASET_NAME!r}: " + "; ".join(review.violations))
+        spec = job_code.pinned_spec(review.code)
+        code_hash = job_code.code_hash(review.code)
+        request = {"request_id": rid, "code_id": req.code.id.no_dash,
+                   "requester": review.requester}
+        objects = {"request_id": rid, "code_id": request["code_id"]}
+        if spec is not None:
+            objects["job_id"] = spec.job_id
+        self.guard.audit.append(
+            self.operator.email, AuditRole.DATA_OWNER, Action.REQUEST_OVERRIDDEN,
+            objects=objects, code_hash=code_hash,
+            params={"decision": "approved", "previous": f"not the template ({review.status})",
+                    "reason": str(override_reason), "problem": review.problem[:500],
+                    "template_ok": False,
+                    "spec_fingerprint": spec.fingerprint if spec else None})
+        if spec is not None and self.guard.approval(spec.job_id) is None:
+            self.guard.record_approval(spec, code_hash, self.operator.email,
+                                       self.call_limits(spec), request=request)
+        if self.holds_data:
+            self.guard.privacy.ledger.record_unaccounted(DATASET_NAME, {
+                "request_id": rid, "code_hash": code_hash, "approved_by": self.operator.email,
+                "reason": str(override_reason), "job_id": spec.job_id if spec else None})
+        with quiet():
+            res = req.approve()
+        if isinstance(res, sy.SyftError):
+            raise RuntimeError(f"syft could not approve request {rid}: {syft_message(res)}")
         return review
 
     def deny(self, request_id: str, reason: str) -> None:

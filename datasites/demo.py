@@ -9,7 +9,7 @@ review and approve it, runs the rounds, and gathers the sites' own metrics.
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -40,6 +40,13 @@ class DemoConfig:
     alpha: float = 0.5
     test_fraction: float = 0.3
     progress: bool = True
+    keep_sites: Path | None = None  # site directories survive the run (for `fedsyft requests`)
+    epsilon: float | None = None  # DP budget of the job (None: no DP)
+    delta: float = 1e-5
+    clip: float = 1.0  # L2 bound of a site's update (DP-FedAvg) or of a row's gradient (DP-SGD)
+    dp_sgd: bool = False  # sample-level DP-SGD instead of client-level DP-FedAvg
+    # site name -> {"owner": ..., "officer": ...}; never part of the report
+    passwords: dict[str, dict[str, str]] | None = field(default=None, repr=False)
 
 
 def partition(frame: pd.DataFrame, schema: FederationSchema, cfg: DemoConfig
@@ -74,7 +81,8 @@ def _train_local(spec: JobSpec, sites: list[LocalSite]) -> tuple[TrainingResult,
 def reference_models(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFrame]],
                      schema: FederationSchema, names: list[str]) -> dict[str, Any]:
     """Centralized (union of train splits) and each-site-alone models, same budget."""
-    spec = spec.model_copy(update={"aggregation": "plain", "min_sites": 1})
+    spec = JobSpec.model_validate({**spec.model_dump(), "aggregation": "plain", "min_sites": 1,
+                                   "dp_epsilon": None, "dp_sgd": False})  # non-private bounds
     tests = [t for _, t in splits]
     union_train = pd.concat([tr for tr, _ in splits], ignore_index=True)
     central, _ = _train_local(spec, [LocalSite("central", spec, union_train, tests[0])])
@@ -99,6 +107,33 @@ def _site_metrics(result: TrainingResult, test: pd.DataFrame, schema: Federation
     return _pooled(result, [test], schema)
 
 
+def privacy_report(spec: JobSpec, sites: list[Any], rounds_run: int) -> dict[str, Any]:
+    """What the job cost in privacy, from the sites' own ledgers.
+
+    ``epsilon_spent`` is the largest epsilon any site's ledger charged this job (each site
+    charges its own dataset; with DP-SGD sites differ by row count); it equals the
+    accountant's figure for the rounds that ran unless a round was retried (then it is
+    higher). ``epsilon_accountant`` is that figure for client-level DP. Without DP both are
+    null: the releases have no finite epsilon.
+    """
+    if not spec.dp_enabled:
+        return {"dp": None, "epsilon_spent": None, "delta": None}
+    from fed_tasks.dp_step import cumulative_epsilon, noise_multiplier
+
+    spent = max(s.guard.privacy.job_epsilon(spec.job_id) for s in sites)
+    return {
+        "dp": "dp_sgd" if spec.dp_sgd else "dp_fedavg",
+        "epsilon_spent": spent,
+        "delta": spec.dp_delta,
+        "epsilon_target": spec.dp_epsilon,
+        "epsilon_accountant": None if spec.dp_sgd else cumulative_epsilon(spec, rounds_run),
+        "noise_multiplier": noise_multiplier(spec),
+        "clip": spec.dp_clip,
+        "epsilon_spent_per_site": {s.name: s.guard.privacy.job_epsilon(spec.job_id)
+                                   for s in sites},
+    }
+
+
 def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
     """Run the whole job; returns the report (see the README for its fields)."""
     started = time.perf_counter()
@@ -109,15 +144,20 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
     schema = infer_schema(frame, cfg.label_column)
     splits = partition(frame, schema, cfg)
     names = [f"site-{i + 1}" for i in range(cfg.sites)]
+    dp: dict[str, Any] = {}
+    if cfg.epsilon is not None:
+        dp = {"dp_epsilon": cfg.epsilon, "dp_delta": cfg.delta, "dp_clip": cfg.clip,
+              "dp_sgd": cfg.dp_sgd, **({"trim": 0.0} if cfg.dp_sgd else {})}
     spec = JobSpec(model=cfg.model, features=schema.features, label_column=schema.label,
                    rounds=cfg.rounds, seed=cfg.seed, aggregation=cfg.aggregation,
-                   min_sites=min(2, cfg.sites))
+                   min_sites=min(2, cfg.sites), **dp)
     log(f"{len(frame):,} rows, {schema.describe()}; {cfg.sites} sites "
         f"(rows {[len(tr) + len(te) for tr, te in splits]})")
     from datasites.federation import Federation  # imports syft (~10 s): after input checks
 
     t0 = time.perf_counter()
-    with Federation.start(splits, schema, names=names,
+    with Federation.start(splits, schema, names=names, root=cfg.keep_sites,
+                          passwords=cfg.passwords,
                           key_authority=cfg.aggregation == "paillier") as fed:
         provision_s = time.perf_counter() - t0
         log(f"provisioned {cfg.sites} datasites in {provision_s:.1f} s; "
@@ -131,7 +171,11 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         t1 = time.perf_counter()
         result = trainer.fit()
         train_s = time.perf_counter() - t1
+        if result.stopped_early:
+            log(f"stopped after {result.rounds_completed} of {spec.rounds} rounds: "
+                f"{result.stop_reason}")
         per_site = trainer.evaluate(result)
+        privacy = privacy_report(spec, [fed.site(n) for n in names], result.rounds_completed)
     federated = _pooled(result, [t for _, t in splits], schema)
     log("training reference models (centralized, each site alone) ...")
     refs = reference_models(spec, splits, schema, names)
@@ -143,7 +187,10 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         "model": cfg.model,
         "seed": cfg.seed,
         "aggregation": spec.aggregation,
-        "federated": {**federated, "losses": result.losses},
+        "federated": {**federated, "losses": [None if np.isnan(v) else v for v in result.losses]},
+        **privacy,
+        "rounds_completed": result.rounds_completed,
+        "stopped_early": result.stop_reason or None,
         **refs,
         "per_site": per_site,
         "site_rows": [{"site": n, "train": len(tr), "test": len(te),

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import pandas as pd
@@ -15,22 +15,23 @@ from datasites.federation_config import ensure_signing_key, write_config
 from datasites.key_authority_site import KeyAuthoritySite
 from datasites.scientist import ScientistSession
 from datasites.tables import FederationSchema
-from fed_tasks.aggregation import KeyAuthoritySum, PlainSum, SecureSum
+from fed_tasks.aggregation import KeyAuthoritySum, MaskedSum, PlainSum, SecureSum
 from fed_tasks.orchestrator import FederatedTrainer
 from fed_tasks.spec import JobSpec
 
 
-def _configure(sites: list[Datasite], authority: KeyAuthoritySite, min_sites: int) -> None:
+def _configure(sites: list[Datasite], authority: KeyAuthoritySite | None,
+               min_sites: int) -> None:
     """What the owners agree on out of band: members, their signing keys, the authority's
     public key, and the smallest aggregate the authority will ever decrypt."""
     config = {
-        "key_authority": authority.name,
-        "paillier_public_key": authority.public_key,
+        "key_authority": authority.name if authority else None,
+        "paillier_public_key": authority.public_key if authority else None,
         "sites": {s.name: ensure_signing_key(s.directory) for s in sites},
         "max_sites": len(sites),
         "min_sites": max(2, min_sites),
     }
-    for member in [*sites, authority]:
+    for member in [*sites, *([authority] if authority else [])]:
         write_config(member.directory, config)
 
 
@@ -51,9 +52,14 @@ class Federation:
     def start(cls, partitions: Sequence[tuple[pd.DataFrame, pd.DataFrame]],
               schema: FederationSchema, root: str | Path | None = None,
               names: Sequence[str] | None = None, key_authority: bool = True,
-              min_sites: int = 2, key_bits: int = 2048) -> Federation:
+              min_sites: int = 2, key_bits: int = 2048,
+              passwords: Mapping[str, Mapping[str, str]] | None = None) -> Federation:
         """Provision the sites (and a key authority for Paillier jobs), then configure
-        every member with the federation's public facts (see ``federation_config``)."""
+        every member with the federation's public facts (see ``federation_config``).
+
+        ``passwords`` maps a site name to its ``"owner"`` / ``"officer"`` passwords (else
+        random); with ``root`` given, the site directories outlive the federation.
+        """
         names = list(names or [f"site-{i + 1}" for i in range(len(partitions))])
         if len(names) != len(partitions):
             raise ValueError("one name per partition")
@@ -65,12 +71,15 @@ class Federation:
         authority = None
         try:
             for name, (train, test) in zip(names, partitions, strict=True):
+                chosen = (passwords or {}).get(name, {})
                 sites.append(Datasite.provision(name, root_path / name, train=train, test=test,
-                                                schema=schema, scientist=scientist))
+                                                schema=schema, scientist=scientist,
+                                                owner_password=chosen.get("owner"),
+                                                officer_password=chosen.get("officer")))
             if key_authority:
                 authority = KeyAuthoritySite.provision_authority(
                     "key-authority", root_path / "key-authority", scientist, key_bits)
-                _configure(sites, authority, min_sites)
+            _configure(sites, authority, min_sites)
         except BaseException:
             for site in [*sites, *([authority] if authority else [])]:
                 site.close()
@@ -124,6 +133,8 @@ class Federation:
             return KeyAuthoritySum(self.authority_session().connection(spec))
         if spec.aggregation == "plain":
             return PlainSum(spec.min_sites)
+        if spec.aggregation == "secagg":
+            return MaskedSum(spec, len(self.sites))
         raise ValueError(f"aggregation {spec.aggregation!r} is not available yet")
 
     def trainer(self, spec: JobSpec, **kwargs) -> FederatedTrainer:

@@ -67,7 +67,8 @@ def load_site_keys(directory: Path, site: str) -> SiteKeys | None:
     if config is None:
         return None
     key = signing.private_key_from_str((Path(directory) / SIGNING_KEY_FILE).read_text())
-    return SiteKeys(site, key, paillier.public_key_from_str(config["paillier_public_key"]),
+    public = config.get("paillier_public_key")
+    return SiteKeys(site, key, paillier.public_key_from_str(public) if public else None,
                     int(config["max_sites"]))
 
 

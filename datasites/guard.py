@@ -58,7 +58,10 @@ def frame_fingerprint(frame: pd.DataFrame) -> str:
 
 def call_limits(spec: JobSpec) -> dict[str, int]:
     """How many calls of each action one approval allows."""
-    return {"stats": 1, "fit": spec.rounds, "evaluate": spec.evaluations}
+    limits = {"stats": 1, "fit": spec.rounds, "evaluate": spec.evaluations}
+    if spec.aggregation == "secagg":  # key setup once, one unmasking per aggregate
+        limits |= {"secagg_advertise": 1, "secagg_share": 1, "secagg_unmask": spec.rounds + 1}
+    return limits
 
 
 class SiteGuard:
@@ -72,6 +75,9 @@ class SiteGuard:
         self._lock = threading.Lock()
         self._state: dict[str, Any] = self._load()
         self.audit = AuditLog(self.directory, site)  # one log per site directory
+        from datasites.site_privacy import SitePrivacy  # imports this module's CallRefused
+
+        self.privacy = SitePrivacy(self.directory, site, self.audit)  # policy, DP ledger
 
     def _load(self) -> dict[str, Any]:
         if not self._path.exists():
@@ -117,6 +123,7 @@ class SiteGuard:
                 "mock": {k: frame_fingerprint(v) for k, v in mock.items()},
             }
             self._save()
+        self.privacy.register_public_mock(mock)  # DP jobs scale features from the mock
 
     def classify(self, frames: dict[str, pd.DataFrame]) -> str:
         """``"private"`` or ``"mock"`` if ``frames`` are exactly those assets, else refuse."""

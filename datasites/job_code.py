@@ -74,13 +74,7 @@ def _function_def(source: str) -> ast.FunctionDef:
     return func
 
 
-def parse_request(source: str, site: str, kind: str = "site") -> JobSpec:
-    """Return the spec pinned by ``source`` if it is exactly the template for ``site``.
-
-    Compares ASTs (formatting and the syft decorator aside), so any added statement, import,
-    file or socket access, or changed argument makes the code "not a template".
-    """
-    func = _function_def(source)
+def _pinned_spec(func: ast.AST) -> JobSpec | None:
     spec = None
     for node in ast.walk(func):
         if isinstance(node, ast.keyword) and node.arg == "spec" and isinstance(
@@ -89,6 +83,26 @@ def parse_request(source: str, site: str, kind: str = "site") -> JobSpec:
                 spec = JobSpec.from_json(node.value.value)
             except ValueError as exc:
                 raise NotATemplateError(f"request pins an invalid job spec: {exc}") from exc
+    return spec
+
+
+def pinned_spec(source: str) -> JobSpec | None:
+    """The job spec a (possibly modified) request pins, if any: lets the site keep its
+    limits and budget on code a data owner approves by override."""
+    try:
+        return _pinned_spec(ast.parse(textwrap.dedent(source)))
+    except (SyntaxError, NotATemplateError):
+        return None
+
+
+def parse_request(source: str, site: str, kind: str = "site") -> JobSpec:
+    """Return the spec pinned by ``source`` if it is exactly the template for ``site``.
+
+    Compares ASTs (formatting and the syft decorator aside), so any added statement, import,
+    file or socket access, or changed argument makes the code "not a template".
+    """
+    func = _function_def(source)
+    spec = _pinned_spec(func)
     if spec is None:
         raise NotATemplateError("request code does not pin a fedsyft job spec")
     expected = _function_def(render(site, spec, kind))

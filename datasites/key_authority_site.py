@@ -15,6 +15,7 @@ import pandas as pd
 
 from datasites import job_code
 from datasites.accounts import Account
+from datasites.call_audit import audited_call
 from datasites.datasite import Datasite
 from datasites.federation_config import load_authority_key, read_config, store_paillier_key
 from datasites.guard import CallRefused, guard_for
@@ -35,6 +36,8 @@ KEYRING = "keyring"
 
 class KeyAuthoritySite(Datasite):
     """A datasite whose only asset is the authority's key fingerprint."""
+
+    holds_data = False  # no dataset: no dataset policy or privacy budget to apply
 
     @classmethod
     def provision_authority(cls, name: str, directory: str | Path, scientist: Account,
@@ -69,6 +72,7 @@ def _authority(directory: Path, spec: JobSpec, action: str) -> KeyAuthority:
                         layout=layout)
 
 
+@audited_call  # what leaves (the decrypted sum) is logged before it leaves
 def run_key_authority(*, site: str, job_id: str, spec: str, keyring: pd.DataFrame,
                       action: str, payload: str) -> str:
     """Entry point of the authority's approved code (see :mod:`datasites.site_entry`)."""

@@ -9,6 +9,7 @@ import pandas as pd
 
 from datasites import job_code
 from datasites.datasite import DATASET_NAME
+from datasites.policy import DatasetPolicy
 from datasites.quiet import quiet
 from datasites.syft_server import SyftException, sy, syft_message
 from fed_tasks.codec import PayloadError, dumps, loads
@@ -42,6 +43,26 @@ class ScientistSession:
                 raise LookupError(f"site {self.site!r} publishes no dataset {DATASET_NAME!r}")
             self._assets = {a.name: a for a in datasets[0].assets}
         return self._assets
+
+    def dataset_description(self) -> str:
+        """The dataset's description as published now (base text and the owner's policy)."""
+        with quiet():
+            datasets = [d for d in self.client.datasets if d.name == DATASET_NAME]
+        if not datasets:
+            raise LookupError(f"site {self.site!r} publishes no dataset {DATASET_NAME!r}")
+        description = datasets[0].description
+        return str(getattr(description, "text", description) or "")
+
+    def policy(self) -> DatasetPolicy:
+        """The data owner's current policy for the dataset, as the site publishes it.
+
+        Read from the dataset description (no approval needed); the site enforces the
+        policy whatever this returns.
+        """
+        policy = DatasetPolicy.from_description(self.dataset_description())
+        if policy is None:
+            raise LookupError(f"site {self.site!r} publishes no policy with {DATASET_NAME!r}")
+        return policy
 
     def mock(self, split: str = "train") -> pd.DataFrame:
         """The synthetic mock of a split: all a data scientist ever sees of the rows."""

@@ -16,8 +16,7 @@ import pandas as pd
 from datasites.call_audit import audited_call
 from datasites.federation_config import load_site_keys
 from datasites.guard import CallRefused, guard_for
-from datasites.protection import protect
-from fed_tasks import site_step
+from datasites.protection import SECAGG_CONTROL, protect, secagg_control
 from fed_tasks.codec import PayloadError, dumps, loads
 from fed_tasks.spec import JobSpec
 from privacy.fixed_point import FixedPointError
@@ -37,10 +36,19 @@ def run_approved(*, site: str, job_id: str, spec: str, train: pd.DataFrame, test
         if guard.classify({"train": train, "test": test}) == "mock":
             # syft's twin execution: nothing private, nothing counted, nothing computed
             return dumps({"status": "mock"})
+        # the dataset's policy and privacy budget: a call they forbid is refused uncounted
+        guard.privacy.admit(job, action, len(train), guard.approval(job.job_id))
         call_no = guard.authorize(job, action)
         try:
-            result = protect(load_site_keys(guard.directory, site), job, action,
-                             site_step.run(job, action, loads(payload), train, test))
+            message = loads(payload)
+            if action in SECAGG_CONTROL:
+                result = secagg_control(guard.directory, site, job, action, message)
+            else:
+                # policy re-checked, DP budget charged before the step runs (site_privacy)
+                step = guard.privacy.run_step(job, action, message, train, test,
+                                              guard.approval(job.job_id))
+                result = protect(load_site_keys(guard.directory, site), job, action, step,
+                                 guard.directory)
         except BaseException:
             guard.refund(job, action)  # nothing left the site: the call is not spent
             raise

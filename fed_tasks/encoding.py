@@ -23,3 +23,24 @@ def codec_for(spec: JobSpec, action: str) -> FixedPointCodec:
 def round_id(action: str, rnd: int) -> int:
     """One id per aggregated call of a job: 0 for statistics, r for training round r."""
     return 0 if action == "stats" else int(rnd)
+
+
+def secagg_plan(spec: JobSpec, n_sites: int) -> dict[str, int]:
+    """Parameters of the job's secure-sum session, derived identically by every party.
+
+    One session covers the job: session round 1 sums the statistics, round r + 1 the
+    training round r. Vectors are padded to one length; the modulus fits either encoding
+    summed over all member sites.
+    """
+    from fed_tasks.site_step import vector_length
+    from privacy.secagg import default_threshold
+
+    bits = max(codec_for(spec, a).bits_per_value(n_sites) for a in ("stats", "fit"))
+    if bits > 64:
+        raise ValueError(f"secure sum needs {bits}-bit values; lower update_bound or frac_bits")
+    return {"threshold": default_threshold(n_sites), "bits": bits, "rounds": spec.rounds + 1,
+            "vector_length": max(vector_length(spec, a) for a in ("stats", "fit"))}
+
+
+def session_round(action: str, rnd: int) -> int:
+    return round_id(action, rnd) + 1

@@ -18,6 +18,18 @@ class SiteRefusedError(RuntimeError):
         self.reason = reason
 
 
+#: How a site's refusal starts when a round would overspend a dataset's privacy budget; the
+#: orchestrator then stops the job cleanly instead of failing (see FederatedTrainer.fit).
+BUDGET_EXHAUSTED = "privacy budget exhausted"
+
+
+def is_budget_refusal(exc: BaseException) -> bool:
+    """True if ``exc`` (a site's refusal, or a secure sum that lost sites to such refusals)
+    reports that a site's privacy budget would be overspent."""
+    reason = exc.reason if isinstance(exc, SiteRefusedError) else str(exc)
+    return BUDGET_EXHAUSTED in reason
+
+
 @runtime_checkable
 class SiteConnection(Protocol):
     """A data scientist's handle on one site for one approved job."""

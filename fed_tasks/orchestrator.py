@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -10,13 +12,15 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fed_tasks.aggregation import PlainSum, SecureSum
+from fed_tasks.aggregation import PlainSum, SecureSum, TooFewSitesError
 from fed_tasks.codec import encode_array
-from fed_tasks.interface import SiteConnection, call_all
+from fed_tasks.interface import SiteConnection, SiteRefusedError, call_all, is_budget_refusal
 from fed_tasks.preprocessing import Moments, Standardizer
 from fed_tasks.site_step import new_model, vector_length
 from fed_tasks.spec import JobSpec
 from fed_tasks.strategy import FedAvg, SummedUpdate
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -26,8 +30,15 @@ class TrainingResult:
     spec: JobSpec
     weights: np.ndarray
     norm: Standardizer
-    losses: list[float] = field(default_factory=list)
+    losses: list[float] = field(default_factory=list)  # NaN where DP sites withheld the loss
     round_seconds: list[float] = field(default_factory=list)
+    stopped_early: bool = False  # a site refused a round: its privacy budget would overspend
+    stop_reason: str = ""
+
+    @property
+    def rounds_completed(self) -> int:
+        """Rounds whose aggregate is in :attr:`weights` (< ``spec.rounds`` if stopped early)."""
+        return len(self.losses)
 
     def model(self):
         """The trained detector, ready for ``score_samples`` on standardized rows."""
@@ -70,6 +81,13 @@ class FederatedTrainer:
         return Standardizer.from_moments(Moments.from_vector(self._sum("stats", {})))
 
     def fit(self) -> TrainingResult:
+        """Run the rounds; returns the released model.
+
+        If a site refuses a round because it would overspend a dataset's privacy budget, the
+        job stops cleanly: the result holds the model of the last completed round, with
+        ``stopped_early=True`` and the site's reason in ``stop_reason``. Any other refusal
+        or failure raises.
+        """
         norm = self.standardizer()
         weights = new_model(self.spec).get_weights()
         result = TrainingResult(self.spec, weights, norm)
@@ -78,14 +96,24 @@ class FederatedTrainer:
         for rnd in bar:
             started = time.perf_counter()
             message = {"round": rnd, "weights": encode_array(weights), "norm": norm.to_dict()}
-            summed = SummedUpdate(self._sum("fit", message))
+            try:
+                summed = SummedUpdate(self._sum("fit", message))
+            except (SiteRefusedError, TooFewSitesError) as exc:
+                if not is_budget_refusal(exc):
+                    raise
+                result.stopped_early, result.stop_reason = True, str(exc)
+                log.warning("job %s stopped before round %d: %s", self.spec.job_id, rnd, exc)
+                bar.set_postfix_str("stopped: privacy budget")
+                break
             weights = self.strategy.aggregate(weights, summed)
+            loss = math.nan if self.spec.dp_enabled else summed.mean_loss  # DP: loss withheld
             result.weights = weights
-            result.losses.append(summed.mean_loss)
+            result.losses.append(loss)
             result.round_seconds.append(time.perf_counter() - started)
-            bar.set_postfix(loss=f"{summed.mean_loss:.4f}")
+            bar.set_postfix(loss=f"{loss:.4f}")
             if self.on_round:
-                self.on_round(rnd, summed.mean_loss)
+                self.on_round(rnd, loss)
+        bar.close()
         return result
 
     def evaluate(self, result: TrainingResult) -> list[dict[str, Any]]:

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from fed_tasks import dp_step
 from fed_tasks.codec import PayloadError, decode_array, encode_array
 from fed_tasks.evaluation import detection_metrics
 from fed_tasks.models import AutoencoderDetector, build_model
@@ -46,15 +47,29 @@ def stats(spec: JobSpec, train: pd.DataFrame) -> dict[str, Any]:
     return {"vector": Moments.of(feature_matrix(spec, train)).to_vector()}
 
 
-def fit(spec: JobSpec, train: pd.DataFrame, message: dict[str, Any]) -> dict[str, Any]:
-    """Local epochs from the global weights; returns ``[n·Δ, n·loss, n]`` (see strategy)."""
+def fit(spec: JobSpec, train: pd.DataFrame, message: dict[str, Any],
+        noise_shares: int | None = None) -> dict[str, Any]:
+    """Local epochs from the global weights; returns ``[n·Δ, n·loss, n]`` (see strategy).
+
+    With DP the vector is ``[Δ_private, 0, 1]`` instead (see :mod:`fed_tasks.dp_step`):
+    DP-SGD during training, or Δ clipped and noised afterwards (``noise_shares``: into how
+    many shares the noise is split; default from the spec's aggregation mode).
+    """
     model, norm = _model_at(spec, message)
     start = model.get_weights()
     rnd = int(message["round"])
-    loss = model.fit(norm.transform(feature_matrix(spec, train)), epochs=spec.local_epochs,
-                     batch_size=spec.batch_size, lr=spec.lr, seed=spec.seed * 100_003 + rnd,
-                     trim=spec.trim)
-    return {"vector": pack_update(model.get_weights() - start, loss, len(train)), "round": rnd}
+    x = norm.transform(feature_matrix(spec, train))
+    if spec.dp_sgd:
+        dp_step.fit_dp_sgd(model, x, spec)
+        return {"vector": dp_step.release(model.get_weights() - start), "round": rnd}
+    loss = model.fit(x, epochs=spec.local_epochs, batch_size=spec.batch_size, lr=spec.lr,
+                     seed=spec.seed * 100_003 + rnd, trim=spec.trim)
+    delta = model.get_weights() - start
+    if spec.dp_enabled:
+        shares = noise_shares or dp_step.noise_shares(spec)
+        return {"vector": dp_step.release(dp_step.privatize_update(spec, delta, shares)),
+                "round": rnd}
+    return {"vector": pack_update(delta, loss, len(train)), "round": rnd}
 
 
 def evaluate(spec: JobSpec, test: pd.DataFrame, message: dict[str, Any]) -> dict[str, Any]:
@@ -75,12 +90,12 @@ def vector_length(spec: JobSpec, action: str) -> int:
 
 
 def run(spec: JobSpec, action: str, message: dict[str, Any], train: pd.DataFrame,
-        test: pd.DataFrame) -> dict[str, Any]:
+        test: pd.DataFrame, *, noise_shares: int | None = None) -> dict[str, Any]:
     """Dispatch one approved call."""
     if action == "stats":
         return stats(spec, train)
     if action == "fit":
-        return fit(spec, train, message)
+        return fit(spec, train, message, noise_shares)
     if action == "evaluate":
         return evaluate(spec, test, message)
     raise PayloadError(f"unknown action {action!r}; expected one of {ACTIONS}")

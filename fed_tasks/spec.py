@@ -6,7 +6,7 @@ import hashlib
 import secrets
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ModelKind = Literal["ae"]
 Aggregation = Literal["plain", "paillier", "secagg"]
@@ -38,6 +38,29 @@ class JobSpec(BaseModel):
     update_bound: float = Field(default=2.0**24, gt=0)
     frac_bits: int = Field(default=16, ge=0, le=32)
     seed: int = 0
+    # Differential privacy (see privacy/dp.py and README "Privacy model"). dp_epsilon=None: off.
+    # dp_sgd=False: client-level DP-FedAvg, each site clips its update to L2 norm dp_clip and
+    # adds its share of Gaussian noise. dp_sgd=True: sample-level DP-SGD (Opacus) during local
+    # training, dp_clip bounding each row's gradient norm. Either way the site charges the
+    # job's epsilon to the dataset's ledger round by round, and withholds the loss.
+    dp_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    dp_delta: float = Field(default=1e-5, gt=0, lt=1)
+    dp_clip: float = Field(default=1.0, gt=0, allow_inf_nan=False)
+    dp_sgd: bool = False
+
+    @model_validator(mode="after")
+    def _dp_consistent(self) -> JobSpec:
+        if self.dp_sgd and self.dp_epsilon is None:
+            raise ValueError("dp_sgd=True needs dp_epsilon (the sample-level budget of the job)")
+        if self.dp_sgd and self.trim > 0:
+            raise ValueError("dp_sgd=True needs trim=0: trimming the highest-error rows of a "
+                             "batch couples rows, which doubles DP-SGD's per-row sensitivity")
+        return self
+
+    @property
+    def dp_enabled(self) -> bool:
+        """True if the job's releases carry a differential-privacy guarantee."""
+        return self.dp_epsilon is not None
 
     @field_validator("features")
     @classmethod

@@ -19,9 +19,9 @@ def _spec(schema, **kw) -> JobSpec:
 
 @pytest.fixture(scope="module")
 def trained(federation, schema):
-    """The same seeded job trained with plain and with Paillier aggregation."""
+    """The same seeded job trained with plain, Paillier and secure-sum aggregation."""
     out = {}
-    for agg in ("plain", "paillier"):
+    for agg in ("plain", "paillier", "secagg"):
         spec = _spec(schema, rounds=3, aggregation=agg, evaluations=1)
         federation.approve_all(federation.submit(spec))
         trainer = federation.trainer(spec, progress=False)
@@ -30,8 +30,9 @@ def trained(federation, schema):
     return out
 
 
-def test_paillier_gives_the_plain_model(trained):
-    (plain, plain_eval), (enc, enc_eval) = trained["plain"], trained["paillier"]
+@pytest.mark.parametrize("mode", ["paillier", "secagg"])
+def test_secure_modes_give_the_plain_model(trained, mode):
+    (plain, plain_eval), (enc, enc_eval) = trained["plain"], trained[mode]
     assert np.max(np.abs(plain.weights - enc.weights)) < 1e-4
     assert np.allclose(plain.norm.mean, enc.norm.mean) and np.allclose(plain.norm.std, enc.norm.std)
     for a, b in zip(plain_eval, enc_eval, strict=True):

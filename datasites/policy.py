@@ -1,0 +1,145 @@
+"""What a data owner allows on a dataset; the site checks it at approval and at every call.
+
+The policy lives in the site directory (``policy.json``, replaced atomically) beside the
+privacy ledger. The data scientist reads it in plain words in the dataset's description
+(see :meth:`DatasetPolicy.plain_words`), which the site rewrites whenever the policy changes.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import threading
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from datasites.ledger import write_json_atomic
+from fed_tasks.spec import JobSpec
+
+DATASET_NAME = "records"  # the one dataset each fedsyft site publishes
+POLICY_FILE = "policy.json"
+_POLICY_JSON = re.compile(r"^policy-json: (\{.*\})\s*$", re.MULTILINE)
+
+
+class PolicyError(ValueError):
+    """A policy (or a change to it) is invalid, or its file cannot be read."""
+
+
+class DatasetPolicy(BaseModel):
+    """The data owner's rules for one dataset. Defaults are permissive enough for the demo."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    allowed_models: tuple[str, ...] = Field(default=("ae",), min_length=1)
+    max_rounds: int = Field(default=100, ge=1)
+    epsilon_budget: float = Field(default=10.0, gt=0, allow_inf_nan=False)
+    max_delta: float = Field(default=1e-5, gt=0, lt=1)
+    require_dp: bool = False
+    max_clip: float | None = Field(default=None, gt=0, allow_inf_nan=False)
+    min_sites: int = Field(default=2, ge=1)
+    allowed_submitters: tuple[str, ...] = ()  # empty: any data scientist with an account
+
+    @field_validator("allowed_submitters")
+    @classmethod
+    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(v.strip().lower() for v in value)
+
+    def violations(self, spec: JobSpec, requester: str | None = None,
+                   remaining: float | None = None) -> list[str]:
+        """Every way ``spec`` breaks this policy, in words (empty: it complies).
+
+        ``requester`` None skips the submitter check, ``remaining`` None the budget check.
+        """
+        out = []
+        if spec.model not in self.allowed_models:
+            out.append(f"model {spec.model!r} is not allowed (allowed: "
+                       f"{', '.join(self.allowed_models)})")
+        if spec.rounds > self.max_rounds:
+            out.append(f"{spec.rounds} rounds exceed the maximum of {self.max_rounds} per job")
+        if spec.min_sites < self.min_sites:
+            out.append(f"min_sites={spec.min_sites} is below the policy's minimum of "
+                       f"{self.min_sites} sites in any aggregate")
+        if self.require_dp and not spec.dp_enabled:
+            out.append("differential privacy is required (set dp_epsilon); the job has none")
+        if spec.dp_enabled:
+            if spec.dp_delta > self.max_delta:
+                out.append(f"dp_delta={spec.dp_delta:g} exceeds the maximum delta "
+                           f"{self.max_delta:g}")
+            if self.max_clip is not None and spec.dp_clip > self.max_clip:
+                out.append(f"dp_clip={spec.dp_clip:g} exceeds the maximum clipping bound "
+                           f"{self.max_clip:g}")
+            if remaining is not None and spec.dp_epsilon > remaining * (1 + 1e-9):
+                out.append(f"dp_epsilon={spec.dp_epsilon:g} exceeds the dataset's remaining "
+                           f"privacy budget {remaining:.4g} (of {self.epsilon_budget:g})")
+        if requester is not None and self.allowed_submitters and \
+                requester.strip().lower() not in self.allowed_submitters:
+            out.append(f"{requester} may not submit jobs on this dataset (allowed: "
+                       f"{', '.join(self.allowed_submitters)})")
+        return out
+
+    def plain_words(self, dataset: str = DATASET_NAME, spent: float | None = None) -> str:
+        """The policy as the data scientist reads it (ends with a machine-readable line)."""
+        dp = ("required: every job must set dp_epsilon" if self.require_dp else
+              "optional; jobs without it release updates with no formal guarantee and are not "
+              "counted against the budget")
+        clip = f"at most {self.max_clip:g}" if self.max_clip is not None else "any"
+        who = (", ".join(self.allowed_submitters) if self.allowed_submitters
+               else "any data scientist with an account at this site")
+        used = "" if spent is None else f"; {spent:.4g} spent so far"
+        lines = [
+            f"Data owner's policy for dataset {dataset!r} (the site enforces it):",
+            f"- models allowed: {', '.join(self.allowed_models)}",
+            f"- at most {self.max_rounds} training rounds per job",
+            f"- differential privacy {dp}",
+            f"- total privacy budget: epsilon {self.epsilon_budget:g} across all jobs"
+            f"{used}; delta at most {self.max_delta:g} per job; clipping bound {clip}",
+            f"- every aggregate must combine at least {self.min_sites} sites",
+            f"- who may submit: {who}",
+            f"policy-json: {self.model_dump_json()}",
+        ]
+        return "\n".join(lines)
+
+    @classmethod
+    def from_description(cls, text: str) -> DatasetPolicy | None:
+        """The policy embedded in a dataset description by :meth:`plain_words`, if any."""
+        found = _POLICY_JSON.findall(text or "")
+        return cls.model_validate_json(found[-1]) if found else None
+
+
+class PolicyStore:
+    """The policies of one site's datasets, on disk (and the base dataset descriptions)."""
+
+    def __init__(self, directory: str | Path, site: str) -> None:
+        self.site = site
+        self.path = Path(directory) / POLICY_FILE
+        self._lock = threading.Lock()
+        self._state: dict[str, Any] = {"version": 1, "datasets": {}, "descriptions": {}}
+        if self.path.exists():
+            try:
+                self._state = json.loads(self.path.read_text())
+                for raw in self._state.get("datasets", {}).values():
+                    DatasetPolicy.model_validate(raw)  # fail now, not at the first call
+            except (OSError, json.JSONDecodeError, ValidationError) as exc:
+                raise PolicyError(f"site {site!r}: policy file {self.path} is unreadable "
+                                  f"({exc}); refusing to run on a guessed policy") from exc
+
+    def get(self, dataset: str = DATASET_NAME) -> DatasetPolicy:
+        with self._lock:
+            raw = self._state["datasets"].get(dataset)
+        return DatasetPolicy.model_validate(raw) if raw else DatasetPolicy()
+
+    def put(self, policy: DatasetPolicy, dataset: str = DATASET_NAME) -> None:
+        with self._lock:
+            self._state["datasets"][dataset] = json.loads(policy.model_dump_json())
+            write_json_atomic(self.path, self._state)
+
+    def base_description(self, dataset: str = DATASET_NAME) -> str:
+        with self._lock:
+            return str(self._state.get("descriptions", {}).get(dataset, ""))
+
+    def set_base_description(self, text: str, dataset: str = DATASET_NAME) -> None:
+        with self._lock:
+            self._state.setdefault("descriptions", {})[dataset] = text
+            write_json_atomic(self.path, self._state)
