@@ -120,6 +120,10 @@ class MaskedSum:
                                    f"{self.dropped}") from None
         survivors = [s for s in active if s.name in self.server.survivors]
         n_terms = len(survivors)
+        if n_terms < self.spec.min_sites:
+            raise TooFewSitesError(f"secure sum of {action!r}: {n_terms} sites answered, the "
+                                   f"job needs at least {self.spec.min_sites}; failures: "
+                                   f"{self.dropped}")
         answers = call_each(survivors, "secagg_unmask", lambda s: {
             "round": r, "request": request, "inbox": self.server.inbox(s.name).to_str()})
         total = self.server.unmask(r, [a["shares"] for a in answers.values()

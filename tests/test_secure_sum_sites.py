@@ -108,3 +108,22 @@ def test_secure_sum_through_syft_survives_a_site_dropping(federation, partitions
     survivors = [LocalSite(conns[i].name, spec, *partitions[i]) for i in (0, 2)]
     want = PlainSum().sum(survivors, "fit", msg, vector_length(spec, "fit"))
     assert np.max(np.abs(got - want)) <= codec_for(spec, "fit").max_abs_error(2)
+
+
+def test_secure_sum_refuses_fewer_survivors_than_the_jobs_minimum(tmp_path, shuttle_small,
+                                                                   schema):
+    spec = JobSpec(features=schema.features, label_column=schema.label, rounds=1,
+                   aggregation="secagg", min_sites=4)
+    frames = {f"mini-{i}": (shuttle_small.iloc[i::4].iloc[:-40].reset_index(drop=True),
+                            shuttle_small.iloc[i::4].iloc[-40:].reset_index(drop=True))
+              for i in range(4)}
+    sites = direct_federation(tmp_path, spec, frames)
+    try:
+        agg = MaskedSum(spec, n_sites=4)
+        agg.sum(sites, "stats", {}, vector_length(spec, "stats"))
+        sites[1].offline = True
+        with pytest.raises(TooFewSitesError, match="needs at least 4"):
+            agg.sum(sites, "fit", _fit_message(spec), vector_length(spec, "fit"))
+    finally:
+        for s in sites:
+            s.close()
