@@ -113,16 +113,22 @@ def protocol_level(sizes, site_counts, public, private) -> list[dict]:
     return rows
 
 
-def round_level(rounds: int) -> dict:
-    """The demo autoencoder through real datasites: mean round time per aggregation mode."""
+def _demo_splits():
+    """The demo's bundled table, schema and non-IID site splits."""
     from datasites.demo import BUNDLED_TABLE, DemoConfig, partition
-    from datasites.federation import Federation
     from datasites.tables import infer_schema, read_table
-    from fed_tasks.spec import JobSpec
 
     frame = read_table(BUNDLED_TABLE)
     schema = infer_schema(frame, "anomaly")
-    splits = partition(frame, schema, DemoConfig())
+    return schema, partition(frame, schema, DemoConfig())
+
+
+def round_level(rounds: int) -> dict:
+    """The demo autoencoder through real datasites: mean round time per aggregation mode."""
+    from datasites.federation import Federation
+    from fed_tasks.spec import JobSpec
+
+    schema, splits = _demo_splits()
     out = {}
     with Federation.start(splits, schema) as fed:
         for mode in ("plain", "paillier", "secagg"):
@@ -138,16 +144,12 @@ def direct_level(rounds: int) -> dict:
     """The same job with the real site code but no syft transport: what the protocols cost."""
     import tempfile
 
-    from datasites.demo import BUNDLED_TABLE, DemoConfig, partition
     from datasites.direct import direct_federation
-    from datasites.tables import infer_schema, read_table
     from fed_tasks.aggregation import MaskedSum, PlainSum
     from fed_tasks.orchestrator import FederatedTrainer
     from fed_tasks.spec import JobSpec
 
-    frame = read_table(BUNDLED_TABLE)
-    schema = infer_schema(frame, "anomaly")
-    splits = partition(frame, schema, DemoConfig())
+    schema, splits = _demo_splits()
     out = {}
     for mode in ("plain", "secagg"):
         spec = JobSpec(features=schema.features, label_column="anomaly", rounds=rounds,
