@@ -59,8 +59,10 @@ def frame_fingerprint(frame: pd.DataFrame) -> str:
 def call_limits(spec: JobSpec) -> dict[str, int]:
     """How many calls of each action one approval allows."""
     limits = {"stats": 1, "fit": spec.rounds, "evaluate": spec.evaluations}
-    if spec.aggregation == "secagg":  # key setup once, one unmasking per aggregate
-        limits |= {"secagg_advertise": 1, "secagg_share": 1, "secagg_unmask": spec.rounds + 1}
+    if spec.aggregation == "secagg":  # key setup once; a recovery per aggregate at most;
+        # the last aggregate opened once (every other one is opened by the next call)
+        limits |= {"secagg_advertise": 1, "secagg_share": 1, "secagg_recover": spec.rounds + 1,
+                   "secagg_reveal": 1}
     return limits
 
 

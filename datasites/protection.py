@@ -3,7 +3,8 @@
 ``plain`` sends it in clear; ``paillier`` encrypts it (packed, fixed point) under the key
 authority's public key — taken from the site's own federation config, never from the data
 scientist, who could otherwise substitute a key of their own — and signs the ciphertext with
-the site's Ed25519 key so the authority can tell sites apart.
+the site's Ed25519 key so the authority can tell sites apart; ``secagg`` masks it for the
+job's secure-sum session (:class:`SecureSumCall`), whose keys live in the site directory.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ import numpy as np
 
 from datasites.federation_config import SiteKeys, read_config
 from fed_tasks.encoding import codec_for, round_id, secagg_plan, session_round
-from fed_tasks.site_step import plain_reply
+from fed_tasks.global_state import GlobalState
+from fed_tasks.site_step import new_model, plain_reply, vector_length
 from fed_tasks.spec import JobSpec
 from privacy.paillier import ObfuscatorPool, PackedPaillier, fingerprint
-from privacy.secagg_session import SecAggSessionClient, SessionKeyDirectory
+from privacy.secagg_session import SecAggSessionClient, SessionKeyDirectory, SessionOpenedSum
 from privacy.signing import SignedContribution
 
 _POOLS: dict[tuple[str, str], ObfuscatorPool] = {}
@@ -37,8 +39,8 @@ def _pool(keys: SiteKeys) -> ObfuscatorPool:
         return _POOLS[key]
 
 
-def protect(keys: SiteKeys | None, spec: JobSpec, action: str, result: dict[str, Any],
-            directory: Path | None = None) -> dict[str, Any]:
+def protect(keys: SiteKeys | None, spec: JobSpec, action: str,
+            result: dict[str, Any]) -> dict[str, Any]:
     """Replace ``result["vector"]`` by what may leave the site in ``spec.aggregation`` mode."""
     if "vector" not in result or spec.aggregation == "plain":
         return plain_reply(result)
@@ -56,19 +58,11 @@ def protect(keys: SiteKeys | None, spec: JobSpec, action: str, result: dict[str,
             keys.signing_key, keys.site, spec.job_id,
             round_id(action, result.get("round", 0)), payload)
         return {**result, "contribution": contribution.to_str()}
-    if spec.aggregation == "secagg" and directory is not None:
-        client = _load_client(directory, spec)
-        q = np.zeros(client.vector_length, dtype=np.uint64)
-        encoded = codec_for(spec, action).encode(vector)
-        q[:len(encoded)] = np.asarray(encoded, dtype=np.uint64)
-        masked = client.masked_input(session_round(action, result.get("round", 0)), q)
-        _save_client(directory, spec, client)
-        return {**result, "masked": masked.to_str()}
     raise PermissionError(f"aggregation {spec.aggregation!r} is not available at this site")
 
 
 # ---- secure sum: the site's side of the session (state kept in the site directory) --------
-SECAGG_CONTROL = ("secagg_advertise", "secagg_share", "secagg_unmask")
+SECAGG_CONTROL = ("secagg_advertise", "secagg_share", "secagg_recover", "secagg_reveal")
 
 
 def _state_path(directory: Path, spec: JobSpec) -> Path:
@@ -93,12 +87,63 @@ def _save_client(directory: Path, spec: JobSpec, client: SecAggSessionClient) ->
     os.replace(tmp, path)
 
 
+def _opened_vector(spec: JobSpec, client: SecAggSessionClient,
+                   opened: SessionOpenedSum) -> tuple[str, np.ndarray]:
+    """The action whose sum was opened (session round 1 = statistics) and its decoded sum."""
+    action = "stats" if opened.round == 1 else "fit"
+    values = client.opened_values(opened)[:vector_length(spec, action)]
+    return action, codec_for(spec, action).decode_sum([int(v) for v in values],
+                                                      n_terms=len(opened.survivors))
+
+
+class SecureSumCall:
+    """One statistics or training call of a secure-sum job at this site.
+
+    First it opens the previous aggregate the orchestrator relays (its self-masks come off
+    only here) and advances the global model with it; the step then trains from that model,
+    and its vector leaves masked. The session state is saved only if all of it succeeded.
+    """
+
+    def __init__(self, directory: Path, spec: JobSpec, action: str,
+                 message: dict[str, Any]) -> None:
+        self.directory, self.spec, self.action = directory, spec, action
+        self.client = _load_client(directory, spec)
+        secagg = message.get("secagg") or {}
+        self.previous, self.inbox = secagg.get("previous"), secagg.get("inbox")
+        self.message = {k: v for k, v in message.items() if k != "secagg"}
+        self.opened: SessionOpenedSum | None = None
+
+    def step_message(self) -> dict[str, Any]:
+        """The step's input: the relayed model, advanced by the previous aggregate."""
+        if self.previous is None:
+            return self.message
+        if self.action != "fit":
+            raise PermissionError("only a training call may open the previous secure sum")
+        self.opened = self.client.open_sum(str(self.previous))
+        state = GlobalState.from_message(self.message, new_model(self.spec).n_params)
+        state.advance(*_opened_vector(self.spec, self.client, self.opened))
+        return {**self.message, **state.message(int(self.message["round"]))}
+
+    def protect(self, result: dict[str, Any]) -> dict[str, Any]:
+        """Mask the step's vector for this aggregate; save the session state."""
+        vector = result.pop("vector")
+        q = np.zeros(self.client.vector_length, dtype=np.uint64)
+        encoded = codec_for(self.spec, self.action).encode(vector)
+        q[:len(encoded)] = np.asarray(encoded, dtype=np.uint64)
+        masked = self.client.masked_input(session_round(self.action, result.get("round", 0)), q,
+                                          self.inbox)
+        _save_client(self.directory, self.spec, self.client)
+        return {**result, "masked": masked.to_str(),
+                "opened": self.opened.to_str() if self.opened else None}
+
+
 def secagg_control(directory: Path, site: str, spec: JobSpec, action: str,
                    message: dict[str, Any]) -> dict[str, Any]:
-    """Key setup and unmasking calls of the secure sum.
+    """Key setup, dropout recovery and the final opening of the secure sum.
 
     The session's parameters (threshold, modulus, members) come from the site's own
-    federation config, so the orchestrator cannot lower the threshold or add members.
+    federation config, so the orchestrator cannot lower the threshold or add members; the
+    smallest sum the site opens is the larger of the threshold and the job's ``min_sites``.
     """
     if spec.aggregation != "secagg":
         raise PermissionError(f"job {spec.job_id!r} does not use secure sum")
@@ -109,7 +154,7 @@ def secagg_control(directory: Path, site: str, spec: JobSpec, action: str,
         plan = secagg_plan(spec, int(config["max_sites"]))
         client = SecAggSessionClient(site, job_id=spec.job_id, threshold=plan["threshold"],
                                      bits=plan["bits"], vector_length=plan["vector_length"],
-                                     rounds=plan["rounds"])
+                                     rounds=plan["rounds"], min_survivors=spec.min_sites)
         advert = client.advertise()
         _save_client(directory, spec, client)
         return {"advert": advert.to_str()}
@@ -120,8 +165,9 @@ def secagg_control(directory: Path, site: str, spec: JobSpec, action: str,
         if strangers:
             raise PermissionError(f"key directory lists non-members {strangers}")
         out = {"shares": client.share(directory_msg).to_str()}
-    else:
-        out = {"shares": client.unmask(int(message["round"]), str(message["request"]),
-                                       str(message["inbox"])).to_str()}
+    elif action == "secagg_recover":
+        out = {"recovery": client.recover(str(message["request"])).to_str()}
+    else:  # secagg_reveal: the last aggregate (end of the job, or an early stop)
+        out = {"opened": client.open_sum(str(message["previous"])).to_str()}
     _save_client(directory, spec, client)
     return out

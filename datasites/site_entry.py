@@ -16,7 +16,7 @@ import pandas as pd
 from datasites.call_audit import audited_call
 from datasites.federation_config import load_site_keys
 from datasites.guard import CallRefused, guard_for
-from datasites.protection import SECAGG_CONTROL, protect, secagg_control
+from datasites.protection import SECAGG_CONTROL, SecureSumCall, protect, secagg_control
 from fed_tasks.codec import PayloadError, dumps, loads
 from fed_tasks.spec import JobSpec
 from privacy.fixed_point import FixedPointError
@@ -41,14 +41,18 @@ def run_approved(*, site: str, job_id: str, spec: str, train: pd.DataFrame, test
         call_no = guard.authorize(job, action)
         try:
             message = loads(payload)
+            approval = guard.approval(job.job_id)
             if action in SECAGG_CONTROL:
                 result = secagg_control(guard.directory, site, job, action, message)
+            elif job.aggregation == "secagg" and action in ("stats", "fit"):
+                call = SecureSumCall(guard.directory, job, action, message)
+                step = guard.privacy.run_step(job, action, call.step_message(), train, test,
+                                              approval)
+                result = call.protect(step)
             else:
                 # policy re-checked, DP budget charged before the step runs (site_privacy)
-                step = guard.privacy.run_step(job, action, message, train, test,
-                                              guard.approval(job.job_id))
-                result = protect(load_site_keys(guard.directory, site), job, action, step,
-                                 guard.directory)
+                step = guard.privacy.run_step(job, action, message, train, test, approval)
+                result = protect(load_site_keys(guard.directory, site), job, action, step)
         except BaseException:
             guard.refund(job, action)  # nothing left the site: the call is not spent
             raise

@@ -1,41 +1,72 @@
-"""How the orchestrator obtains the *sum* of the sites' vectors for one call.
+"""How the orchestrator obtains the *sums* of the sites' vectors, one aggregate per call.
 
 - :class:`PlainSum` — sites send vectors in clear; the orchestrator adds them.
 - :class:`KeyAuthoritySum` — sites send signed packed-Paillier ciphertexts; the key
   authority (its own datasite) checks and sums them and decrypts only the sum.
-- :class:`MaskedSum` — sites send vectors masked with pairwise and self masks (Bonawitz et
-  al. 2017); the masks cancel in the sum; sites that stop answering after key sharing are
-  recovered from the survivors' Shamir shares.
+- :class:`MaskedSum` — sites send vectors under pairwise and self masks (after Bonawitz et
+  al. 2017, see :mod:`privacy.secagg_session`). The orchestrator adds them; only the sites
+  can remove the self-masks, which they do with the *next* call, so each round costs one
+  call per site and each sum is released one call later (``finish`` releases the last).
 
 A secure variant never gives the orchestrator a single site's vector.
 """
 
 from __future__ import annotations
 
-from typing import Any, Protocol
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
 from fed_tasks.codec import decode_array
 from fed_tasks.encoding import codec_for, round_id, secagg_plan, session_round
 from fed_tasks.interface import SiteConnection, call_all
+from fed_tasks.site_step import vector_length
 from fed_tasks.spec import JobSpec
 from privacy.secagg import SecAggError
-from privacy.secagg_session import SecAggSessionServer
+from privacy.secagg_session import SecAggSessionServer, SessionOpenedSum
 
 
 class TooFewSitesError(RuntimeError):
     """Fewer sites answered than the job's minimum for an aggregate."""
 
 
+class Released(NamedTuple):
+    """A decoded sum the orchestrator may see: of which call (action, round) it is."""
+
+    action: str
+    round: int
+    vector: np.ndarray
+
+
 class SecureSum(Protocol):
-    """Calls ``action`` at every site and returns the decoded sum of their vectors."""
+    """Calls ``action`` at every site; returns the sums that became visible with it."""
+
+    def submit(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
+               length: int) -> list[Released]: ...
+
+    def finish(self, sites: list[SiteConnection]) -> list[Released]:
+        """Release any sum still pending (after the last round, or an early stop)."""
+        ...
+
+
+class _Immediate:
+    """A sum visible as soon as the call returns."""
 
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
-            length: int) -> np.ndarray: ...
+            length: int) -> np.ndarray:
+        raise NotImplementedError
+
+    def submit(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
+               length: int) -> list[Released]:
+        total = self.sum(sites, action, message, length)
+        return [Released(action, int(message.get("round", 0)), total)]
+
+    def finish(self, sites: list[SiteConnection]) -> list[Released]:
+        return []
 
 
-class PlainSum:
+class PlainSum(_Immediate):
     """Sites' vectors in clear (allows robust aggregation; reveals individual updates)."""
 
     def __init__(self, min_sites: int = 1) -> None:
@@ -49,7 +80,7 @@ class PlainSum:
         return np.sum([decode_array(r["vector"], length) for r in replies], axis=0)
 
 
-class KeyAuthoritySum:
+class KeyAuthoritySum(_Immediate):
     """Signed Paillier contributions, summed and decrypted only by the key authority."""
 
     def __init__(self, key_authority: SiteConnection) -> None:
@@ -67,7 +98,6 @@ class KeyAuthoritySum:
 def call_each(sites: list[SiteConnection], action: str, message_for: Any
               ) -> dict[str, dict[str, Any] | Exception]:
     """Call every site concurrently; a site that fails is reported, not raised."""
-    from concurrent.futures import ThreadPoolExecutor
 
     def one(site: SiteConnection) -> dict[str, Any] | Exception:
         try:
@@ -80,10 +110,12 @@ def call_each(sites: list[SiteConnection], action: str, message_for: Any
 
 
 class MaskedSum:
-    """The orchestrator's side of a multi-round secure sum (one session per job).
+    """The orchestrator's side of a job's secure-sum session.
 
-    It relays messages and learns only sums: two setup calls per site (keys, encrypted
-    shares), then per aggregate one masked contribution and one unmasking call per site.
+    Setup: two calls per site (keys, encrypted shares relayed unread). Then each aggregate
+    costs ONE call per site: the call carries the previous aggregate's masked sum, which the
+    sites open (and use) before masking their new vector. A round in which sites stop
+    answering costs one recovery call at the survivors.
     """
 
     def __init__(self, spec: JobSpec, n_sites: int) -> None:
@@ -93,6 +125,8 @@ class MaskedSum:
                                           self.plan["vector_length"], spec.job_id,
                                           self.plan["rounds"])
         self._ready = False
+        self._pending: tuple[str, int] | None = None  # (action, round) awaiting opening
+        self._unreturned: list[Released] = []  # opened by a call that then failed
         self.dropped: dict[str, str] = {}
 
     def _setup(self, sites: list[SiteConnection]) -> None:
@@ -102,31 +136,82 @@ class MaskedSum:
         self.server.route_shares([s["shares"] for s in shares])
         self._ready = True
 
-    def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
-            length: int) -> np.ndarray:
+    def _release(self, replies: dict[str, dict[str, Any] | Exception]) -> list[Released]:
+        """Check and decode the pending sum from the sites that opened it."""
+        if self._pending is None:
+            return []
+        opened = [rep["opened"] for rep in replies.values()
+                  if not isinstance(rep, Exception) and rep.get("opened")]
+        if not opened:
+            return []
+        action, rnd = self._pending
+        r = session_round(action, rnd)
+        total = self.server.collect_opened(r, opened)
+        n_terms = len(SessionOpenedSum.from_str(opened[0]).survivors)
+        length = vector_length(self.spec, action)
+        vector = codec_for(self.spec, action).decode_sum([int(v) for v in total[:length]],
+                                                         n_terms=n_terms)
+        self._pending = None
+        return [Released(action, rnd, vector)]
+
+    def _previous(self) -> str | None:
+        if self._pending is None:
+            return None
+        return self.server.masked_sum(session_round(*self._pending)).to_str()
+
+    def submit(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
+               length: int) -> list[Released]:
         if not self._ready:
             self._setup(sites)
-        r = session_round(action, message.get("round", 0))
+        rnd = int(message.get("round", 0))
+        r = session_round(action, rnd)
+        previous, first = self._previous(), self.server.round == 0
         active = [s for s in sites if s.name in self.server.active]
-        replies = call_each(active, action, lambda _s: message)
+        replies = call_each(active, action, lambda s: {**message, "secagg": {
+            "previous": previous,
+            "inbox": self.server.inbox(s.name).to_str() if first else None}})
         for name, reply in replies.items():
             if isinstance(reply, Exception):
                 self.dropped[name] = str(reply)
+        released = self._release(replies)
         masked = [rep["masked"] for rep in replies.values() if not isinstance(rep, Exception)]
         try:
-            request = self.server.collect_masked(r, masked).to_str()
-        except SecAggError as exc:
-            raise TooFewSitesError(f"secure sum of {action!r}: {exc}; failures: "
-                                   f"{self.dropped}") from None
-        survivors = [s for s in active if s.name in self.server.survivors]
-        n_terms = len(survivors)
-        if n_terms < self.spec.min_sites:
-            raise TooFewSitesError(f"secure sum of {action!r}: {n_terms} sites answered, the "
-                                   f"job needs at least {self.spec.min_sites}; failures: "
-                                   f"{self.dropped}")
-        answers = call_each(survivors, "secagg_unmask", lambda s: {
-            "round": r, "request": request, "inbox": self.server.inbox(s.name).to_str()})
-        total = self.server.unmask(r, [a["shares"] for a in answers.values()
-                                       if not isinstance(a, Exception)])
-        codec = codec_for(self.spec, action)
-        return codec.decode_sum([int(v) for v in total[:length]], n_terms=n_terms)
+            if len(masked) < self.spec.min_sites:
+                raise TooFewSitesError(
+                    f"secure sum of {action!r}: {len(masked)} sites answered, the job needs at "
+                    f"least {self.spec.min_sites}; failures: {self.dropped}")
+            try:
+                request = self.server.collect_masked(r, masked)
+            except SecAggError as exc:
+                raise TooFewSitesError(f"secure sum of {action!r}: {exc}; failures: "
+                                       f"{self.dropped}") from None
+        except TooFewSitesError:
+            self._unreturned += released
+            raise
+        if request is not None:  # sites dropped this round: survivors reveal their keys
+            survivors = [s for s in active if s.name in request.survivors]
+            answers = call_each(survivors, "secagg_recover", lambda _s: {
+                "request": request.to_str()})
+            try:
+                self.server.recover(r, [a["recovery"] for a in answers.values()
+                                        if not isinstance(a, Exception)])
+            except SecAggError as exc:
+                failures = {k: str(v) for k, v in answers.items() if isinstance(v, Exception)}
+                raise TooFewSitesError(f"secure sum of {action!r}: recovery of the sites that "
+                                       f"dropped failed: {exc}; failures: {failures}") from None
+        self._pending = (action, rnd)
+        return released
+
+    def finish(self, sites: list[SiteConnection]) -> list[Released]:
+        """Have the last round's survivors open its sum (one call each)."""
+        released, self._unreturned = self._unreturned, []
+        previous = self._previous()
+        if previous is None:
+            return released
+        survivors = [s for s in sites if s.name in self.server.survivors]
+        replies = call_each(survivors, "secagg_reveal", lambda _s: {"previous": previous})
+        out = self._release(replies)
+        if not out:
+            failures = {k: str(v) for k, v in replies.items()}
+            raise TooFewSitesError(f"no site opened the last secure sum: {failures}")
+        return released + out

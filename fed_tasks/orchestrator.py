@@ -12,13 +12,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fed_tasks.aggregation import PlainSum, SecureSum, TooFewSitesError
+from fed_tasks.aggregation import PlainSum, Released, SecureSum, TooFewSitesError
 from fed_tasks.codec import encode_array
+from fed_tasks.global_state import GlobalState
 from fed_tasks.interface import SiteConnection, SiteRefusedError, call_all, is_budget_refusal
-from fed_tasks.preprocessing import Moments, Standardizer
+from fed_tasks.preprocessing import Standardizer
 from fed_tasks.site_step import new_model, vector_length
 from fed_tasks.spec import JobSpec
-from fed_tasks.strategy import FedAvg, SummedUpdate
+from fed_tasks.strategy import FedAvg
 
 log = logging.getLogger(__name__)
 
@@ -54,8 +55,8 @@ class TrainingResult:
 class FederatedTrainer:
     """Runs one approved job across sites: moments → ``spec.rounds`` FedAvg rounds.
 
-    Sites are called concurrently; the trainer only ever uses the *sum* of their
-    contributions, obtained through ``secure_sum`` (see :mod:`fed_tasks.aggregation`).
+    Sites are called concurrently; the trainer only ever uses the *sums* of their
+    contributions, released by ``secure_sum`` (see :mod:`fed_tasks.aggregation`).
     """
 
     def __init__(self, spec: JobSpec, sites: Sequence[SiteConnection],
@@ -71,14 +72,23 @@ class FederatedTrainer:
         self.on_round = on_round
         if secure_sum is None and spec.aggregation != "plain":
             raise ValueError(f"a {spec.aggregation!r} job needs its secure_sum")
+        if spec.aggregation == "secagg" and (type(self.strategy) is not FedAvg
+                                             or self.strategy.server_lr != 1.0):
+            raise ValueError("in a secure-sum job the sites form each round's model themselves "
+                             "(plain FedAvg); another strategy would diverge from theirs")
         self.secure_sum = secure_sum or PlainSum()
 
-    def _sum(self, action: str, message: dict[str, Any]) -> np.ndarray:
-        return self.secure_sum.sum(self.sites, action, message, vector_length(self.spec, action))
+    def _submit(self, action: str, message: dict[str, Any]) -> list[Released]:
+        return self.secure_sum.submit(self.sites, action, message,
+                                      vector_length(self.spec, action))
 
     def standardizer(self) -> Standardizer:
         """Global feature scaling from the summed site moments."""
-        return Standardizer.from_moments(Moments.from_vector(self._sum("stats", {})))
+        state = GlobalState(new_model(self.spec).get_weights())
+        for rel in self._submit("stats", {}) + self.secure_sum.finish(self.sites):
+            state.advance(rel.action, rel.vector)
+        assert state.norm is not None
+        return state.norm
 
     def fit(self) -> TrainingResult:
         """Run the rounds; returns the released model.
@@ -88,16 +98,27 @@ class FederatedTrainer:
         ``stopped_early=True`` and the site's reason in ``stop_reason``. Any other refusal
         or failure raises.
         """
-        norm = self.standardizer()
-        weights = new_model(self.spec).get_weights()
-        result = TrainingResult(self.spec, weights, norm)
+        state = GlobalState(new_model(self.spec).get_weights())
+        result = TrainingResult(self.spec, state.weights, None)  # type: ignore[arg-type]
         bar = tqdm(range(1, self.spec.rounds + 1), desc=f"job {self.spec.job_id}", unit="round",
                    disable=not self.progress)
+
+        def take(released: list[Released]) -> None:
+            for rel in released:  # a secure sum releases each round's sum one call later
+                state.advance(rel.action, rel.vector, self.strategy)
+                if rel.action != "fit":
+                    continue
+                loss = math.nan if self.spec.dp_enabled else state.loss  # DP: loss withheld
+                result.losses.append(loss)
+                bar.set_postfix(loss=f"{loss:.4f}")
+                if self.on_round:
+                    self.on_round(rel.round, loss)
+
+        take(self._submit("stats", {}))
         for rnd in bar:
             started = time.perf_counter()
-            message = {"round": rnd, "weights": encode_array(weights), "norm": norm.to_dict()}
             try:
-                summed = SummedUpdate(self._sum("fit", message))
+                take(self._submit("fit", state.message(rnd)))
             except (SiteRefusedError, TooFewSitesError) as exc:
                 if not is_budget_refusal(exc):
                     raise
@@ -105,15 +126,22 @@ class FederatedTrainer:
                 log.warning("job %s stopped before round %d: %s", self.spec.job_id, rnd, exc)
                 bar.set_postfix_str("stopped: privacy budget")
                 break
-            weights = self.strategy.aggregate(weights, summed)
-            loss = math.nan if self.spec.dp_enabled else summed.mean_loss  # DP: loss withheld
-            result.weights = weights
-            result.losses.append(loss)
-            result.round_seconds.append(time.perf_counter() - started)
-            bar.set_postfix(loss=f"{loss:.4f}")
-            if self.on_round:
-                self.on_round(rnd, loss)
+            finally:
+                result.round_seconds.append(time.perf_counter() - started)
+        started = time.perf_counter()
+        try:
+            take(self.secure_sum.finish(self.sites))
+        except (SiteRefusedError, TooFewSitesError) as exc:
+            if not result.stopped_early:
+                raise
+            log.warning("job %s: the last round's sum stays sealed: %s", self.spec.job_id, exc)
+        if result.round_seconds:  # the last round ends when its sum is released
+            result.round_seconds[-1] += time.perf_counter() - started
         bar.close()
+        if state.norm is None:
+            raise TooFewSitesError(f"job {self.spec.job_id}: no aggregate was released "
+                                   f"({result.stop_reason or 'no site answered'})")
+        result.weights, result.norm = state.weights, state.norm
         return result
 
     def evaluate(self, result: TrainingResult) -> list[dict[str, Any]]:

@@ -1,58 +1,62 @@
-"""Multi-round secure sum: one key setup per job, then two calls per site per training round.
+"""Multi-round secure sum with ONE call per site per round (after Bonawitz et al., CCS 2017).
 
-`privacy.secagg` runs one Bonawitz et al. (CCS 2017) instance in four calls per site. A
-training job sums once per round, and a PySyft call costs ~0.4 s per site, so this module
-splits the protocol into a setup paid once per job and a two-call round:
+A training job sums once per round, and each PySyft call costs ~0.5 s per site. The original
+protocol needs a second call per round (survivors reveal shares of the self-mask seeds, after
+the server has fixed who survived). Here the *sites* remove the self-masks instead, with the
+next round's call, so a round costs one call: the same count as plain FedAvg.
 
-Setup (2 calls per site)
+Setup (2 calls per site, once per job)
   advertise()       one X25519 pair c (encrypts site-to-site shares) and, for every round
                     r = 1..R, an X25519 pair s_r (agrees round-r pairwise mask seeds).
-  share(directory)  for every round r: draw a self-mask seed b_{u,r} (32 random bytes) and
-                    Shamir-share b_{u,r} and s_sk_{u,r} (threshold t, pycryptodome GF(2^128),
-                    see `secagg._split32`). Each recipient v gets ONE AES-256-GCM ciphertext
-                    with its shares for all R rounds, key HKDF(X25519(c_sk_u, c_pk_v)), associated
-                    data = job, sender, recipient and the digest of the key directory (so sites
-                    that were shown different directories cannot decrypt each other). The site
-                    also publishes SHA-256 commitments to every b_{u,r}.
-  The server keeps each site's inbox and hands it back with every unmask request: no extra
-  call, and the site re-authenticates it each time (AES-GCM, bound to itself and the job).
+  share(directory)  Shamir-share every s_sk_{u,r} (threshold t, pycryptodome GF(2^128), see
+                    `secagg._split32`) and draw a 32-byte federation-key contribution k_u.
+                    Recipient v gets ONE AES-256-GCM ciphertext holding k_u and its shares
+                    for all R rounds, key HKDF(X25519(c_sk_u, c_pk_v)), associated data = job,
+                    sender, recipient and the key directory's digest (sites shown different
+                    directories cannot read each other).
+  The server relays the ciphertexts unread; each site opens its inbox with its first masked
+  input and derives the federation key K = HKDF(k_1 | ... | k_n), which every member holds
+  and the orchestrator never sees.
 
-Round r (2 calls per site)
-  masked_input(r, x)  y = x + PRG(b_{u,r}) + sum_{v in P, u<v} PRG(s_uv,r)
+Round r (1 call per site)
+  open_sum(Y_{r-1})   the site removes the self-masks from the previous round's masked sum:
+                      Y - sum_{s in S} PRG(HKDF(K, r-1, s)) = sum of S's inputs, where S is
+                      the survivor set the server fixed; returns it (an aggregate) and uses it
+                      itself, e.g. to form the global model it trains from.
+  masked_input(r, x)  y = x + PRG(HKDF(K, r, u)) + sum_{v in P, u<v} PRG(s_uv,r)
                       - sum_{v in P, u>v} PRG(s_uv,r) mod 2^bits, with
-                      s_uv,r = HKDF(X25519(s_sk_{u,r}, s_pk_{v,r}), job|r|sorted pair) and P the
-                      site's active peers. The message names P so the server knows which
-                      pairwise masks it must remove.
-  unmask(r, req, inbox)  shares of b_{v,r} for the survivors of round r, of s_sk_{v,r} for the
-                      sites dropped in round r. Never both for one (v, r).
+                      s_uv,r = HKDF(X25519(s_sk_{u,r}, s_pk_{v,r}), job|r|pair), P the site's
+                      active peers. The server adds the y's: pairwise masks cancel, the
+                      self-masks stay, so it holds Y_r and cannot read it.
+  reveal = open_sum without a new round: after the last round (or an early stop).
 
-Why a key pair per round instead of one long-term s key: once a site v drops in round r, the
-server learns its s secret key. With a long-term key it could then recompute every pairwise
-mask v ever used, and together with the b_{v,r'} it rebuilt in the rounds v survived, it would
-unmask all of v's earlier inputs. With per-round keys only round r's pairwise masks are
-exposed, and in round r the server does not get b_{v,r}.
+Dropouts (an extra call, only in a round where a site stopped answering)
+  recover(request)    survivors reveal their shares of s_sk_{v,r} of the sites v that dropped
+                      in round r; the server rebuilds those keys and removes the dropped
+                      sites' pairwise masks from Y_r. A site answers one recovery per round
+                      and afterwards opens round r only with exactly that survivor set.
+  A dropped site stays dropped for the job (its round-r key was revealed). Up to n - t sites
+  may drop; with more, the round fails with SecAggThresholdError.
 
-Dropouts are permanent. A site whose round-r key was revealed is dropped for the rest of the
-job: the server stops accepting its inputs; every site that learns of the drop (from an unmask
-request it answers) excludes it from later masks and refuses later requests that call it a
-survivor. A site that missed that request still masks with the dropped peer. It says so in its
-`peers` list, and the server then asks for the dropped peer's key for that round as well.
-(Per-round keys would make a safe rejoin possible. That is deliberately not offered.)
+Why per-round keys: once v drops in round r the server learns s_sk_{v,r}; with a long-term
+key it could recompute every pairwise mask v ever used. Per-round keys expose round r only.
 
-Client rules: rounds must be within 1..R and strictly increasing. Skipping rounds is allowed,
-but going back is not. Masking round r again is allowed only with the same input, and returns
-the same message. A site unmasks only the latest round it masked, only as a listed survivor,
-and only when at least t survivors are listed.
+Why self-masks: a site declared dropped whose input arrives late (or whose reply the
+server kept) still hides it: the server rebuilt its pairwise masks but not its self-mask.
 
-Threat model as `privacy.secagg`: semi-honest server, up to t-1 colluding sites. Without
-signatures a malicious server could substitute keys, and there is no ConsistencyCheck round.
-Use t > n/2 if the server may deviate. Exported client state holds secret keys.
+Threat model: semi-honest orchestrator. It learns each round's sum of >= t sites (the
+survivors) and who dropped. Unlike the original protocol, whose self-mask seeds are
+Shamir-shared, every member holds K: a member colluding with the orchestrator can strip
+self-masks, which matters only for a site declared dropped in a round whose input the
+orchestrator nevertheless holds; pairwise masks still protect every other input against
+the orchestrator and t-1 colluding sites. No signatures on the survivor set (no
+ConsistencyCheck round): a malicious orchestrator could show different sets to different
+sites. Exported client state holds secret keys and K: keep it at the site.
 """
 
 from __future__ import annotations
 
 import hashlib
-import hmac
 import json
 import secrets
 import struct
@@ -127,12 +131,21 @@ def _pair_seed(s_sk: X25519PrivateKey, peer_pk: bytes, job_id: str, r: int,
     return _hkdf(_exchange(s_sk, peer_pk, b), _label("session-pair-mask", job_id, str(r), lo, hi))
 
 
-def _self_seed(b: bytes, job_id: str, r: int, site: str) -> bytes:
-    return _hkdf(b, _label("session-self-mask", job_id, str(r), site))
+def _self_seed(group_key: bytes, job_id: str, r: int, site: str) -> bytes:
+    return _hkdf(group_key, _label("session-self-mask", job_id, str(r), site))
 
 
-def _commit(b: bytes, job_id: str, r: int, site: str) -> bytes:
-    return hashlib.sha256(_label("session-b-commit", job_id, str(r), site) + b).digest()
+def _group_key(contributions: list[bytes], job_id: str, dir_digest: str) -> bytes:
+    """The federation key: every member's contribution, in site order, bound to the job."""
+    return _hkdf(b"".join(contributions), _label("session-group-key", job_id, dir_digest))
+
+
+def _self_masks(group_key: bytes, job_id: str, r: int, sites: Iterable[str],
+                length: int) -> np.ndarray:
+    total = np.zeros(length, dtype=np.uint64)
+    for s in sites:
+        total += _prg_u64(_self_seed(group_key, job_id, r, s), length)
+    return total
 
 
 def _enc_key(c_sk: X25519PrivateKey, peer_c_pk: bytes, peer: str, job_id: str,
@@ -224,26 +237,22 @@ class SessionKeyDirectory(_Message):
 
 @dataclass(frozen=True)
 class SessionShares(_Message):
-    """Setup, site -> server: b commitments per round, one AES-GCM blob per recipient."""
+    """Setup, site -> server: one AES-GCM blob per recipient (key shares + K contribution)."""
 
     KIND = "session_shares"
     job_id: str
     sender: str
-    b_commitments: list[str]
     ciphertexts: dict[str, str]
 
     def check(self) -> None:
         super().check()
         _check_sender(self)
-        _want(_is_str_list(self.b_commitments), self.KIND, "b_commitments must be a list")
-        for c in self.b_commitments:
-            _b64d(c, f"b commitment of site {self.sender!r}", 32)
         _want(_is_str_map(self.ciphertexts), self.KIND, "ciphertexts must map site -> base64")
 
 
 @dataclass(frozen=True)
 class SessionInbox(_Message):
-    """Server -> one site, with every unmask request: the ciphertexts addressed to it."""
+    """Server -> one site, with its first masked input: the ciphertexts addressed to it."""
 
     KIND = "session_inbox"
     job_id: str
@@ -286,41 +295,77 @@ class SessionMaskedInput(_Message):
 
 
 @dataclass(frozen=True)
-class SessionUnmaskRequest(_Message):
-    """Round r, server -> survivors: who survived (reveal b_{v,r}), who dropped now (reveal
-    s_sk_{v,r}), and who was dropped in earlier rounds (`gone`: reveal nothing, exclude)."""
+class SessionRecoverRequest(_Message):
+    """Round r, server -> survivors: who survived, whose round-r mask keys to reveal."""
 
-    KIND = "session_unmask_request"
+    KIND = "session_recover_request"
     job_id: str
     round: int
     survivors: list[str]
     dropped: list[str]
-    gone: list[str]
 
     def check(self) -> None:
         super().check()
         _check_round_field(self)
-        _want(all(_is_str_list(x) for x in (self.survivors, self.dropped, self.gone)),
-              self.KIND, "survivors, dropped and gone must be lists of site ids")
+        _want(_is_str_list(self.survivors) and _is_str_list(self.dropped), self.KIND,
+              "survivors and dropped must be lists of site ids")
 
 
 @dataclass(frozen=True)
-class SessionUnmaskShares(_Message):
-    """Round r, site -> server: its shares of b_{v,r} (survivors) and s_sk_{v,r} (dropped)."""
+class SessionRecoverShares(_Message):
+    """Round r, site -> server: its shares of s_sk_{v,r} of the sites v dropped in round r."""
 
-    KIND = "session_unmask_shares"
+    KIND = "session_recover_shares"
     job_id: str
     sender: str
     round: int
-    b_shares: dict[str, str]
     sk_shares: dict[str, str]
 
     def check(self) -> None:
         super().check()
         _check_sender(self)
         _check_round_field(self)
-        _want(_is_str_map(self.b_shares) and _is_str_map(self.sk_shares), self.KIND,
-              "b_shares and sk_shares must map site -> base64")
+        _want(_is_str_map(self.sk_shares), self.KIND, "sk_shares must map site -> base64")
+
+
+@dataclass(frozen=True)
+class SessionMaskedSum(_Message):
+    """Server -> survivors, with the next call: round r's sum, still under the self-masks."""
+
+    KIND = "session_masked_sum"
+    job_id: str
+    round: int
+    survivors: list[str]
+    bits: int
+    vector_length: int
+    data: str
+
+    def check(self) -> None:
+        super().check()
+        _check_round_field(self)
+        _want(_is_str_list(self.survivors), self.KIND, "survivors must be a list of site ids")
+        _want(type(self.bits) is int and 1 <= self.bits <= 64, self.KIND, "bits must be 1..64")
+        _want(type(self.vector_length) is int, self.KIND, "vector_length must be an integer")
+        _want(isinstance(self.data, str), self.KIND, "data must be a base64 string")
+
+
+@dataclass(frozen=True)
+class SessionOpenedSum(_Message):
+    """Site -> server: round r's sum over the survivors, self-masks removed."""
+
+    KIND = "session_opened_sum"
+    job_id: str
+    sender: str
+    round: int
+    survivors: list[str]
+    data: str
+
+    def check(self) -> None:
+        super().check()
+        _check_sender(self)
+        _check_round_field(self)
+        _want(_is_str_list(self.survivors), self.KIND, "survivors must be a list of site ids")
+        _want(isinstance(self.data, str), self.KIND, "data must be a base64 string")
 
 
 def _state_error(what: str, exc: Exception) -> SecAggError:
@@ -336,11 +381,13 @@ class SecAggSessionClient:
     """One site's side for a whole job. Call `export_state()` after every call and
     `from_state()` before the next one.
 
-    Order: advertise -> share -> (masked_input(r) -> unmask(r)) for increasing r.
+    Order: advertise -> share -> masked_input(1, inbox=...) -> for each later round
+    [recover(r) only if a site dropped] -> open_sum(r) -> masked_input(r + 1) ... ->
+    open_sum(last round).
     """
 
     def __init__(self, site_id: str, *, job_id: str, threshold: int, bits: int,
-                 vector_length: int, rounds: int) -> None:
+                 vector_length: int, rounds: int, min_survivors: int = 0) -> None:
         _check_params(threshold, bits, vector_length)
         _check_rounds(rounds)
         if not isinstance(site_id, str) or not site_id:
@@ -350,22 +397,26 @@ class SecAggSessionClient:
         self.site_id, self.job_id = site_id, job_id
         self.threshold, self.bits, self.vector_length = threshold, bits, vector_length
         self.rounds = rounds
+        self.min_survivors = max(threshold, int(min_survivors))
         self._c_sk = X25519PrivateKey.generate()
         self._s_sks = [X25519PrivateKey.generate() for _ in range(rounds)]
-        self._bs = [secrets.token_bytes(_KEY) for _ in range(rounds)]
-        self._phase = "keys"
+        self._k = secrets.token_bytes(_KEY)  # this site's contribution to K
+        self._phase = "keys"  # keys -> shared -> ready (inbox opened, K known)
         self._dir_digest = ""
         self._share_msg = ""
         self._sites: list[str] = []  # every site of the job (directory == sharers)
         self._c_pks: dict[str, bytes] = {}
         self._s_pks: dict[str, list[bytes]] = {}
-        self._own: list[tuple[bytes, bytes]] = []  # own-index shares of own (b_r, s_sk_r)
+        self._own: list[bytes] = []  # own-index shares of own s_sk_r
+        self._group_key = b""
+        self._held: dict[str, list[bytes]] = {}  # sender -> its per-round key shares for me
         self._round = 0  # latest masked round
         self._input_digest = ""
         self._peers: list[str] = []  # peers masked with in self._round
         self._dropped: dict[str, int] = {}  # peer -> round this site learned it was dropped
-        self._revealed_b: set[str] = set()  # in self._round
-        self._revealed_sk: set[str] = set()
+        self._recovery: tuple[list[str], list[str]] | None = None  # (S, D) of self._round
+        self._opened = 0  # latest round whose sum this site opened
+        self._opened_digest = ""
 
     def _error_job(self, job_id: str, what: str) -> None:
         if job_id != self.job_id:
@@ -392,7 +443,7 @@ class SecAggSessionClient:
 
     def share(self, directory: SessionKeyDirectory | str,
               verify: VerifyFn | None = None) -> SessionShares:
-        """Shamir-share b_{u,r} and s_sk_{u,r} for every round, one ciphertext per recipient."""
+        """Shamir-share s_sk_{u,r} for every round and send k_u, one ciphertext per recipient."""
         d = SessionKeyDirectory.coerce(directory)
         digest = _digest(d.to_str())
         if self._phase != "keys":
@@ -417,9 +468,10 @@ class SecAggSessionClient:
             raise SecAggMessageError(
                 f"key directory lists other keys for site {self.site_id!r} (key substitution?)"
             )
-        if len(d.keys) < self.threshold:
+        if len(d.keys) < self.min_survivors:
             raise SecAggThresholdError(
-                f"key directory lists only {len(d.keys)} sites, threshold is {self.threshold}"
+                f"key directory lists only {len(d.keys)} sites, a sum needs at least "
+                f"{self.min_survivors} (threshold {self.threshold})"
             )
         if verify is not None:
             for site, e in d.keys.items():
@@ -433,31 +485,76 @@ class SecAggSessionClient:
         c_pks = {s: _b64d(d.keys[s]["c_pk"], "c_pk") for s in sites}
         s_pks = {s: [_b64d(pk, "s_pk") for pk in d.keys[s]["s_pks"]] for s in sites}
         n, me = len(sites), sites.index(self.site_id)
-        b_sh = [_split32(b, self.threshold, n) for b in self._bs]
         sk_sh = [_split32(k.private_bytes_raw(), self.threshold, n) for k in self._s_sks]
         cts: dict[str, str] = {}
         for i, v in enumerate(sites):
             if v == self.site_id:
                 continue
-            plain = _HEADER.pack(i + 1, self.rounds) + b"".join(
-                b_sh[r][i] + sk_sh[r][i] for r in range(self.rounds))
+            plain = _HEADER.pack(i + 1, self.rounds) + self._k + b"".join(
+                sk_sh[r][i] for r in range(self.rounds))
             key = _enc_key(self._c_sk, c_pks[v], v, self.job_id, self.site_id, v)
             nonce = secrets.token_bytes(_NONCE)
             aad = _enc_aad(self.job_id, self.site_id, v, digest)
             cts[v] = _b64e(nonce + AESGCM(key).encrypt(nonce, plain, aad))
-        commits = [_b64e(_commit(b, self.job_id, r, self.site_id))
-                   for r, b in enumerate(self._bs, start=1)]
-        msg = SessionShares(self.job_id, self.site_id, commits, cts)
+        msg = SessionShares(self.job_id, self.site_id, cts)
         self._sites, self._c_pks, self._s_pks = sites, c_pks, s_pks
-        self._own = [(b_sh[r][me], sk_sh[r][me]) for r in range(self.rounds)]
+        self._own = [sk_sh[r][me] for r in range(self.rounds)]
         self._phase, self._dir_digest, self._share_msg = "shared", digest, msg.to_str()
         return msg
 
+    def _open_inbox(self, inbox: SessionInbox | str) -> None:
+        """Authenticate and decrypt every sender's blob; derive K; keep the key shares."""
+        box = SessionInbox.coerce(inbox)
+        me = self.site_id
+        self._error_job(box.job_id, "shares inbox")
+        if box.recipient != me:
+            raise SecAggMessageError(f"shares inbox for site {box.recipient!r} delivered to {me!r}")
+        others = [v for v in self._sites if v != me]
+        if sorted(box.senders) != self._sites or sorted(box.ciphertexts) != others:
+            raise SecAggMessageError(
+                f"site {me!r}: shares inbox holds ciphertexts from {sorted(box.ciphertexts)}, "
+                f"the job's other sites are {others}"
+            )
+        index = self._sites.index(me) + 1
+        size = _HEADER.size + _KEY + _KEY * self.rounds
+        contributions: dict[str, bytes] = {me: self._k}
+        held: dict[str, list[bytes]] = {}
+        for v in others:
+            raw = _b64d(box.ciphertexts[v], f"ciphertext from site {v!r}")
+            key = _enc_key(self._c_sk, self._c_pks[v], v, self.job_id, v, me)
+            try:
+                plain = AESGCM(key).decrypt(raw[:_NONCE], raw[_NONCE:],
+                                            _enc_aad(self.job_id, v, me, self._dir_digest))
+            except (InvalidTag, ValueError):
+                raise SecAggDecryptionError(
+                    f"site {me!r}: shares relayed from site {v!r} failed AES-GCM authentication "
+                    "(tampered, misrouted, another job or another key directory)"
+                ) from None
+            if len(plain) != size or _HEADER.unpack_from(plain) != (index, self.rounds):
+                raise SecAggMessageError(
+                    f"site {me!r}: shares from {v!r} are not for index {index} x "
+                    f"{self.rounds} rounds"
+                )
+            body = plain[_HEADER.size:]
+            contributions[v] = body[:_KEY]
+            held[v] = [body[_KEY * (i + 1):_KEY * (i + 2)] for i in range(self.rounds)]
+        held[me] = list(self._own)
+        self._group_key = _group_key([contributions[s] for s in self._sites], self.job_id,
+                                     self._dir_digest)
+        self._held, self._phase = held, "ready"
+
     # -- round r
-    def masked_input(self, r: int, x: np.ndarray) -> SessionMaskedInput:
-        """Mask x for round r with b_{u,r} and round-r pairwise seeds over the active peers."""
-        if self._phase != "shared":
+    def masked_input(self, r: int, x: np.ndarray,
+                     inbox: SessionInbox | str | None = None) -> SessionMaskedInput:
+        """Mask x for round r with its self-mask and round-r pairwise seeds over the active
+        peers. The first call needs the site's `inbox` (it carries K's contributions)."""
+        if self._phase == "keys":
             raise SecAggProtocolError(f"site {self.site_id!r}: masked_input before share")
+        if self._phase == "shared":
+            if inbox is None:
+                raise SecAggProtocolError(
+                    f"site {self.site_id!r}: its first masked input needs its shares inbox")
+            self._open_inbox(inbox)
         if type(r) is not int or not 1 <= r <= self.rounds:
             raise SecAggRoundError(
                 f"site {self.site_id!r}: round {r!r} is outside 1..{self.rounds} of job "
@@ -479,14 +576,14 @@ class SecAggSessionClient:
             peers = self._peers  # identical retry: identical message
         else:
             peers = [v for v in self._sites if v != self.site_id and v not in self._dropped]
-            if len(peers) + 1 < self.threshold:
+            if len(peers) + 1 < self.min_survivors:
                 raise SecAggThresholdError(
                     f"site {self.site_id!r}: only {len(peers) + 1} sites are still active in "
-                    f"round {r}, threshold is {self.threshold}"
+                    f"round {r}, a sum needs at least {self.min_survivors}"
                 )
         n, me = self.vector_length, self.site_id
         acc = xs.copy()
-        acc += _prg_u64(_self_seed(self._bs[r - 1], self.job_id, r, me), n)
+        acc += _prg_u64(_self_seed(self._group_key, self.job_id, r, me), n)
         s_sk = self._s_sks[r - 1]
         for v in peers:
             stream = _prg_u64(_pair_seed(s_sk, self._s_pks[v][r - 1], self.job_id, r, me, v), n)
@@ -497,107 +594,100 @@ class SecAggSessionClient:
         acc &= _mask(self.bits)
         if r != self._round:
             self._round, self._input_digest, self._peers = r, digest, peers
-            self._revealed_b, self._revealed_sk = set(), set()
+            self._recovery = None
         return SessionMaskedInput(self.job_id, me, r, self.bits, n, list(peers),
                                   _pack(acc, self.bits))
 
-    def unmask(self, r: int, request: SessionUnmaskRequest | str,
-               inbox: SessionInbox | str) -> SessionUnmaskShares:
-        """Reveal round-r shares: b of survivors, s_sk of the dropped, never both for a peer."""
-        req = SessionUnmaskRequest.coerce(request)
-        box = SessionInbox.coerce(inbox)
+    def _check_survivors(self, r: int, survivors: list[str], what: str) -> set[str]:
         me = self.site_id
-        self._error_job(req.job_id, "unmask request")
-        if req.round != r:
-            raise SecAggMessageError(
-                f"site {me!r}: unmask request is for round {req.round}, called for round {r}"
-            )
-        if self._phase != "shared" or self._round != r:
+        if self._phase != "ready" or self._round != r:
             raise SecAggRoundError(
                 f"site {me!r} did not mask round {r} (latest masked round: "
-                f"{self._round or 'none'}), so it reveals nothing for it"
+                f"{self._round or 'none'}), so it {what} nothing for it"
             )
-        surv, drop, gone = set(req.survivors), set(req.dropped), set(req.gone)
-        unknown = sorted((surv | drop | gone) - set(self._sites))
+        surv = set(survivors)
+        unknown = sorted(surv - set(self._sites))
         if unknown:
             raise SecAggUnknownSenderError(
-                f"site {me!r}: unmask request names sites {unknown} that are not in this job"
-            )
-        if drop & gone:
-            raise SecAggMessageError(
-                f"unmask request lists sites {sorted(drop & gone)} as both dropped and gone"
-            )
-        both = (surv & (drop | gone | self._revealed_sk | set(self._dropped))) | (
-            drop & self._revealed_b)
-        if both:
-            raise SecAggUnmaskRefusedError(
-                f"site {me!r} refuses round {r}: sites {sorted(both)} would get both their "
-                "self-mask seed and mask key revealed (or were dropped earlier and cannot "
-                "survive again); that would unmask their inputs"
-            )
+                f"site {me!r}: round-{r} survivors {unknown} are not in this job")
         if me not in surv:
             raise SecAggProtocolError(
-                f"site {me!r} is not listed as a survivor of round {r} but was asked to unmask"
-            )
-        loose = sorted(set(self._peers) - surv - drop)
-        if loose:
-            raise SecAggMessageError(
-                f"site {me!r}: round-{r} request leaves peers {loose} neither surviving nor "
-                "dropped, their pairwise masks could not be removed"
-            )
-        if len(surv) < self.threshold:
+                f"site {me!r} is not listed as a survivor of round {r} but was asked to "
+                f"{what.rstrip('s')} for it")
+        strangers = sorted(surv - set(self._peers) - {me})
+        if strangers:
+            raise SecAggUnmaskRefusedError(
+                f"site {me!r} refuses round {r}: survivors {strangers} were not its peers in "
+                "that round (dropped earlier, or never masked with it)")
+        if len(surv) < self.min_survivors:
             raise SecAggThresholdError(
-                f"site {me!r}: round {r} lists only {len(surv)} survivors "
-                f"{sorted(surv)}, threshold is {self.threshold}"
+                f"site {me!r}: round {r} lists only {len(surv)} survivors {sorted(surv)}, a "
+                f"sum needs at least {self.min_survivors}"
             )
-        shares = self._open_inbox(box, (surv | drop) - {me})
-        shares[me] = self._own
-        b_out = {v: _b64e(shares[v][r - 1][0]) for v in sorted(surv)}
-        sk_out = {v: _b64e(shares[v][r - 1][1]) for v in sorted(drop)}
-        self._revealed_b |= surv
-        self._revealed_sk |= drop
-        for v in sorted(drop | gone):
-            self._dropped.setdefault(v, r)
-        return SessionUnmaskShares(self.job_id, me, r, b_out, sk_out)
+        return surv
 
-    def _open_inbox(self, box: SessionInbox,
-                    needed: set[str]) -> dict[str, list[tuple[bytes, bytes]]]:
-        """Authenticate and decrypt the senders' blobs this site needs; bound to it and the job."""
-        me = self.site_id
-        self._error_job(box.job_id, "shares inbox")
-        if box.recipient != me:
-            raise SecAggMessageError(f"shares inbox for site {box.recipient!r} delivered to {me!r}")
-        if sorted(box.senders) != self._sites:
+    def recover(self, request: SessionRecoverRequest | str) -> SessionRecoverShares:
+        """Reveal round-r key shares of the sites dropped in round r (once per round)."""
+        req = SessionRecoverRequest.coerce(request)
+        self._error_job(req.job_id, "recovery request")
+        r, me = req.round, self.site_id
+        if r <= self._opened:
+            raise SecAggUnmaskRefusedError(
+                f"site {me!r} already opened the sum of round {r}; its survivors are final")
+        surv = self._check_survivors(r, req.survivors, "reveals")
+        drop = set(req.dropped)
+        if not drop or drop & surv or drop | surv != set(self._peers) | {me}:
             raise SecAggMessageError(
-                f"site {me!r}: shares inbox lists senders {sorted(box.senders)}, the job has "
-                f"{self._sites}"
+                f"site {me!r}: round-{r} recovery must split its peers {self._peers} into "
+                f"survivors and dropped; got survivors {sorted(surv)}, dropped {sorted(drop)}"
             )
-        missing = sorted(needed - set(box.ciphertexts))
-        if missing:
-            raise SecAggMessageError(f"site {me!r}: shares inbox has no ciphertext from {missing}")
-        index = self._sites.index(me) + 1
-        size = _HEADER.size + 2 * _KEY * self.rounds
-        out: dict[str, list[tuple[bytes, bytes]]] = {}
-        for v in sorted(needed):
-            raw = _b64d(box.ciphertexts[v], f"ciphertext from site {v!r}")
-            key = _enc_key(self._c_sk, self._c_pks[v], v, self.job_id, v, me)
-            try:
-                plain = AESGCM(key).decrypt(raw[:_NONCE], raw[_NONCE:],
-                                            _enc_aad(self.job_id, v, me, self._dir_digest))
-            except (InvalidTag, ValueError):
-                raise SecAggDecryptionError(
-                    f"site {me!r}: shares relayed from site {v!r} failed AES-GCM authentication "
-                    "(tampered, misrouted, another job or another key directory)"
-                ) from None
-            if len(plain) != size or _HEADER.unpack_from(plain) != (index, self.rounds):
-                raise SecAggMessageError(
-                    f"site {me!r}: shares from {v!r} are not for index {index} x "
-                    f"{self.rounds} rounds"
-                )
-            body = plain[_HEADER.size:]
-            out[v] = [(body[64 * i:64 * i + 32], body[64 * i + 32:64 * i + 64])
-                      for i in range(self.rounds)]
-        return out
+        key = (sorted(surv), sorted(drop))
+        if self._recovery is not None and self._recovery != key:
+            raise SecAggUnmaskRefusedError(
+                f"site {me!r} refuses round {r}: it already revealed keys for dropped "
+                f"{self._recovery[1]} (survivors {self._recovery[0]}); a second, different "
+                "split would unmask an input"
+            )
+        self._recovery = key
+        for v in drop:
+            self._dropped.setdefault(v, r)
+        return SessionRecoverShares(self.job_id, me, r,
+                                    {v: _b64e(self._held[v][r - 1]) for v in sorted(drop)})
+
+    def open_sum(self, masked_sum: SessionMaskedSum | str) -> SessionOpenedSum:
+        """Remove the survivors' self-masks from round r's masked sum: the sum of their
+        inputs, for this site's own use and to return. Once per round, for one survivor set."""
+        msg = SessionMaskedSum.coerce(masked_sum)
+        self._error_job(msg.job_id, "masked sum")
+        r, me = msg.round, self.site_id
+        digest = _digest(msg.to_str())
+        retry = r == self._opened and digest == self._opened_digest  # same answer again
+        if r <= self._opened and not retry:
+            raise SecAggUnmaskRefusedError(
+                f"site {me!r} already opened the sum of round {r} (another masked sum or "
+                "survivor set would reveal a difference of inputs)")
+        if (msg.bits, msg.vector_length) != (self.bits, self.vector_length):
+            raise SecAggModulusError(
+                f"site {me!r}: masked sum is {msg.vector_length} values mod 2^{msg.bits}, this "
+                f"job sums {self.vector_length} values mod 2^{self.bits}")
+        surv = set(msg.survivors)
+        if not retry:
+            surv = self._check_survivors(r, msg.survivors, "opens")
+            if self._recovery is not None and sorted(surv) != self._recovery[0]:
+                raise SecAggUnmaskRefusedError(
+                    f"site {me!r} refuses round {r}: it revealed keys for survivors "
+                    f"{self._recovery[0]}, the masked sum claims {sorted(surv)}")
+            for v in set(self._peers) - surv:  # their masks were removed by a recovery
+                self._dropped.setdefault(v, r)
+        total = _unpack(msg.data, self.bits, self.vector_length, "the masked sum")
+        total -= _self_masks(self._group_key, self.job_id, r, sorted(surv), self.vector_length)
+        total &= _mask(self.bits)
+        self._opened, self._opened_digest = r, digest
+        return SessionOpenedSum(self.job_id, me, r, sorted(surv), _pack(total, self.bits))
+
+    def opened_values(self, opened: SessionOpenedSum) -> np.ndarray:
+        """The residues of an opened sum (for the site's own use of the aggregate)."""
+        return _unpack(opened.data, self.bits, self.vector_length, "the opened sum")
 
     # -- state
     def export_state(self) -> str:
@@ -606,17 +696,19 @@ class SecAggSessionClient:
             "kind": "secagg_session_client_state", "protocol": PROTOCOL,
             "site_id": self.site_id, "job_id": self.job_id, "threshold": self.threshold,
             "bits": self.bits, "vector_length": self.vector_length, "rounds": self.rounds,
-            "phase": self._phase,
+            "min_survivors": self.min_survivors, "phase": self._phase,
             "c_sk": _b64e(self._c_sk.private_bytes_raw()),
             "s_sks": [_b64e(k.private_bytes_raw()) for k in self._s_sks],
-            "bs": [_b64e(b) for b in self._bs],
+            "k": _b64e(self._k), "group_key": _b64e(self._group_key),
             "dir_digest": self._dir_digest, "share_msg": self._share_msg, "sites": self._sites,
             "c_pks": {s: _b64e(k) for s, k in self._c_pks.items()},
             "s_pks": {s: [_b64e(k) for k in ks] for s, ks in self._s_pks.items()},
-            "own": [[_b64e(b), _b64e(k)] for b, k in self._own],
+            "own": [_b64e(k) for k in self._own],
+            "held": {s: [_b64e(k) for k in ks] for s, ks in self._held.items()},
             "round": self._round, "input_digest": self._input_digest, "peers": self._peers,
             "dropped": self._dropped,
-            "revealed_b": sorted(self._revealed_b), "revealed_sk": sorted(self._revealed_sk),
+            "recovery": list(self._recovery) if self._recovery else None,
+            "opened": self._opened, "opened_digest": self._opened_digest,
         }, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -629,27 +721,31 @@ class SecAggSessionClient:
             c = cls.__new__(cls)
             c.site_id, c.job_id = st["site_id"], st["job_id"]
             c.threshold, c.bits, c.vector_length = st["threshold"], st["bits"], st["vector_length"]
-            c.rounds = st["rounds"]
+            c.rounds, c.min_survivors = st["rounds"], int(st["min_survivors"])
             _check_params(c.threshold, c.bits, c.vector_length)
             _check_rounds(c.rounds)
             c._phase = st["phase"]
             key = X25519PrivateKey.from_private_bytes
             c._c_sk = key(_b64d(st["c_sk"], "c_sk", _KEY))
             c._s_sks = [key(_b64d(k, "s_sk", _KEY)) for k in st["s_sks"]]
-            c._bs = [_b64d(b, "b", _KEY) for b in st["bs"]]
-            if len(c._s_sks) != c.rounds or len(c._bs) != c.rounds:
+            if len(c._s_sks) != c.rounds:
                 raise SecAggMessageError("session client state: key count != rounds")
+            c._k = _b64d(st["k"], "k", _KEY)
+            c._group_key = _b64d(st["group_key"], "group key")
             c._dir_digest, c._share_msg = st["dir_digest"], st["share_msg"]
             c._sites = list(st["sites"])
             c._c_pks = {s: _b64d(k, "c_pk", _KEY) for s, k in st["c_pks"].items()}
             c._s_pks = {s: [_b64d(k, "s_pk", _KEY) for k in ks] for s, ks in st["s_pks"].items()}
-            c._own = [(_b64d(b, "b share", _KEY), _b64d(k, "sk share", _KEY))
-                      for b, k in st["own"]]
+            c._own = [_b64d(k, "own share", _KEY) for k in st["own"]]
+            c._held = {s: [_b64d(k, "held share", _KEY) for k in ks]
+                       for s, ks in st["held"].items()}
             c._round, c._input_digest = int(st["round"]), st["input_digest"]
             c._peers = list(st["peers"])
             c._dropped = {str(s): int(r) for s, r in st["dropped"].items()}
-            c._revealed_b, c._revealed_sk = set(st["revealed_b"]), set(st["revealed_sk"])
-        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            rec = st["recovery"]
+            c._recovery = (list(rec[0]), list(rec[1])) if rec else None
+            c._opened, c._opened_digest = int(st["opened"]), st["opened_digest"]
+        except (KeyError, TypeError, ValueError, AttributeError, IndexError) as exc:
             raise _state_error("client", exc) from None
         return c
 
@@ -658,32 +754,33 @@ class SecAggSessionClient:
 
 
 class SecAggSessionServer:
-    """Orchestrator side for a whole job: relays and stores ciphertexts it cannot read, then
-    every round collects masked inputs and removes the masks.
+    """Orchestrator side for a whole job: relays ciphertexts it cannot read, adds masked
+    inputs, removes dropped sites' pairwise masks, and checks the sums the sites open.
 
-    Per round it learns only the sum of that round's survivors and who dropped out.
+    Per round it learns the sum of that round's survivors (as the sites open it) and who
+    dropped out; never a single site's input.
     """
 
     def __init__(self, threshold: int, bits: int, vector_length: int, job_id: str,
-                 rounds: int, *, sites: Iterable[str] | None = None) -> None:
+                 rounds: int, *, sites: Iterable[str] | None = None,
+                 min_survivors: int = 0) -> None:
         _check_params(threshold, bits, vector_length)
         _check_rounds(rounds)
         if not isinstance(job_id, str):
             raise SecAggMessageError(f"job_id must be a string, got {job_id!r}")
         self.threshold, self.bits, self.vector_length = threshold, bits, vector_length
         self.job_id, self.rounds = job_id, rounds
+        self.min_survivors = max(threshold, int(min_survivors))
         self.sites = sorted(sites) if sites is not None else None
         self._c_pks: dict[str, bytes] = {}
         self._s_pks: dict[str, list[bytes]] = {}
-        self._commitments: dict[str, list[bytes]] = {}
         self._inboxes: dict[str, str] = {}
         self._dropped: dict[str, int] = {}  # site -> round its mask key was revealed
         self._round = 0  # latest collected round
-        self._done = True  # latest collected round was unmasked (or abandoned)
         self._survivors: list[str] = []
-        self._round_dropped: list[str] = []
+        self._round_dropped: list[str] = []  # awaiting recovery in self._round
         self._peers: dict[str, list[str]] = {}
-        self._masked: dict[str, str] = {}  # survivor -> packed masked vector
+        self._sum = ""  # packed sum of self._round's masked inputs
 
     @property
     def participants(self) -> list[str]:
@@ -722,7 +819,8 @@ class SecAggSessionServer:
                     f"site {s!r} advertised keys for {m.rounds} rounds, job has {self.rounds}"
                 )
         total = len(self.sites) if self.sites is not None else len(got)
-        _too_few(len(got), total, self.threshold, "AdvertiseKeys", set(self.sites or ()) - set(got))
+        _too_few(len(got), total, self.min_survivors, "AdvertiseKeys",
+                 set(self.sites or ()) - set(got))
         self._c_pks = {s: _b64d(m.c_pk, "c_pk") for s, m in got.items()}
         self._s_pks = {s: [_b64d(k, "s_pk") for k in m.s_pks] for s, m in got.items()}
         keys = {s: {"c_pk": m.c_pk, "s_pks": m.s_pks, "signature": m.signature}
@@ -734,8 +832,8 @@ class SecAggSessionServer:
         """Setup: check every site shared with every other and keep each site's inbox.
 
         Every site of the directory must share: the others mask with its keys from round 1 on,
-        and a site that never shared could never be unmasked. If one is silent, restart the
-        setup under a new job id without it.
+        and K needs every member's contribution. If one is silent, restart the setup under a
+        new job id without it.
         """
         if not self._c_pks:
             raise SecAggProtocolError("route_shares before collect_keys")
@@ -757,13 +855,6 @@ class SecAggSessionServer:
                     f"site {u!r} sent shares for {sorted(msg.ciphertexts)}, expected "
                     f"{sorted(want)}"
                 )
-            if len(msg.b_commitments) != self.rounds:
-                raise SecAggMessageError(
-                    f"site {u!r} committed to {len(msg.b_commitments)} self-mask seeds, job "
-                    f"has {self.rounds} rounds"
-                )
-        self._commitments = {u: [_b64d(c, "b commitment", 32) for c in got[u].b_commitments]
-                             for u in sites}
         inboxes = {v: SessionInbox(self.job_id, v, sites,
                                    {u: got[u].ciphertexts[v] for u in sites if u != v})
                    for v in sites}
@@ -771,17 +862,18 @@ class SecAggSessionServer:
         return inboxes
 
     def inbox(self, site: str) -> SessionInbox:
-        """The stored inbox of `site`, to hand back with every unmask request."""
+        """The stored inbox of `site`, to hand over with its first masked input."""
         if site not in self._inboxes:
             raise SecAggUnknownSenderError(f"no shares inbox for site {site!r} in this job")
         return SessionInbox.from_str(self._inboxes[site])
 
     def collect_masked(self, r: int, messages: Iterable[SessionMaskedInput | str]
-                       ) -> SessionUnmaskRequest:
-        """Round r: validate masked inputs, fix survivors/dropped, build the unmask request.
+                       ) -> SessionRecoverRequest | None:
+        """Round r: validate and add the masked inputs; fix survivors and dropped.
 
-        Dropped = active sites that did not answer, plus already-dropped sites that a
-        survivor still masked with (it had not heard of the drop).
+        Returns None if no site dropped (the masked sum is ready), else the recovery request
+        to send to the survivors. Dropped = active sites that did not answer, plus
+        already-dropped sites that a survivor still masked with (it had not heard of it).
         """
         if not self._inboxes:
             raise SecAggProtocolError("collect_masked before route_shares")
@@ -819,89 +911,101 @@ class SecAggSessionServer:
                     f"site {u!r} masked with peers {msg.peers}: unknown/self {bad}, active "
                     f"but left out {skipped}"
                 )
-            msg.values()  # validates length and modulus now, not at unmask time
-        _too_few(len(got), len(active), self.threshold, step, active - set(got))
+        _too_few(len(got), len(active), self.min_survivors, step, active - set(got))
+        total = np.zeros(self.vector_length, dtype=np.uint64)
+        for msg in got.values():
+            total += msg.values()  # validates length and modulus
         survivors = sorted(got)
         needed = set().union(*(set(got[u].peers) for u in survivors))
         dropped = sorted((active - set(got)) | (needed - active))
         for v in dropped:
             self._dropped.setdefault(v, r)
-        self._round, self._done = r, False
-        self._survivors, self._round_dropped = survivors, dropped
+        self._round, self._survivors, self._round_dropped = r, survivors, dropped
         self._peers = {u: list(got[u].peers) for u in survivors}
-        self._masked = {u: got[u].data for u in survivors}
-        gone = sorted(set(self._dropped) - set(dropped))
-        return SessionUnmaskRequest(self.job_id, r, survivors, dropped, gone)
+        self._sum = _pack(total & _mask(self.bits), self.bits)
+        if not dropped:
+            return None
+        return SessionRecoverRequest(self.job_id, r, survivors, dropped)
 
-    def unmask(self, r: int, responses: Iterable[SessionUnmaskShares | str]) -> np.ndarray:
-        """Round r: rebuild b_{u,r} (survivors), s_sk_{v,r} (dropped); return the sum mod 2^bits."""
-        if r != self._round or self._done:
-            raise SecAggRoundError(
-                f"cannot unmask round {r!r}: the open round is "
-                f"{self._round if not self._done else 'none'}"
-            )
+    def recover(self, r: int, responses: Iterable[SessionRecoverShares | str]) -> None:
+        """Round r: rebuild the dropped sites' round-r keys, remove their pairwise masks."""
+        if r != self._round or not self._round_dropped:
+            raise SecAggRoundError(f"round {r!r} has no pending recovery (open round: "
+                                   f"{self._round or 'none'})")
         u3, dropped = self._survivors, self._round_dropped
-        step = f"Unmasking of round {r}"
-        got = collect_messages(SessionUnmaskShares, responses, self.job_id, u3, step)
+        step = f"Recovery of round {r}"
+        got = collect_messages(SessionRecoverShares, responses, self.job_id, u3, step)
         _too_few(len(got), len(u3), self.threshold, step, set(u3) - set(got))
         for w, msg in got.items():
             if msg.round != r:
                 raise SecAggMessageError(f"site {w!r} answered for round {msg.round}, not {r}")
-            if set(msg.b_shares) != set(u3) or set(msg.sk_shares) != set(dropped):
-                raise SecAggMessageError(
-                    f"site {w!r} answered for b={sorted(msg.b_shares)}, "
-                    f"sk={sorted(msg.sk_shares)}; expected b={u3}, sk={dropped}"
-                )
+            if set(msg.sk_shares) != set(dropped):
+                raise SecAggMessageError(f"site {w!r} revealed keys of {sorted(msg.sk_shares)}, "
+                                         f"expected {dropped}")
         index = {s: i + 1 for i, s in enumerate(self.participants)}
         chosen = sorted(got)[: self.threshold]
-
-        def rebuild(v: str, field: str) -> bytes:
-            return _combine32([(index[w], _b64d(getattr(got[w], field)[v],
-                                                f"share from {w!r}", _KEY)) for w in chosen])
-
         n, rr = self.vector_length, r - 1
-        total = np.zeros(n, dtype=np.uint64)
-        for u in u3:
-            total += _unpack(self._masked[u], self.bits, n, u)
-            b = rebuild(u, "b_shares")
-            if not hmac.compare_digest(_commit(b, self.job_id, r, u), self._commitments[u][rr]):
-                raise SecAggReconstructionError(
-                    f"round-{r} self-mask seed of site {u!r} rebuilt from {chosen} does not "
-                    "match its commitment (corrupted shares)"
-                )
-            total -= _prg_u64(_self_seed(b, self.job_id, r, u), n)
-        keys: dict[str, X25519PrivateKey] = {}
+        total = _unpack(self._sum, self.bits, n, "the round's sum")
         for v in dropped:
-            keys[v] = X25519PrivateKey.from_private_bytes(rebuild(v, "sk_shares"))
-            if _pub(keys[v]) != self._s_pks[v][rr]:
+            key = X25519PrivateKey.from_private_bytes(_combine32(
+                [(index[w], _b64d(got[w].sk_shares[v], f"share from {w!r}", _KEY))
+                 for w in chosen]))
+            if _pub(key) != self._s_pks[v][rr]:
                 raise SecAggReconstructionError(
                     f"round-{r} mask key of dropped site {v!r} rebuilt from {chosen} does not "
                     "match its public key (corrupted shares)"
                 )
-        for u in u3:  # u added +PRG(s_uv) if u < v else -PRG(s_uv); survivor pairs cancel
-            for v in self._peers[u]:
-                if v in keys:
-                    seed = _pair_seed(keys[v], self._s_pks[u][rr], self.job_id, r, v, u)
+            for u in u3:  # u added +PRG(s_uv) if u < v else -PRG(s_uv)
+                if v in self._peers[u]:
+                    stream = _prg_u64(_pair_seed(key, self._s_pks[u][rr], self.job_id, r, v, u), n)
                     if u < v:
-                        total -= _prg_u64(seed, n)
+                        total -= stream
                     else:
-                        total += _prg_u64(seed, n)
-        self._done, self._masked = True, {}
-        return total & _mask(self.bits)
+                        total += stream
+        self._sum, self._round_dropped = _pack(total & _mask(self.bits), self.bits), []
+
+    def masked_sum(self, r: int) -> SessionMaskedSum:
+        """Round r's sum, pairwise masks removed, self-masks still on: for the sites to open."""
+        if r != self._round or self._round_dropped or not self._sum:
+            waiting = f", awaiting recovery of {self._round_dropped}" if self._round_dropped else ""
+            raise SecAggRoundError(
+                f"round {r!r} has no masked sum ready (latest round {self._round or 'none'}"
+                f"{waiting})")
+        return SessionMaskedSum(self.job_id, r, list(self._survivors), self.bits,
+                                self.vector_length, self._sum)
+
+    def collect_opened(self, r: int, messages: Iterable[SessionOpenedSum | str]) -> np.ndarray:
+        """The sum of round r as the survivors opened it; every opener must agree."""
+        got = collect_messages(SessionOpenedSum, messages, self.job_id, self._survivors,
+                               f"OpenedSum of round {r}")
+        if r != self._round or not got:
+            raise SecAggRoundError(f"no opened sum of round {r!r} (latest round "
+                                   f"{self._round or 'none'}, {len(got)} answers)")
+        for w, msg in got.items():
+            if msg.round != r or msg.survivors != self._survivors:
+                raise SecAggMessageError(
+                    f"site {w!r} opened round {msg.round} over {msg.survivors}, expected round "
+                    f"{r} over {self._survivors}")
+        values = {msg.data for msg in got.values()}
+        if len(values) != 1:
+            raise SecAggReconstructionError(
+                f"sites {sorted(got)} opened different sums of round {r} (a site holds another "
+                "federation key, or its state is corrupted)")
+        return _unpack(values.pop(), self.bits, self.vector_length, "the opened sum")
 
     # -- state
     def export_state(self) -> str:
-        """Server state as JSON: public keys, commitments, inboxes (ciphertexts), round."""
+        """Server state as JSON: public keys, inboxes (ciphertexts), round, masked sum."""
         return json.dumps({
             "kind": "secagg_session_server_state", "protocol": PROTOCOL,
             "threshold": self.threshold, "bits": self.bits, "vector_length": self.vector_length,
             "job_id": self.job_id, "rounds": self.rounds, "sites": self.sites,
+            "min_survivors": self.min_survivors,
             "c_pks": {s: _b64e(k) for s, k in self._c_pks.items()},
             "s_pks": {s: [_b64e(k) for k in ks] for s, ks in self._s_pks.items()},
-            "commitments": {s: [_b64e(c) for c in cs] for s, cs in self._commitments.items()},
             "inboxes": self._inboxes, "dropped": self._dropped, "round": self._round,
-            "done": self._done, "survivors": self._survivors,
-            "round_dropped": self._round_dropped, "peers": self._peers, "masked": self._masked,
+            "survivors": self._survivors, "round_dropped": self._round_dropped,
+            "peers": self._peers, "sum": self._sum,
         }, sort_keys=True, separators=(",", ":"))
 
     @classmethod
@@ -912,18 +1016,16 @@ class SecAggSessionServer:
             if st.get("kind") != "secagg_session_server_state" or st.get("protocol") != PROTOCOL:
                 raise SecAggMessageError(f"not a {PROTOCOL} session server state")
             srv = cls(st["threshold"], st["bits"], st["vector_length"], st["job_id"],
-                      st["rounds"], sites=st["sites"])
+                      st["rounds"], sites=st["sites"], min_survivors=st["min_survivors"])
             srv._c_pks = {s: _b64d(k, "c_pk", _KEY) for s, k in st["c_pks"].items()}
             srv._s_pks = {s: [_b64d(k, "s_pk", _KEY) for k in ks]
                           for s, ks in st["s_pks"].items()}
-            srv._commitments = {s: [_b64d(c, "b commitment", 32) for c in cs]
-                                for s, cs in st["commitments"].items()}
             srv._inboxes = dict(st["inboxes"])
             srv._dropped = {str(s): int(r) for s, r in st["dropped"].items()}
-            srv._round, srv._done = int(st["round"]), bool(st["done"])
+            srv._round = int(st["round"])
             srv._survivors, srv._round_dropped = list(st["survivors"]), list(st["round_dropped"])
             srv._peers = {u: list(p) for u, p in st["peers"].items()}
-            srv._masked = dict(st["masked"])
+            srv._sum = str(st["sum"])
         except (KeyError, TypeError, ValueError, AttributeError) as exc:
             raise _state_error("server", exc) from None
         return srv
@@ -934,15 +1036,15 @@ class SecAggSessionServer:
 
 def run_secure_sum_session(vectors_per_round: list[dict[str, np.ndarray]], threshold: int,
                            bits: int, drop: dict[int, set[str]] | None = None, *,
-                           silent_in_unmask: dict[int, set[str]] | None = None,
+                           silent_in_recovery: dict[int, set[str]] | None = None,
                            job_id: str | None = None) -> list[np.ndarray]:
     """Run a whole job in one process; per round, the sum of that round's survivors.
 
     Rounds are numbered from 1 (`vectors_per_round[0]` is round 1). `drop[r]` sites send no
-    masked input in round r and are dropped for good; `silent_in_unmask[r]` sites mask but do
-    not answer round r's unmask request. Every message goes through `to_str()`/`from_str()` and
-    every client and server call through state export/import, just as in the stateless
-    per-site calls.
+    masked input in round r and are dropped for good; `silent_in_recovery[r]` sites mask but
+    do not answer round r's recovery request. Every message goes through `to_str()` /
+    `from_str()` and every client and server call through state export/import, just as in
+    the stateless per-site calls.
     """
     if not vectors_per_round:
         raise SecAggRoundError("no rounds given")
@@ -951,8 +1053,8 @@ def run_secure_sum_session(vectors_per_round: list[dict[str, np.ndarray]], thres
         raise SecAggThresholdError("no sites given")
     rounds = len(vectors_per_round)
     drop = {r: set(s) for r, s in (drop or {}).items()}
-    silent = {r: set(s) for r, s in (silent_in_unmask or {}).items()}
-    for name, plan in (("drop", drop), ("silent_in_unmask", silent)):
+    silent = {r: set(s) for r, s in (silent_in_recovery or {}).items()}
+    for name, plan in (("drop", drop), ("silent_in_recovery", silent)):
         bad_rounds = sorted(r for r in plan if not 1 <= r <= rounds)
         if bad_rounds:
             raise SecAggRoundError(f"{name} names rounds {bad_rounds} outside 1..{rounds}")
@@ -977,29 +1079,41 @@ def run_secure_sum_session(vectors_per_round: list[dict[str, np.ndarray]], thres
         server_state = server.export_state()
         return out
 
-    def step(site: str, call: Callable[[SecAggSessionClient], _Message]) -> str:
+    def step(site: str, call: Callable[[SecAggSessionClient], Any]) -> Any:
         client = SecAggSessionClient.from_state(states[site])
-        out = call(client).to_str()
+        out = call(client)
         states[site] = client.export_state()
         return out
 
-    adverts = [step(s, lambda c: c.advertise()) for s in sites]
+    adverts = [step(s, lambda c: c.advertise().to_str()) for s in sites]
     directory = serve(lambda v: v.collect_keys(adverts).to_str())
-    shares = [step(s, lambda c: c.share(directory)) for s in sites]
+    shares = [step(s, lambda c: c.share(directory).to_str()) for s in sites]
     serve(lambda v: v.route_shares(shares))
-    sums = []
+    inboxes = {s: serve(lambda v, s=s: v.inbox(s).to_str()) for s in sites}
+    sums: list[np.ndarray] = []
+    previous: str | None = None
     for r, vectors in enumerate(vectors_per_round, start=1):
         live = [s for s in serve(lambda v: v.active) if s not in drop.get(r, set())]
         missing = sorted(s for s in live if s not in vectors)
         if missing:
             raise SecAggLengthError(f"round {r}: no vector for active sites {missing}")
-        masked = [step(s, lambda c, s=s, r=r, x=vectors: c.masked_input(r, x[s])) for s in live]
-        request = serve(lambda v, r=r, m=masked: v.collect_masked(r, m).to_str())
-        answers = []
+        opened, masked = [], []
         for s in live:
-            if s in silent.get(r, set()):
-                continue
-            box = serve(lambda v, s=s: v.inbox(s).to_str())
-            answers.append(step(s, lambda c, r=r, q=request, b=box: c.unmask(r, q, b)))
-        sums.append(serve(lambda v, r=r, a=answers: v.unmask(r, a)))
+            client = SecAggSessionClient.from_state(states[s])  # one site call: open, then mask
+            if previous:
+                opened.append(client.open_sum(previous).to_str())
+            masked.append(client.masked_input(r, vectors[s], inboxes[s]).to_str())
+            states[s] = client.export_state()
+        if previous:
+            sums.append(serve(lambda v, r=r, o=opened: v.collect_opened(r - 1, o)))
+        request = serve(lambda v, r=r, m=masked: v.collect_masked(r, m))
+        if request is not None:
+            request = request.to_str()
+            answers = [step(s, lambda c, q=request: c.recover(q).to_str())
+                       for s in live if s not in silent.get(r, set())]
+            serve(lambda v, r=r, a=answers: v.recover(r, a))
+        previous = serve(lambda v, r=r: v.masked_sum(r).to_str())
+    final = [step(s, lambda c: c.open_sum(previous).to_str())
+             for s in serve(lambda v: v.survivors)]
+    sums.append(serve(lambda v: v.collect_opened(rounds, final)))
     return sums

@@ -1,4 +1,4 @@
-"""Multi-round secure sum: correctness over rounds, permanent dropouts, and refused attacks."""
+"""Secure-sum session: correctness over rounds, permanent dropouts, and refused attacks."""
 
 from __future__ import annotations
 
@@ -16,6 +16,7 @@ from privacy.secagg import (
     SecAggError,
     SecAggMessageError,
     SecAggProtocolError,
+    SecAggReconstructionError,
     SecAggSignatureError,
     SecAggThresholdError,
     SecAggUnknownSenderError,
@@ -27,7 +28,9 @@ from privacy.secagg_session import (
     SecAggSessionServer,
     SessionInbox,
     SessionMaskedInput,
-    SessionUnmaskRequest,
+    SessionMaskedSum,
+    SessionOpenedSum,
+    SessionRecoverRequest,
     run_secure_sum_session,
 )
 
@@ -53,44 +56,60 @@ def _plain_sum(vectors: dict[str, np.ndarray], sites) -> np.ndarray:
 class Job:
     """Step-by-step session (live objects) so tests can inspect and tamper with messages."""
 
-    def __init__(self, n: int, threshold: int, rounds: int = 4, seed: int = 0) -> None:
+    def __init__(self, n: int, threshold: int, rounds: int = 4, seed: int = 0,
+                 min_survivors: int = 0) -> None:
         self.x = _rounds_of_vectors(n, rounds, seed)
         self.sites = sorted(self.x[0])
         self.server = SecAggSessionServer(threshold, BITS, LENGTH, JOB, rounds, sites=self.sites)
         self.clients = {s: SecAggSessionClient(s, job_id=JOB, threshold=threshold, bits=BITS,
-                                               vector_length=LENGTH, rounds=rounds)
+                                               vector_length=LENGTH, rounds=rounds,
+                                               min_survivors=min_survivors)
                         for s in self.sites}
         self.adverts = {s: c.advertise() for s, c in self.clients.items()}
         self.directory = self.server.collect_keys(self.adverts.values())
         self.shares = {s: c.share(self.directory) for s, c in self.clients.items()}
         self.inboxes = self.server.route_shares(self.shares.values())
         self.masked: dict[int, dict[str, SessionMaskedInput]] = {}
-        self.answers: dict[int, dict] = {}
+        self.recovered: dict[int, dict] = {}
+        self.sums: dict[int, np.ndarray] = {}
+        self.previous: SessionMaskedSum | None = None
 
-    def mask(self, r: int, live=None) -> SessionUnmaskRequest:
+    def mask(self, r: int, live=None) -> SessionRecoverRequest | None:
+        """One call per live site: open the previous sum, mask round r."""
         live = self.server.active if live is None else live
-        self.masked[r] = {s: self.clients[s].masked_input(r, self.x[r - 1][s]) for s in live}
+        if self.previous is not None:
+            opened = [self.clients[s].open_sum(self.previous) for s in live]
+            self.sums[self.previous.round] = self.server.collect_opened(self.previous.round,
+                                                                        opened)
+        self.masked[r] = {s: self.clients[s].masked_input(r, self.x[r - 1][s], self.inboxes[s])
+                          for s in live}
         return self.server.collect_masked(r, self.masked[r].values())
 
-    def answer(self, r: int, request, who) -> dict:
-        self.answers[r] = {s: self.clients[s].unmask(r, request, self.server.inbox(s))
-                           for s in who}
-        return self.answers[r]
+    def recover(self, r: int, request, who) -> None:
+        self.recovered[r] = {s: self.clients[s].recover(request) for s in who}
+        self.server.recover(r, self.recovered[r].values())
 
-    def round(self, r: int, live=None, answering=None) -> np.ndarray:
+    def round(self, r: int, live=None, answering=None) -> None:
         request = self.mask(r, live)
-        answers = self.answer(r, request, request.survivors if answering is None else answering)
-        return self.server.unmask(r, answers.values())
+        if request is not None:
+            self.recover(r, request, request.survivors if answering is None else answering)
+        self.previous = self.server.masked_sum(r)
+
+    def close(self) -> np.ndarray:
+        r = self.previous.round
+        opened = [self.clients[s].open_sum(self.previous) for s in self.server.survivors]
+        self.sums[r] = self.server.collect_opened(r, opened)
+        return self.sums[r]
 
 
-def _rebuild(answers: dict, field: str, site: str, sites: list[str]) -> bytes:
-    """What the server can rebuild from the unmask answers it received (any t of them)."""
+def _rebuild(answers: dict, site: str, sites: list[str]) -> bytes:
+    """What the server can rebuild from the recovery answers it received (any t of them)."""
     index = {s: i + 1 for i, s in enumerate(sites)}
-    return secagg._combine32([(index[w], base64.b64decode(getattr(a, field)[site]))
+    return secagg._combine32([(index[w], base64.b64decode(a.sk_shares[site]))
                               for w, a in answers.items()])
 
 
-def _pairwise_masks(y, site, r, s_sk, job: Job, peers) -> np.ndarray:
+def _strip_pairwise(y, site, r, s_sk, job: Job, peers) -> np.ndarray:
     """Remove `site`'s round-r pairwise masks given a candidate round-r secret key."""
     out = y.copy()
     for v in peers:
@@ -101,6 +120,12 @@ def _pairwise_masks(y, site, r, s_sk, job: Job, peers) -> np.ndarray:
         else:
             out += stream
     return out & MOD
+
+
+def _self_mask(job: Job, site: str, r: int, holder: str = "site0") -> np.ndarray:
+    """`site`'s round-r self-mask, as any member (holder of K) can compute it."""
+    k = base64.b64decode(json.loads(job.clients[holder].export_state())["group_key"])
+    return secagg._prg_u64(secagg_session._self_seed(k, JOB, r, site), LENGTH) & MOD
 
 
 # ---------------------------------------------------------------- correctness
@@ -122,6 +147,16 @@ def test_full_64_bit_modulus_wraps() -> None:
         assert np.array_equal(got, expected)
 
 
+def test_one_call_per_site_per_round_without_dropouts() -> None:
+    job = Job(3, 2)
+    for r in (1, 2, 3):
+        job.round(r)  # no recovery request: collect_masked returned None every round
+        assert job.recovered == {}
+    assert np.array_equal(job.close(), _plain_sum(job.x[2], job.sites))
+    for r in (1, 2):
+        assert np.array_equal(job.sums[r], _plain_sum(job.x[r - 1], job.sites))
+
+
 def test_dropout_in_round_2_is_permanent() -> None:
     vectors = _rounds_of_vectors(4, 4, seed=7)
     sums = run_secure_sum_session(vectors, 3, BITS, drop={2: {"site3"}})
@@ -136,29 +171,25 @@ def test_dropout_in_round_2_is_permanent() -> None:
     assert job.server.active == ["site0", "site1", "site2"]
     assert all(job.clients[s].dropped == {"site3": 2} for s in job.server.active)
     # the server no longer takes site3's input ...
-    late = job.clients["site3"].masked_input(3, job.x[2]["site3"])
+    late = SecAggSessionClient.from_state(job.clients["site3"].export_state())
     with pytest.raises(SecAggUnknownSenderError, match="'site3' was dropped in round 2"):
-        job.server.collect_masked(3, [late])
-    # ... the others exclude it from their masks, the request says it is gone ...
-    request = job.mask(3)
+        job.server.collect_masked(3, [late.masked_input(3, job.x[2]["site3"])])
+    # ... the others exclude it from their masks ...
+    assert job.mask(3) is None
     assert all("site3" not in m.peers for m in job.masked[3].values())
-    assert request.gone == ["site3"] and request.dropped == []
-    # ... and every client refuses a request that calls site3 a survivor again
-    revived = SessionUnmaskRequest(JOB, 3, job.sites, [], [])
+    # ... and every client refuses a masked sum that calls site3 a survivor again
+    revived = SessionMaskedSum(JOB, 3, job.sites, BITS, LENGTH, job.server.masked_sum(3).data)
     for s in job.server.active:
         with pytest.raises(SecAggUnmaskRefusedError, match="site3"):
-            job.clients[s].unmask(3, revived, job.server.inbox(s))
-    answers = job.answer(3, request, request.survivors)
-    assert np.array_equal(job.server.unmask(3, answers.values()),
-                          _plain_sum(job.x[2], job.server.active))
+            SecAggSessionClient.from_state(job.clients[s].export_state()).open_sum(revived)
+    job.previous = job.server.masked_sum(3)
+    assert np.array_equal(job.close(), _plain_sum(job.x[2], job.server.active))
 
 
-def test_site_that_missed_the_drop_notice_still_gets_unmasked() -> None:
-    """site2 masks round 2 but misses its unmask request, so in round 3 it still masks with
-    the dropped site3: the server then asks for site3's round-3 key as well."""
+def test_site_silent_in_recovery_learns_of_the_drop_from_the_survivor_set() -> None:
     vectors = _rounds_of_vectors(4, 4, seed=3)
     sums = run_secure_sum_session(vectors, 2, BITS, drop={2: {"site3"}},
-                                  silent_in_unmask={2: {"site2"}})
+                                  silent_in_recovery={2: {"site2"}})
     for r in (1, 2, 3):
         assert np.array_equal(sums[r], _plain_sum(vectors[r], ["site0", "site1", "site2"]))
 
@@ -166,15 +197,10 @@ def test_site_that_missed_the_drop_notice_still_gets_unmasked() -> None:
     job.round(1)
     job.round(2, live=job.sites[:3], answering=["site0", "site1"])
     assert job.clients["site2"].dropped == {}
-    request = job.mask(3)
-    assert job.masked[3]["site2"].peers == ["site0", "site1", "site3"]
-    assert job.masked[3]["site0"].peers == ["site1", "site2"]
-    assert request.dropped == ["site3"] and request.gone == []
-    answers = job.answer(3, request, request.survivors)
-    assert np.array_equal(job.server.unmask(3, answers.values()),
-                          _plain_sum(job.x[2], job.sites[:3]))
-    assert job.clients["site2"].dropped == {"site3": 3}
-    assert job.mask(4).gone == ["site3"]
+    job.mask(3)
+    assert job.clients["site2"].dropped == {"site3": 2}
+    assert job.masked[3]["site2"].peers == ["site0", "site1"]
+    assert np.array_equal(job.sums[2], _plain_sum(job.x[1], job.sites[:3]))
 
 
 def test_more_dropouts_than_tolerated_is_a_clear_error() -> None:
@@ -187,11 +213,10 @@ def test_more_dropouts_than_tolerated_is_a_clear_error() -> None:
                                                    r"\(step MaskedInput of round 3"):
         run_secure_sum_session(vectors, 3, BITS, drop={2: {"site3"}, 3: {"site0"}})
     job = Job(4, 3)
-    request = job.mask(1)
-    answers = job.answer(1, request, ["site0", "site1"])
-    with pytest.raises(SecAggThresholdError, match="step Unmasking of round 1; silent: "
-                                                   "site2, site3"):
-        job.server.unmask(1, answers.values())
+    request = job.mask(1, live=job.sites[:3])
+    with pytest.raises(SecAggThresholdError, match=r"step Recovery of round 1; silent: "
+                                                   r"site1, site2"):
+        job.recover(1, request, ["site0"])
 
 
 def test_every_site_must_share_during_setup() -> None:
@@ -213,79 +238,98 @@ def test_same_input_in_two_rounds_gives_unrelated_masked_vectors() -> None:
     job.round(2)
     for s in job.sites:
         y1, y2 = job.masked[1][s].values(), job.masked[2][s].values()
-        diff = (y1 - y2) & MOD
-        assert np.count_nonzero(diff) == LENGTH
+        assert np.count_nonzero((y1 - y2) & MOD) == LENGTH
         assert np.count_nonzero((y1 - job.x[0][s]) & MOD == (y2 - job.x[0][s]) & MOD) == 0
 
 
-def test_server_alone_cannot_unmask_one_site() -> None:
+def test_orchestrator_cannot_open_the_masked_sum_or_one_input() -> None:
     job = Job(3, 2)
-    total = job.round(1)
-    r, target = 1, "site0"
-    x0, y0 = job.x[0][target], job.masked[1][target].values()
-    # everything the server holds or has seen: its state, all messages, rebuilt b_{site0,1}
-    b0 = _rebuild(job.answers[1], "b_shares", target, job.sites)
-    unself = (y0 - secagg._prg_u64(secagg_session._self_seed(b0, JOB, r, target), LENGTH)) & MOD
-    assert np.count_nonzero(unself == x0) < 2  # pairwise masks with live peers remain
-    # with a key it does not have (a fresh one, standing in for any guess) it gets noise too
-    guess = _pairwise_masks(unself, target, r, X25519PrivateKey.generate(), job, ["site1", "site2"])
+    job.round(1)
+    x0, y0 = job.x[0]["site0"], job.masked[1]["site0"].values()
+    truth = _plain_sum(job.x[0], job.sites)
+    masked_sum = _unpack_sum(job.server.masked_sum(1))
+    assert np.count_nonzero(masked_sum == truth) < 2  # the self-masks are still on the sum
+    assert np.count_nonzero(y0 == x0) < 2
+    # with a key it does not have (a fresh one, standing in for any guess) it gets noise
+    guess = _strip_pairwise(y0, "site0", 1, X25519PrivateKey.generate(), job, ["site1", "site2"])
     assert np.count_nonzero(guess == x0) < 2
-    # no secret of any site appears in the server's state
-    state = job.server.export_state()
+    # no secret of any site appears in the server's state or in what it relayed
+    seen = job.server.export_state() + "".join(m.to_str() for m in job.masked[1].values())
     for s in job.sites:
         st = json.loads(job.clients[s].export_state())
-        for secret in [st["c_sk"], *st["s_sks"], *st["bs"]]:
-            assert secret not in state
-    # the only thing that works is what the sum itself gives away
-    others = (job.x[0]["site1"] + job.x[0]["site2"]) & MOD
-    assert np.array_equal((total - others) & MOD, x0)
+        for secret in [st["c_sk"], *st["s_sks"], st["k"], st["group_key"]]:
+            assert secret not in seen
+    # the sites open the sum; that, minus the others' inputs, is all that gives x0 away
+    total = job.close()
+    assert np.array_equal(total, truth)
+    assert np.array_equal((total - job.x[0]["site1"] - job.x[0]["site2"]) & MOD, x0)
+
+
+def _unpack_sum(msg: SessionMaskedSum) -> np.ndarray:
+    return secagg._unpack(msg.data, msg.bits, msg.vector_length, "sum")
+
+
+def test_late_input_of_a_dropped_site_stays_hidden_by_its_self_mask() -> None:
+    """site3 masks round 2 but its reply is lost: the survivors reveal its round-2 key, the
+    server strips its pairwise masks from the late reply, and the self-mask still hides it."""
+    job = Job(4, 3)
+    job.round(1)
+    late = SecAggSessionClient.from_state(job.clients["site3"].export_state())
+    late.open_sum(job.previous)
+    y3 = late.masked_input(2, job.x[1]["site3"]).values()  # never delivered in time
+    job.round(2, live=["site0", "site1", "site2"])
+    sk = X25519PrivateKey.from_private_bytes(_rebuild(job.recovered[2], "site3", job.sites))
+    assert base64.b64encode(sk.public_key().public_bytes_raw()).decode() == \
+        job.directory.keys["site3"]["s_pks"][1]  # the server really holds the round-2 key
+    stripped = _strip_pairwise(y3, "site3", 2, sk, job, ["site0", "site1", "site2"])
+    assert np.count_nonzero(stripped == job.x[1]["site3"]) < 2
+    # what a member colluding with the server would add (the README states this limit)
+    assert np.array_equal((stripped - _self_mask(job, "site3", 2)) & MOD, job.x[1]["site3"])
 
 
 def test_dropping_in_round_2_does_not_expose_round_1() -> None:
     """With one long-term mask key, the key revealed for a round-2 dropout would unmask the
-    dropout's round-1 input (whose b the server rebuilt). Per-round keys prevent that."""
+    dropout's round-1 input. Per-round keys prevent that, even with the self-masks known."""
     job = Job(4, 3)
     job.round(1)
     job.round(2, live=["site0", "site1", "site2"])
     y1 = job.masked[1]["site3"].values()
-    b1 = _rebuild(job.answers[1], "b_shares", "site3", job.sites)
-    sk2 = X25519PrivateKey.from_private_bytes(
-        _rebuild(job.answers[2], "sk_shares", "site3", job.sites))
-    assert base64.b64encode(sk2.public_key().public_bytes_raw()).decode() == \
-        job.directory.keys["site3"]["s_pks"][1]  # the server really holds the round-2 key
-    unself = (y1 - secagg._prg_u64(secagg_session._self_seed(b1, JOB, 1, "site3"), LENGTH)) & MOD
+    sk2 = X25519PrivateKey.from_private_bytes(_rebuild(job.recovered[2], "site3", job.sites))
+    unself = (y1 - _self_mask(job, "site3", 1)) & MOD
     peers = ["site0", "site1", "site2"]
-    attack = _pairwise_masks(unself, "site3", 1, sk2, job, peers)
-    assert np.count_nonzero(attack == job.x[0]["site3"]) < 2
+    assert np.count_nonzero(_strip_pairwise(unself, "site3", 1, sk2, job, peers)
+                            == job.x[0]["site3"]) < 2
     # positive control: the same computation with the round-1 key (never revealed) works
     sk1 = X25519PrivateKey.from_private_bytes(
         base64.b64decode(json.loads(job.clients["site3"].export_state())["s_sks"][0]))
-    assert np.array_equal(_pairwise_masks(unself, "site3", 1, sk1, job, peers), job.x[0]["site3"])
+    assert np.array_equal(_strip_pairwise(unself, "site3", 1, sk1, job, peers), job.x[0]["site3"])
 
 
-def test_client_refuses_to_reveal_both_seed_and_key_of_a_peer() -> None:
+def test_sites_open_each_round_once_and_only_for_the_recovered_survivors() -> None:
     job = Job(4, 2)
     job.mask(1)
-    c, box = job.clients["site0"], job.server.inbox("site0")
-    with pytest.raises(SecAggUnmaskRefusedError, match="site3"):
-        c.unmask(1, SessionUnmaskRequest(JOB, 1, job.sites, ["site3"], []), box)
-    # b of site3 revealed first: its round-1 key is then refused
-    everyone = SessionUnmaskRequest(JOB, 1, job.sites, [], [])
-    answer = c.unmask(1, everyone, box)
-    assert c.unmask(1, everyone, box) == answer  # identical retry
-    site3_dropped = SessionUnmaskRequest(JOB, 1, job.sites[:3], ["site3"], [])
-    with pytest.raises(SecAggUnmaskRefusedError, match="site3"):
-        c.unmask(1, site3_dropped, box)
-    # and vice versa in the next round: key of site3 revealed first, then its b refused
-    job.mask(2)
-    answer = c.unmask(2, SessionUnmaskRequest(JOB, 2, job.sites[:3], ["site3"], []), box)
-    assert set(answer.b_shares) == {"site0", "site1", "site2"} and set(answer.sk_shares) == {
-        "site3"}
+    c = job.clients["site0"]
+    request = SessionRecoverRequest(JOB, 1, job.sites[:3], ["site3"])
+    answer = c.recover(request)
+    assert c.recover(request) == answer  # identical retry, identical answer
+    with pytest.raises(SecAggUnmaskRefusedError, match="second, different split"):
+        c.recover(SessionRecoverRequest(JOB, 1, ["site0", "site1"], ["site2", "site3"]))
+    # its key revealed, site3 can no longer be called a survivor of round 1 ...
+    sealed = np.arange(LENGTH, dtype=np.uint64)  # any masked sum
+    everyone = SessionMaskedSum(JOB, 1, job.sites, BITS, LENGTH, secagg._pack(sealed, BITS))
     resumed = SecAggSessionClient.from_state(c.export_state())  # refusal survives a restart
-    with pytest.raises(SecAggUnmaskRefusedError, match="site3"):
-        resumed.unmask(2, SessionUnmaskRequest(JOB, 2, job.sites, [], []), box)
-    with pytest.raises(SecAggUnmaskRefusedError, match="site3"):  # "gone" and survivor at once
-        resumed.unmask(2, SessionUnmaskRequest(JOB, 2, job.sites, [], ["site3"]), box)
+    with pytest.raises(SecAggUnmaskRefusedError, match=r"revealed keys for survivors"):
+        resumed.open_sum(everyone)
+    # ... and once opened, round 1 is not opened again with another sum or survivor set
+    three = SessionMaskedSum(JOB, 1, job.sites[:3], BITS, LENGTH, secagg._pack(sealed, BITS))
+    first = resumed.open_sum(three)
+    assert resumed.open_sum(three) == first  # identical retry
+    other = SessionMaskedSum(JOB, 1, job.sites[:3], BITS, LENGTH,
+                             secagg._pack(sealed + np.uint64(1), BITS))
+    with pytest.raises(SecAggUnmaskRefusedError, match="already opened the sum of round 1"):
+        resumed.open_sum(other)
+    with pytest.raises(SecAggUnmaskRefusedError, match="already opened"):
+        resumed.recover(request)
 
 
 # ---------------------------------------------------------------- client rules
@@ -293,10 +337,12 @@ def test_client_refuses_to_reveal_both_seed_and_key_of_a_peer() -> None:
 
 def test_rounds_must_be_in_range_and_strictly_increase() -> None:
     job = Job(3, 2, rounds=4)
-    c, x = job.clients["site0"], job.x[0]["site0"]
+    c, x, box = job.clients["site0"], job.x[0]["site0"], job.inboxes["site0"]
+    with pytest.raises(SecAggProtocolError, match="first masked input needs its shares inbox"):
+        c.masked_input(1, x)
     for bad in (0, 5, -1, 1.0):
         with pytest.raises(SecAggRoundError, match="outside 1..4"):
-            c.masked_input(bad, x)
+            c.masked_input(bad, x, box)
     first = c.masked_input(2, x)  # skipping round 1 is allowed
     assert c.masked_input(2, x).to_str() == first.to_str()  # identical retry, identical message
     with pytest.raises(SecAggProtocolError, match="leak the difference"):
@@ -306,59 +352,57 @@ def test_rounds_must_be_in_range_and_strictly_increase() -> None:
     for bad in (0, 5):
         with pytest.raises(SecAggRoundError, match="outside 1..4"):
             job.server.collect_masked(bad, [])
-    job.server.collect_masked(2, [job.clients[s].masked_input(2, job.x[0][s]) for s in job.sites])
+    job.server.collect_masked(2, [job.clients[s].masked_input(2, job.x[0][s], job.inboxes[s])
+                                  for s in job.sites])
     with pytest.raises(SecAggRoundError, match="strictly increase"):
         job.server.collect_masked(1, [])
 
 
-def test_unmask_is_refused_for_a_round_not_masked_or_too_few_survivors() -> None:
-    job = Job(4, 3)
-    request = job.mask(1, live=job.sites[:3])
-    box = job.server.inbox("site3")
+def test_open_and_recover_are_refused_outside_the_rules() -> None:
+    job = Job(4, 3, min_survivors=4)  # the job's min_sites (4) is above the threshold (3)
+    job.mask(1, live=job.sites[:3])
+    data = secagg._pack(np.zeros(LENGTH, dtype=np.uint64), BITS)
+    c = job.clients["site0"]
     with pytest.raises(SecAggRoundError, match="did not mask round 1"):
-        job.clients["site3"].unmask(1, request, box)
-    c, box = job.clients["site0"], job.server.inbox("site0")
+        job.clients["site3"].open_sum(SessionMaskedSum(JOB, 1, job.sites, BITS, LENGTH, data))
     with pytest.raises(SecAggRoundError, match="did not mask round 2"):
-        c.unmask(2, SessionUnmaskRequest(JOB, 2, job.sites, [], []), box)
-    with pytest.raises(SecAggMessageError, match="request is for round 1"):
-        c.unmask(2, request, box)
-    few = SessionUnmaskRequest(JOB, 1, ["site0", "site1"], ["site2", "site3"], [])
-    with pytest.raises(SecAggThresholdError, match="only 2 survivors"):
-        c.unmask(1, few, box)
+        c.open_sum(SessionMaskedSum(JOB, 2, job.sites, BITS, LENGTH, data))
+    with pytest.raises(SecAggThresholdError, match="only 3 survivors.*at least 4"):
+        c.open_sum(SessionMaskedSum(JOB, 1, job.sites[:3], BITS, LENGTH, data))
     with pytest.raises(SecAggProtocolError, match="not listed as a survivor"):
-        c.unmask(1, SessionUnmaskRequest(JOB, 1, job.sites[1:], ["site0"], []), box)
-    with pytest.raises(SecAggMessageError, match="neither surviving nor dropped"):
-        c.unmask(1, SessionUnmaskRequest(JOB, 1, job.sites[:3], [], []), box)
+        c.open_sum(SessionMaskedSum(JOB, 1, job.sites[1:], BITS, LENGTH, data))
     with pytest.raises(SecAggUnknownSenderError, match="mallory"):
-        c.unmask(1, SessionUnmaskRequest(JOB, 1, [*job.sites[:3], "mallory"], ["site3"], []),
-                 box)
+        c.open_sum(SessionMaskedSum(JOB, 1, [*job.sites, "mallory"], BITS, LENGTH, data))
+    with pytest.raises(SecAggMessageError, match="other-job"):
+        c.open_sum(SessionMaskedSum("other-job", 1, job.sites, BITS, LENGTH, data))
+    with pytest.raises(SecAggMessageError, match="split its peers"):
+        c.recover(SessionRecoverRequest(JOB, 1, job.sites, []))
 
 
 def test_tampered_or_misrouted_inbox_is_rejected() -> None:
     job = Job(3, 2)
-    request = job.mask(1)
     box = job.server.inbox("site2")
-    c = job.clients["site2"]
+    c, x = job.clients["site2"], job.x[0]["site2"]
     raw = bytearray(base64.b64decode(box.ciphertexts["site1"]))
     raw[30] ^= 0x01
     flipped = SessionInbox(JOB, "site2", box.senders,
                            {**box.ciphertexts, "site1": base64.b64encode(bytes(raw)).decode()})
     with pytest.raises(SecAggDecryptionError, match="from site 'site1' failed AES-GCM"):
-        c.unmask(1, request, flipped)
+        c.masked_input(1, x, flipped)
     swapped = SessionInbox(JOB, "site2", box.senders,
                            {"site0": box.ciphertexts["site1"], "site1": box.ciphertexts["site0"]})
     with pytest.raises(SecAggDecryptionError):
-        c.unmask(1, request, swapped)
+        c.masked_input(1, x, swapped)
     other = job.server.inbox("site1")  # site1's inbox, relabelled for site2
     with pytest.raises(SecAggDecryptionError):
-        c.unmask(1, request, SessionInbox(JOB, "site2", other.senders,
+        c.masked_input(1, x, SessionInbox(JOB, "site2", other.senders,
                                           {"site0": other.ciphertexts["site0"],
                                            "site1": other.ciphertexts["site2"]}))
     with pytest.raises(SecAggMessageError, match="delivered to 'site2'"):
-        c.unmask(1, request, other)
+        c.masked_input(1, x, other)
     with pytest.raises(SecAggMessageError, match="other-job"):
-        c.unmask(1, request, SessionInbox("other-job", "site2", box.senders, box.ciphertexts))
-    assert c.unmask(1, request, box).round == 1  # the genuine inbox still works
+        c.masked_input(1, x, SessionInbox("other-job", "site2", box.senders, box.ciphertexts))
+    assert c.masked_input(1, x, box).round == 1  # the genuine inbox still works
 
 
 def test_sites_shown_different_directories_cannot_read_each_others_shares() -> None:
@@ -371,9 +415,8 @@ def test_sites_shown_different_directories_cannot_read_each_others_shares() -> N
     server.route_shares([clients["a"].share(json.dumps(forked)), clients["b"].share(directory),
                          clients["c"].share(directory)])
     zeros = np.zeros(LENGTH, dtype=np.uint64)
-    request = server.collect_masked(1, [c.masked_input(1, zeros) for c in clients.values()])
     with pytest.raises(SecAggDecryptionError, match="site 'a' failed.*another key directory"):
-        clients["b"].unmask(1, request, server.inbox("b"))
+        clients["b"].masked_input(1, zeros, server.inbox("b"))
 
 
 def test_signed_key_adverts_are_checked() -> None:
@@ -397,9 +440,9 @@ def test_signed_key_adverts_are_checked() -> None:
         clients["b"].share(json.dumps(forged), verify=verify)
 
 
-def test_server_checks_masked_inputs() -> None:
+def test_server_checks_masked_inputs_and_opened_sums() -> None:
     job = Job(3, 2)
-    good = job.clients["site0"].masked_input(1, job.x[0]["site0"])
+    good = job.clients["site0"].masked_input(1, job.x[0]["site0"], job.inboxes["site0"])
     partial = SessionMaskedInput(JOB, "site0", 1, BITS, LENGTH, ["site1"], good.data)
     with pytest.raises(SecAggMessageError, match=r"left out \['site2'\]"):
         job.server.collect_masked(1, [partial])
@@ -409,49 +452,36 @@ def test_server_checks_masked_inputs() -> None:
     forged = SessionMaskedInput(JOB, "mallory", 1, BITS, LENGTH, good.peers, good.data)
     with pytest.raises(SecAggUnknownSenderError, match="mallory"):
         job.server.collect_masked(1, [forged])
-    with pytest.raises(SecAggRoundError, match="cannot unmask round 1"):
-        job.server.unmask(1, [])
+    with pytest.raises(SecAggRoundError, match="no pending recovery"):
+        job.server.recover(1, [])
+    job2 = Job(3, 2, seed=1)
+    job2.round(1)
+    opened = [job2.clients[s].open_sum(job2.previous) for s in job2.sites]
+    liar = SessionOpenedSum(JOB, "site2", 1, job2.sites,
+                            secagg._pack(np.ones(LENGTH, dtype=np.uint64), BITS))
+    with pytest.raises(SecAggReconstructionError, match="opened different sums of round 1"):
+        job2.server.collect_opened(1, [*opened[:2], liar])
+    with pytest.raises(SecAggMessageError, match="over"):
+        job2.server.collect_opened(1, [SessionOpenedSum(JOB, "site0", 1, job2.sites[:2],
+                                                        opened[0].data)])
+    assert np.array_equal(job2.server.collect_opened(1, opened), _plain_sum(job2.x[0], job2.sites))
 
 
 # ---------------------------------------------------------------- stateless calls
 
 
-def test_state_export_import_between_every_call() -> None:
+def test_state_export_import_round_trips_mid_protocol() -> None:
     job = Job(4, 3, rounds=3, seed=11)
-    x, sites = job.x, job.sites
-    srv_state = SecAggSessionServer(3, BITS, LENGTH, JOB, 3, sites=sites).export_state()
-    states = {s: SecAggSessionClient(s, job_id=JOB, threshold=3, bits=BITS,
-                                     vector_length=LENGTH, rounds=3).export_state()
-              for s in sites}
-
-    def serve(call):
-        nonlocal srv_state
-        srv = SecAggSessionServer.from_state(srv_state)
-        out = call(srv)
-        srv_state = srv.export_state()
-        assert SecAggSessionServer.from_state(srv_state).export_state() == srv_state
-        return out
-
-    def site(s, call):
-        c = SecAggSessionClient.from_state(states[s])
-        out = call(c).to_str()
-        states[s] = c.export_state()
-        assert SecAggSessionClient.from_state(states[s]).export_state() == states[s]
-        return out
-
-    adverts = [site(s, lambda c: c.advertise()) for s in sites]
-    directory = serve(lambda v: v.collect_keys(adverts).to_str())
-    shares = [site(s, lambda c: c.share(directory)) for s in sites]
-    assert [site(s, lambda c: c.share(directory)) for s in sites] == shares  # idempotent
-    serve(lambda v: {k: m.to_str() for k, m in v.route_shares(shares).items()})
-    for r, live in ((1, sites), (2, sites[:3]), (3, sites[:3])):
-        masked = [site(s, lambda c, s=s, r=r: c.masked_input(r, x[r - 1][s])) for s in live]
-        request = serve(lambda v, r=r, m=masked: v.collect_masked(r, m).to_str())
-        answers = [site(s, lambda c, s=s, r=r, q=request: c.unmask(
-            r, q, serve(lambda v: v.inbox(s).to_str()))) for s in live]
-        total = serve(lambda v, r=r, a=answers: v.unmask(r, a))
-        assert np.array_equal(total, _plain_sum(x[r - 1], live))
-    assert serve(lambda v: v.dropped) == {"site3": 2}
+    job.round(1)
+    job.round(2, live=job.sites[:3])
+    for c in job.clients.values():
+        state = c.export_state()
+        assert SecAggSessionClient.from_state(state).export_state() == state
+    state = job.server.export_state()
+    resumed = SecAggSessionServer.from_state(state)
+    assert resumed.export_state() == state and resumed.dropped == {"site3": 2}
+    job.server = resumed
+    assert np.array_equal(job.close(), _plain_sum(job.x[1], job.sites[:3]))
 
 
 def test_corrupt_state_and_messages_are_rejected() -> None:
@@ -475,11 +505,10 @@ def test_message_sizes_are_reasonable() -> None:
     advert = len(job.adverts["site0"].to_str())
     assert advert < 200 + 48 * (rounds + 1)  # base64 X25519 keys + JSON framing
     share = len(job.shares["site0"].to_str())
-    per_recipient = 4 * (12 + 4 + 64 * rounds + 16) / 3  # base64(nonce | header | shares | tag)
-    assert share < (n - 1) * (per_recipient + 20) + rounds * 48 + 200
+    per_recipient = 4 * (12 + 4 + 32 + 32 * rounds + 16) / 3  # base64(nonce|header|k|shares|tag)
+    assert share < (n - 1) * (per_recipient + 20) + 200
     assert len(job.server.inbox("site0").to_str()) < (n - 1) * (per_recipient + 20) + 300
-    request = job.mask(1)
+    job.round(1)
     masked = len(job.masked[1]["site0"].to_str())
     assert masked < 4 * LENGTH * 4 / 3 + 300  # 4 bytes per value at 32 bits, base64
-    answer = len(job.answer(1, request, ["site0"])["site0"].to_str())
-    assert answer < n * 70 + 200
+    assert len(job.previous.to_str()) < 4 * LENGTH * 4 / 3 + 300

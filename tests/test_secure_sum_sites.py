@@ -12,13 +12,13 @@ import pytest
 
 from datasites.direct import direct_federation
 from fed_tasks.aggregation import MaskedSum, PlainSum, TooFewSitesError
-from fed_tasks.codec import encode_array
 from fed_tasks.encoding import codec_for, secagg_plan
+from fed_tasks.global_state import GlobalState
+from fed_tasks.interface import SiteRefusedError
 from fed_tasks.local import LocalSite
-from fed_tasks.preprocessing import Standardizer
 from fed_tasks.site_step import new_model, vector_length
 from fed_tasks.spec import JobSpec
-from privacy.secagg_session import SessionMaskedInput
+from privacy.secagg_session import SessionMaskedInput, SessionMaskedSum
 
 
 @pytest.fixture()
@@ -35,58 +35,74 @@ def four_sites(tmp_path, shuttle_small, schema):
         s.close()
 
 
-def _fit_message(spec, rnd=1):
-    n = len(spec.features)
-    return {"round": rnd, "weights": encode_array(new_model(spec).get_weights()),
-            "norm": Standardizer(np.zeros(n), np.ones(n)).to_dict()}
-
-
-def _plain_sum(spec, sites, message):
+def _plain_fit(spec, sites, state):
     plain = [LocalSite(s.name, spec, s.train, s.test) for s in sites]
-    return PlainSum().sum(plain, "fit", message, vector_length(spec, "fit"))
+    return PlainSum().sum(plain, "fit", state.message(1), vector_length(spec, "fit"))
 
 
 def test_dropout_after_key_sharing_sums_the_survivors(four_sites):
     spec, sites = four_sites
     agg = MaskedSum(spec, n_sites=4)
-    agg.sum(sites, "stats", {}, vector_length(spec, "stats"))  # keys shared, round 1 done
+    agg.submit(sites, "stats", {}, vector_length(spec, "stats"))  # keys shared
     sites[2].offline = True  # stops answering after key sharing
-    msg = _fit_message(spec)
-    got = agg.sum(sites, "fit", msg, vector_length(spec, "fit"))
-    want = _plain_sum(spec, [s for s in sites if not s.offline], msg)
-    tol = codec_for(spec, "fit").max_abs_error(3)
-    assert np.max(np.abs(got - want)) <= tol
-    assert "edge-2" in agg.dropped
+    state = GlobalState(new_model(spec).get_weights())
+    released = agg.submit(sites, "fit", state.message(1), vector_length(spec, "fit"))
+    state.advance("stats", released[0].vector)  # statistics of all four sites
+    (got,) = agg.finish(sites)
+    want = _plain_fit(spec, [s for s in sites if not s.offline], state)
+    assert got.action == "fit" and got.round == 1
+    assert np.max(np.abs(got.vector - want)) <= codec_for(spec, "fit").max_abs_error(3)
+    assert "edge-2" in agg.dropped and agg.server.dropped == {"edge-2": 2}
 
 
 def test_more_dropouts_than_tolerated_is_a_clear_error(four_sites):
     spec, sites = four_sites
     agg = MaskedSum(spec, n_sites=4)
     assert secagg_plan(spec, 4)["threshold"] == 3
-    agg.sum(sites, "stats", {}, vector_length(spec, "stats"))
+    agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
     sites[0].offline = sites[3].offline = True
     with pytest.raises(TooFewSitesError, match="threshold is 3"):
-        agg.sum(sites, "fit", _fit_message(spec), vector_length(spec, "fit"))
+        agg.submit(sites, "fit", GlobalState(new_model(spec).get_weights()).message(1),
+                   vector_length(spec, "fit"))
+    # the statistics the two survivors opened before the round failed are still released
+    assert [r.action for r in agg.finish(sites)] == ["stats"]
 
 
 def test_orchestrator_sees_masked_vectors_only(four_sites):
     spec, sites = four_sites
     agg = MaskedSum(spec, n_sites=4)
-    agg.sum(sites, "stats", {}, vector_length(spec, "stats"))
-    msg = _fit_message(spec)
-    reply = sites[0].call("fit", msg)
-    assert set(reply) == {"masked", "round"}
+    agg._setup(sites)
+    inbox = agg.server.inbox(sites[0].name).to_str()
+    reply = sites[0].call("stats", {"secagg": {"previous": None, "inbox": inbox}})
+    assert set(reply) == {"masked", "opened"} and reply["opened"] is None
     masked = SessionMaskedInput.from_str(reply["masked"]).values()
-    plain = LocalSite("x", spec, sites[0].train, sites[0].test).call("fit", msg)
+    plain = LocalSite("x", spec, sites[0].train, sites[0].test).call("stats", {})
     from fed_tasks.codec import decode_array
 
-    encoded = np.asarray(codec_for(spec, "fit").encode(
-        decode_array(plain["vector"], vector_length(spec, "fit"))), dtype=np.uint64)
+    encoded = np.asarray(codec_for(spec, "stats").encode(
+        decode_array(plain["vector"], vector_length(spec, "stats"))), dtype=np.uint64)
     n = encoded.size
-    assert np.mean(masked[:n] == encoded) < 0.01  # the update is not visible
-    # the masked vector looks uniform over the modulus, unlike the encoded update
+    assert np.mean(masked[:n] == encoded) < 0.01  # the statistics are not visible
+    # the masked vector looks uniform over the modulus, unlike the encoded one
     bits = secagg_plan(spec, 4)["bits"]
     assert masked.max() > 2 ** (bits - 2) and np.std(masked / 2.0**bits) > 0.2
+
+
+def test_site_refuses_to_open_a_sum_of_fewer_sites_than_the_threshold(four_sites):
+    """The orchestrator forges a 'sum' of one site's masked statistics and asks that site's
+    peers to open it: they refuse, and nothing is counted."""
+    spec, sites = four_sites
+    agg = MaskedSum(spec, n_sites=4)
+    agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
+    genuine = agg.server.masked_sum(1)
+    for survivors in ([sites[1].name], [sites[0].name, sites[1].name]):
+        forged = SessionMaskedSum(genuine.job_id, 1, survivors, genuine.bits,
+                                  genuine.vector_length, genuine.data).to_str()
+        message = {**GlobalState(new_model(spec).get_weights()).message(1),
+                   "secagg": {"previous": forged, "inbox": None}}
+        with pytest.raises(SiteRefusedError, match="a sum needs at least 3"):
+            sites[1].call("fit", message)
+    assert sites[1].guard.approval(spec.job_id)["used"]["fit"] == 0
 
 
 def test_secure_sum_through_syft_survives_a_site_dropping(federation, partitions, schema):
@@ -95,7 +111,7 @@ def test_secure_sum_through_syft_survives_a_site_dropping(federation, partitions
     federation.approve_all(federation.submit(spec))
     conns = federation.connections(spec)
     agg = federation.secure_sum(spec)
-    agg.sum(conns, "stats", {}, vector_length(spec, "stats"))
+    agg.submit(conns, "stats", {}, vector_length(spec, "stats"))
 
     class Offline:
         name = conns[1].name
@@ -103,11 +119,14 @@ def test_secure_sum_through_syft_survives_a_site_dropping(federation, partitions
         def call(self, action, message):
             raise ConnectionError("site went offline")
 
-    msg = _fit_message(spec)
-    got = agg.sum([conns[0], Offline(), conns[2]], "fit", msg, vector_length(spec, "fit"))
+    state = GlobalState(new_model(spec).get_weights())
+    live = [conns[0], Offline(), conns[2]]
+    state.advance("stats", agg.submit(live, "fit", state.message(1),
+                                      vector_length(spec, "fit"))[0].vector)
+    (got,) = agg.finish(live)
     survivors = [LocalSite(conns[i].name, spec, *partitions[i]) for i in (0, 2)]
-    want = PlainSum().sum(survivors, "fit", msg, vector_length(spec, "fit"))
-    assert np.max(np.abs(got - want)) <= codec_for(spec, "fit").max_abs_error(2)
+    want = PlainSum().sum(survivors, "fit", state.message(1), vector_length(spec, "fit"))
+    assert np.max(np.abs(got.vector - want)) <= codec_for(spec, "fit").max_abs_error(2)
 
 
 def test_secure_sum_refuses_fewer_survivors_than_the_jobs_minimum(tmp_path, shuttle_small,
@@ -120,10 +139,11 @@ def test_secure_sum_refuses_fewer_survivors_than_the_jobs_minimum(tmp_path, shut
     sites = direct_federation(tmp_path, spec, frames)
     try:
         agg = MaskedSum(spec, n_sites=4)
-        agg.sum(sites, "stats", {}, vector_length(spec, "stats"))
+        agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
         sites[1].offline = True
         with pytest.raises(TooFewSitesError, match="needs at least 4"):
-            agg.sum(sites, "fit", _fit_message(spec), vector_length(spec, "fit"))
+            agg.submit(sites, "fit", GlobalState(new_model(spec).get_weights()).message(1),
+                       vector_length(spec, "fit"))
     finally:
         for s in sites:
             s.close()
