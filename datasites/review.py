@@ -12,7 +12,9 @@ AGGREGATION_WORDS = {
     "paillier": "paillier: the update leaves encrypted under the key authority's key and "
                 "signed by this site; only sums over at least the federation's minimum "
                 "number of sites are ever decrypted",
-    "secagg": "secagg: the update leaves masked; the masks cancel only in the sum over sites",
+    "secagg": "secagg: the update leaves masked; the orchestrator can only add masked "
+              "updates, and this site opens (and releases) only sums over at least the job's "
+              "minimum number of sites and the secure sum's threshold",
 }
 
 

@@ -182,7 +182,8 @@ class SitePrivacy:
         return charge
 
     def _secure_floor(self, spec: JobSpec) -> int | None:
-        """The smallest sum this site's secure aggregation can reveal (secagg threshold)."""
+        """The smallest sum this site's secure aggregation can reveal: the site opens no
+        secure sum of fewer than max(threshold, min_sites) sites."""
         if spec.aggregation != "secagg":
             return None  # paillier: the key authority decrypts only sums of >= min_sites
         from datasites.federation_config import read_config
@@ -191,7 +192,7 @@ class SitePrivacy:
         config = read_config(self.directory)
         if not config:
             return None
-        return default_threshold(int(config["max_sites"]))
+        return max(default_threshold(int(config["max_sites"])), spec.min_sites)
 
     def job_epsilon(self, job_id: str, dataset: str = DATASET_NAME) -> float:
         """What the ledger charged ``job_id`` on ``dataset`` so far (0 if nothing)."""

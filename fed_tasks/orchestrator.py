@@ -33,6 +33,7 @@ class TrainingResult:
     norm: Standardizer
     losses: list[float] = field(default_factory=list)  # NaN where DP sites withheld the loss
     round_seconds: list[float] = field(default_factory=list)
+    release_seconds: float = 0.0  # a secure sum's last call: the sites open the last round
     stopped_early: bool = False  # a site refused a round: its privacy budget would overspend
     stop_reason: str = ""
 
@@ -135,8 +136,7 @@ class FederatedTrainer:
             if not result.stopped_early:
                 raise
             log.warning("job %s: the last round's sum stays sealed: %s", self.spec.job_id, exc)
-        if result.round_seconds:  # the last round ends when its sum is released
-            result.round_seconds[-1] += time.perf_counter() - started
+        result.release_seconds = time.perf_counter() - started
         bar.close()
         if state.norm is None:
             raise TooFewSitesError(f"job {self.spec.job_id}: no aggregate was released "
