@@ -206,3 +206,38 @@ def test_dp_composes_with_secure_sum(tmp_path, partitions, schema):
 
 def test_policy_is_default_at_new_sites(small_fed):
     assert small_fed.sites[1].policy().max_rounds == DatasetPolicy().max_rounds
+
+
+def test_secure_sum_job_stops_cleanly_when_budgets_run_out(tmp_path, partitions, schema):
+    """Every site refuses round 3 (budget): the sites already opened round 1, and the last
+    call opens round 2, so the job returns round 2's model, charged for two rounds."""
+    spec = _spec(schema, rounds=4, dp_epsilon=3.0, dp_clip=0.5, aggregation="secagg",
+                 min_sites=2)
+    cum = [dp_step.cumulative_epsilon(spec, k) for k in range(5)]
+    frames = {f"stop-{i}": p for i, p in enumerate(partitions)}
+    sites = direct_federation(tmp_path, spec, frames)
+    try:
+        for s, (train, test) in zip(sites, frames.values(), strict=True):
+            s.guard.register_assets({"train": train, "test": test},
+                                    {"train": make_mock(train, schema), "test": test})
+            privacy = s.guard.privacy
+            privacy.set_policy(privacy.policy().model_copy(
+                update={"epsilon_budget": cum[2] + 0.5 * (cum[3] - cum[2])}),
+                "owner@direct.site", "test budget")
+        from fed_tasks.aggregation import MaskedSum
+
+        trainer = FederatedTrainer(spec, sites, progress=False,
+                                   secure_sum=MaskedSum(spec, len(sites)))
+        result = trainer.fit()
+        assert result.stopped_early and result.rounds_completed == 2
+        assert BUDGET_EXHAUSTED in result.stop_reason
+        assert np.all(np.isfinite(result.weights)) and result.release_seconds > 0
+        assert not np.array_equal(result.weights, new_model(spec).get_weights())
+        for s in sites:
+            assert s.guard.privacy.job_epsilon(spec.job_id) == pytest.approx(cum[2])
+            used = s.guard.approval(spec.job_id)["used"]
+            assert used["fit"] == 2 and used["secagg_reveal"] == 1
+        assert len(trainer.evaluate(result)) == 3
+    finally:
+        for s in sites:
+            s.close()
