@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from datasites.federation_config import SiteKeys, read_config
+from fed_tasks.codec import PayloadError
 from fed_tasks.encoding import codec_for, round_id, secagg_plan, session_round
 from fed_tasks.global_state import GlobalState
 from fed_tasks.site_step import new_model, plain_reply, vector_length
@@ -115,10 +116,13 @@ class SecureSumCall:
 
     def step_message(self) -> dict[str, Any]:
         """The step's input: the relayed model, advanced by the previous aggregate."""
-        if self.previous is None:
+        if self.action == "stats":
+            if self.previous is not None:
+                raise PermissionError("a statistics call opens no previous secure sum")
             return self.message
-        if self.action != "fit":
-            raise PermissionError("only a training call may open the previous secure sum")
+        if self.previous is None:
+            raise PayloadError("a secure-sum training call must carry the previous aggregate's "
+                               "masked sum (the site forms the model it trains from)")
         self.opened = self.client.open_sum(str(self.previous))
         state = GlobalState.from_message(self.message, new_model(self.spec).n_params)
         state.advance(*_opened_vector(self.spec, self.client, self.opened))

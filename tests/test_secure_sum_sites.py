@@ -102,6 +102,9 @@ def test_site_refuses_to_open_a_sum_of_fewer_sites_than_the_threshold(four_sites
                    "secagg": {"previous": forged, "inbox": None}}
         with pytest.raises(SiteRefusedError, match="a sum needs at least 3"):
             sites[1].call("fit", message)
+    bare = GlobalState(new_model(spec).get_weights()).message(1)
+    with pytest.raises(SiteRefusedError, match="must carry the previous aggregate"):
+        sites[1].call("fit", bare)
     assert sites[1].guard.approval(spec.job_id)["used"]["fit"] == 0
 
 
