@@ -88,7 +88,8 @@ class FederatedTrainer:
         state = GlobalState(new_model(self.spec).get_weights())
         for rel in self._submit("stats", {}) + self.secure_sum.finish(self.sites):
             state.advance(rel.action, rel.vector)
-        assert state.norm is not None
+        if state.norm is None:
+            raise TooFewSitesError("no site released its feature statistics")
         return state.norm
 
     def fit(self) -> TrainingResult:
@@ -100,7 +101,9 @@ class FederatedTrainer:
         or failure raises.
         """
         state = GlobalState(new_model(self.spec).get_weights())
-        result = TrainingResult(self.spec, state.weights, None)  # type: ignore[arg-type]
+        losses: list[float] = []
+        seconds: list[float] = []
+        stop_reason = ""
         bar = tqdm(range(1, self.spec.rounds + 1), desc=f"job {self.spec.job_id}", unit="round",
                    disable=not self.progress)
 
@@ -110,7 +113,7 @@ class FederatedTrainer:
                 if rel.action != "fit":
                     continue
                 loss = math.nan if self.spec.dp_enabled else state.loss  # DP: loss withheld
-                result.losses.append(loss)
+                losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
                 if self.on_round:
                     self.on_round(rel.round, loss)
@@ -123,26 +126,26 @@ class FederatedTrainer:
             except (SiteRefusedError, TooFewSitesError) as exc:
                 if not is_budget_refusal(exc):
                     raise
-                result.stopped_early, result.stop_reason = True, str(exc)
+                stop_reason = str(exc)
                 log.warning("job %s stopped before round %d: %s", self.spec.job_id, rnd, exc)
                 bar.set_postfix_str("stopped: privacy budget")
                 break
             finally:
-                result.round_seconds.append(time.perf_counter() - started)
+                seconds.append(time.perf_counter() - started)
         started = time.perf_counter()
         try:
             take(self.secure_sum.finish(self.sites))
         except (SiteRefusedError, TooFewSitesError) as exc:
-            if not result.stopped_early:
+            if not stop_reason:
                 raise
             log.warning("job %s: the last round's sum stays sealed: %s", self.spec.job_id, exc)
-        result.release_seconds = time.perf_counter() - started
+        release = time.perf_counter() - started
         bar.close()
         if state.norm is None:
             raise TooFewSitesError(f"job {self.spec.job_id}: no aggregate was released "
-                                   f"({result.stop_reason or 'no site answered'})")
-        result.weights, result.norm = state.weights, state.norm
-        return result
+                                   f"({stop_reason or 'no site answered'})")
+        return TrainingResult(self.spec, state.weights, state.norm, losses, seconds, release,
+                              stopped_early=bool(stop_reason), stop_reason=stop_reason)
 
     def evaluate(self, result: TrainingResult) -> list[dict[str, Any]]:
         """Each site's metrics of the final model on its private test split."""
