@@ -80,6 +80,11 @@ def test_wrong_vector_length_is_rejected_at_client_and_server() -> None:
     others = [job.masked(s) for s in ("site1", "site2")]
     with pytest.raises(SecAggLengthError, match="site0"):
         job.server.collect_masked(1, [truncated, *others])
+    # the round was aborted cleanly: the genuine inputs still make the right sum
+    assert job.server.round == 0 and job.server.collect_masked(1, [good, *others]) is None
+    opened = [job.clients[s].open_sum(job.server.masked_sum(1)) for s in job.sites]
+    assert np.array_equal(job.server.collect_opened(1, opened),
+                          sum(job.x.values()) & np.uint64(2**BITS - 1))
 
 
 def test_wrong_modulus_is_rejected_at_client_and_server() -> None:
