@@ -174,33 +174,38 @@ class MaskedSum:
             if isinstance(reply, Exception):
                 self.dropped[name] = str(reply)
         released = self._release(replies)
-        masked = [rep["masked"] for rep in replies.values() if not isinstance(rep, Exception)]
         try:
-            if len(masked) < self.spec.min_sites:
-                raise TooFewSitesError(
-                    f"secure sum of {action!r}: {len(masked)} sites answered, the job needs at "
-                    f"least {self.spec.min_sites}; failures: {self.dropped}")
-            try:
-                request = self.server.collect_masked(r, masked)
-            except SecAggError as exc:
-                raise TooFewSitesError(f"secure sum of {action!r}: {exc}; failures: "
-                                       f"{self.dropped}") from None
+            self._collect(action, r, active, replies)
         except TooFewSitesError:
-            self._unreturned += released
+            self._unreturned += released  # the previous sum was opened: finish() returns it
             raise
-        if request is not None:  # sites dropped this round: survivors reveal their keys
-            survivors = [s for s in active if s.name in request.survivors]
-            answers = call_each(survivors, "secagg_recover", lambda _s: {
-                "request": request.to_str()})
-            try:
-                self.server.recover(r, [a["recovery"] for a in answers.values()
-                                        if not isinstance(a, Exception)])
-            except SecAggError as exc:
-                failures = {k: str(v) for k, v in answers.items() if isinstance(v, Exception)}
-                raise TooFewSitesError(f"secure sum of {action!r}: recovery of the sites that "
-                                       f"dropped failed: {exc}; failures: {failures}") from None
         self._pending = (action, rnd)
         return released
+
+    def _collect(self, action: str, r: int, active: list[SiteConnection],
+                 replies: dict[str, dict[str, Any] | Exception]) -> None:
+        """Add the masked vectors; if sites dropped, have the survivors reveal their keys."""
+        masked = [rep["masked"] for rep in replies.values() if not isinstance(rep, Exception)]
+        if len(masked) < self.spec.min_sites:
+            raise TooFewSitesError(
+                f"secure sum of {action!r}: {len(masked)} sites answered, the job needs at "
+                f"least {self.spec.min_sites}; failures: {self.dropped}")
+        try:
+            request = self.server.collect_masked(r, masked)
+        except SecAggError as exc:
+            raise TooFewSitesError(f"secure sum of {action!r}: {exc}; failures: "
+                                   f"{self.dropped}") from None
+        if request is None:
+            return
+        survivors = [s for s in active if s.name in request.survivors]
+        answers = call_each(survivors, "secagg_recover", lambda _s: {"request": request.to_str()})
+        try:
+            self.server.recover(r, [a["recovery"] for a in answers.values()
+                                    if not isinstance(a, Exception)])
+        except SecAggError as exc:
+            failures = {k: str(v) for k, v in answers.items() if isinstance(v, Exception)}
+            raise TooFewSitesError(f"secure sum of {action!r}: recovery of the sites that "
+                                   f"dropped failed: {exc}; failures: {failures}") from None
 
     def finish(self, sites: list[SiteConnection]) -> list[Released]:
         """Have the last round's survivors open its sum (one call each)."""
