@@ -178,21 +178,27 @@ def test_dp_sgd_is_charged_like_the_accountant_says(tmp_path, partitions, schema
             s.close()
 
 
-def test_dp_composes_with_secure_sum(tmp_path, partitions, schema):
-    """Each site's noise share is sized by the smallest sum the secure sum can reveal."""
+def _secure_sum_sites(tmp_path, spec, partitions, schema, prefix):
+    """Three in-process sites with published mocks (DP statistics come from them), and a
+    trainer wired to the job's secure sum."""
     from fed_tasks.aggregation import MaskedSum
 
+    frames = {f"{prefix}-{i}": p for i, p in enumerate(partitions)}
+    sites = direct_federation(tmp_path, spec, frames)
+    for s, (train, test) in zip(sites, frames.values(), strict=True):
+        s.guard.register_assets({"train": train, "test": test},
+                                {"train": make_mock(train, schema), "test": test})
+    return sites, FederatedTrainer(spec, sites, progress=False,
+                                   secure_sum=MaskedSum(spec, len(sites)))
+
+
+def test_dp_composes_with_secure_sum(tmp_path, partitions, schema):
+    """Each site's noise share is sized by the smallest sum the secure sum can reveal."""
     spec = _spec(schema, rounds=2, dp_epsilon=8.0, dp_clip=0.5, aggregation="secagg",
                  min_sites=2)
-    frames = {f"secdp-{i}": p for i, p in enumerate(partitions)}
-    sites = direct_federation(tmp_path, spec, frames)
+    sites, trainer = _secure_sum_sites(tmp_path, spec, partitions, schema, "secdp")
     try:
-        for s, (train, test) in zip(sites, frames.values(), strict=True):
-            s.guard.register_assets({"train": train, "test": test},
-                                    {"train": make_mock(train, schema), "test": test})
         assert sites[0].guard.privacy._secure_floor(spec) == 2  # threshold of 3 sites
-        trainer = FederatedTrainer(spec, sites, progress=False,
-                                   secure_sum=MaskedSum(spec, len(sites)))
         result = trainer.fit()
         assert result.rounds_completed == 2
         assert np.all(np.isfinite(result.weights))
@@ -214,20 +220,13 @@ def test_secure_sum_job_stops_cleanly_when_budgets_run_out(tmp_path, partitions,
     spec = _spec(schema, rounds=4, dp_epsilon=3.0, dp_clip=0.5, aggregation="secagg",
                  min_sites=2)
     cum = [dp_step.cumulative_epsilon(spec, k) for k in range(5)]
-    frames = {f"stop-{i}": p for i, p in enumerate(partitions)}
-    sites = direct_federation(tmp_path, spec, frames)
+    sites, trainer = _secure_sum_sites(tmp_path, spec, partitions, schema, "stop")
     try:
-        for s, (train, test) in zip(sites, frames.values(), strict=True):
-            s.guard.register_assets({"train": train, "test": test},
-                                    {"train": make_mock(train, schema), "test": test})
+        for s in sites:
             privacy = s.guard.privacy
             privacy.set_policy(privacy.policy().model_copy(
                 update={"epsilon_budget": cum[2] + 0.5 * (cum[3] - cum[2])}),
                 "owner@direct.site", "test budget")
-        from fed_tasks.aggregation import MaskedSum
-
-        trainer = FederatedTrainer(spec, sites, progress=False,
-                                   secure_sum=MaskedSum(spec, len(sites)))
         result = trainer.fit()
         assert result.stopped_early and result.rounds_completed == 2
         assert BUDGET_EXHAUSTED in result.stop_reason
