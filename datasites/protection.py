@@ -18,9 +18,15 @@ import numpy as np
 
 from datasites.federation_config import SiteKeys, read_config
 from fed_tasks.codec import PayloadError
-from fed_tasks.encoding import codec_for, round_id, secagg_plan, session_round
+from fed_tasks.encoding import (
+    codec_for,
+    decode_session_sum,
+    round_id,
+    secagg_plan,
+    session_round,
+)
 from fed_tasks.global_state import GlobalState
-from fed_tasks.site_step import new_model, plain_reply, vector_length
+from fed_tasks.site_step import new_model, plain_reply
 from fed_tasks.spec import JobSpec
 from privacy.paillier import ObfuscatorPool, PackedPaillier, fingerprint
 from privacy.secagg_session import SecAggSessionClient, SessionKeyDirectory, SessionOpenedSum
@@ -88,15 +94,6 @@ def _save_client(directory: Path, spec: JobSpec, client: SecAggSessionClient) ->
     os.replace(tmp, path)
 
 
-def _opened_vector(spec: JobSpec, client: SecAggSessionClient,
-                   opened: SessionOpenedSum) -> tuple[str, np.ndarray]:
-    """The action whose sum was opened (session round 1 = statistics) and its decoded sum."""
-    action = "stats" if opened.round == 1 else "fit"
-    values = client.opened_values(opened)[:vector_length(spec, action)]
-    return action, codec_for(spec, action).decode_sum([int(v) for v in values],
-                                                      n_terms=len(opened.survivors))
-
-
 class SecureSumCall:
     """One statistics or training call of a secure-sum job at this site.
 
@@ -125,7 +122,9 @@ class SecureSumCall:
                                "masked sum (the site forms the model it trains from)")
         self.opened = self.client.open_sum(str(self.previous))
         state = GlobalState.from_message(self.message, new_model(self.spec).n_params)
-        state.advance(*_opened_vector(self.spec, self.client, self.opened))
+        state.advance(*decode_session_sum(self.spec, self.opened.round,
+                                          self.client.opened_values(self.opened),
+                                          len(self.opened.survivors)))
         return {**self.message, **state.message(int(self.message["round"]))}
 
     def protect(self, result: dict[str, Any]) -> dict[str, Any]:

@@ -19,12 +19,11 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from fed_tasks.codec import decode_array
-from fed_tasks.encoding import codec_for, round_id, secagg_plan, session_round
+from fed_tasks.encoding import decode_session_sum, round_id, secagg_plan, session_round
 from fed_tasks.interface import SiteConnection, call_all
-from fed_tasks.site_step import vector_length
 from fed_tasks.spec import JobSpec
 from privacy.secagg import SecAggError
-from privacy.secagg_session import SecAggSessionServer, SessionOpenedSum
+from privacy.secagg_session import SecAggSessionServer
 
 
 class TooFewSitesError(RuntimeError):
@@ -146,11 +145,8 @@ class MaskedSum:
             return []
         action, rnd = self._pending
         r = session_round(action, rnd)
-        total = self.server.collect_opened(r, opened)
-        n_terms = len(SessionOpenedSum.from_str(opened[0]).survivors)
-        length = vector_length(self.spec, action)
-        vector = codec_for(self.spec, action).decode_sum([int(v) for v in total[:length]],
-                                                         n_terms=n_terms)
+        total = self.server.collect_opened(r, opened)  # every opener agrees, over survivors
+        _, vector = decode_session_sum(self.spec, r, total, len(self.server.survivors))
         self._pending = None
         return [Released(action, rnd, vector)]
 

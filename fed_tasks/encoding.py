@@ -8,6 +8,8 @@ precision.
 
 from __future__ import annotations
 
+import numpy as np
+
 from fed_tasks.spec import JobSpec
 from privacy.fixed_point import FixedPointCodec
 
@@ -44,3 +46,18 @@ def secagg_plan(spec: JobSpec, n_sites: int) -> dict[str, int]:
 
 def session_round(action: str, rnd: int) -> int:
     return round_id(action, rnd) + 1
+
+
+def session_action(r: int) -> str:
+    """Which call a session round sums (the inverse of :func:`session_round`)."""
+    return "stats" if r == 1 else "fit"
+
+
+def decode_session_sum(spec: JobSpec, r: int, residues: np.ndarray,
+                       n_terms: int) -> tuple[str, np.ndarray]:
+    """Session round r's opened sum as floats, decoded alike by sites and orchestrator."""
+    from fed_tasks.site_step import vector_length
+
+    action = session_action(r)
+    values = residues[:vector_length(spec, action)]
+    return action, codec_for(spec, action).decode_sum([int(v) for v in values], n_terms=n_terms)
