@@ -22,7 +22,9 @@ What is detected: the hash chain reveals edited, deleted, inserted and reordered
 signed head reveals a deleted tail and a rewritten chain. Limit: whoever can read
 ``audit_key.pem`` can rewrite the whole log and re-sign the head. Auditors should therefore pin
 ``audit_key.pub`` out of band (pass it to `verify`) and keep copies of heads they have seen
-(`AuditLog.head`), so a later rewrite of an already-seen prefix is noticed.
+(`AuditLog.head`; every released reply carries one, see :mod:`datasites.receipts`), so a later
+rewrite of an already-seen prefix is noticed. Readers use `AuditView`, which needs only the
+public key: only the site service (`AuditLog`) ever opens the signing key.
 """
 
 from __future__ import annotations
@@ -61,12 +63,18 @@ __all__ = [
     "AuditKeyError",
     "AuditLog",
     "AuditLogCorrupt",
+    "AuditView",
+    "ChainState",
     "Role",
     "VerifyReport",
     "canonical_json",
     "entry_hash",
+    "head_problem",
+    "head_signature_valid",
+    "key_id",
     "load_entries",
     "load_public_key",
+    "scan_chain",
     "verify",
 ]
 
@@ -101,6 +109,9 @@ class Action(StrEnum):
     - site_provisioned    params: {"syft_version", ...}
     - user_registered     objects: {"user_id"}; params: {"email", "role"}
     - user_removed        objects: {"user_id"}; params: {"reason"}
+    - user_changed        objects: {"user_id"}; params: {"field", "old", "new", "actor_id",
+                          "seen_in"} (a syft account's e-mail, key or role changed; the
+                          site noticed it in syft's user list or in a request)
     - login_failed        actor = the email that was tried; params: {"reason"}
     - dataset_published   objects: {"dataset_id"}; params: {"name", "rows", "sha256"}
     - dataset_removed     objects: {"dataset_id"}; params: {"reason"}
@@ -123,11 +134,14 @@ class Action(StrEnum):
     - key_revoked         objects: {"key_id"}; params: {"reason"}
     - audit_exported      params: {"format", "entries"}
     - audit_recovered     written by `AuditLog` when it re-signs an unsigned tail after a crash
+    - file_modes_repaired params: {"changed": {path: former mode (octal string)}} (a site found
+                          its directory or files open to others and made them owner-only)
     """
 
     SITE_PROVISIONED = "site_provisioned"
     USER_REGISTERED = "user_registered"
     USER_REMOVED = "user_removed"
+    USER_CHANGED = "user_changed"
     LOGIN_FAILED = "login_failed"
     DATASET_PUBLISHED = "dataset_published"
     DATASET_REMOVED = "dataset_removed"
@@ -146,6 +160,7 @@ class Action(StrEnum):
     KEY_REVOKED = "key_revoked"
     AUDIT_EXPORTED = "audit_exported"
     AUDIT_RECOVERED = "audit_recovered"
+    FILE_MODES_REPAIRED = "file_modes_repaired"
 
 
 ROLES: frozenset[str] = frozenset(r.value for r in Role)
@@ -220,6 +235,11 @@ def _key_id(public_key: Ed25519PublicKey) -> str:
     return hashlib.sha256(raw).hexdigest()[:16]
 
 
+def key_id(public_key: Ed25519PublicKey) -> str:
+    """Short id of a site key, as written in every signed head (``key_id``)."""
+    return _key_id(public_key)
+
+
 def _public_pem(public_key: Ed25519PublicKey) -> bytes:
     return public_key.public_bytes(
         serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
@@ -267,11 +287,18 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[os.write(fd, view) :]
 
 
-def _atomic_write(path: Path, data: bytes, mode: int = 0o644) -> None:
-    """Write to a temp file, fsync, rename over ``path``: readers see old or new, never half."""
+def _atomic_write(path: Path, data: bytes, mode: int = 0o600) -> None:
+    """Write to a temp file, fsync, rename over ``path``: readers see old or new, never half.
+
+    Owner-only by default, whatever the umask (the fchmod also fixes a stale temp file's
+    mode): the site directory is 0700 and its files 0600. The public key and head need no
+    wider mode: the officer's tools run as the site's user and read them inside the site
+    directory; an auditor elsewhere gets a copy.
+    """
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
     try:
+        os.fchmod(fd, mode)
         _write_all(fd, data)
         os.fsync(fd)
     finally:
@@ -301,6 +328,19 @@ def _shared_lock(directory: Path) -> Iterator[None]:
 # ----------------------------------------------------------------------------- checking
 
 
+def head_problem(head: Any) -> str:
+    """"" if ``head`` has the shape of a signed head (as in the head file or a receipt)."""
+    types = {"site": str, "seq": int, "hash": str, "count": int, "signature": str}
+    if not isinstance(head, dict):
+        return "not a JSON object"
+    for field, typ in types.items():
+        if type(head.get(field)) is not typ:
+            return f"field {field!r} missing or not {typ.__name__}"
+    if head["count"] < 0 or head["seq"] != head["count"] - 1:
+        return f"seq {head['seq']} and count {head['count']}"
+    return ""
+
+
 def _read_head(path: Path) -> tuple[dict[str, Any] | None, str]:
     """Parse the head file; returns (head, "") or (None, problem)."""
     try:
@@ -309,15 +349,15 @@ def _read_head(path: Path) -> tuple[dict[str, Any] | None, str]:
         return None, f"{HEAD_NAME} is missing: the end of the log cannot be checked"
     except (OSError, ValueError) as e:
         return None, f"{HEAD_NAME} is corrupt (not JSON: {e})"
-    types = {"site": str, "seq": int, "hash": str, "count": int, "signature": str}
-    if not isinstance(head, dict):
-        return None, f"{HEAD_NAME} is corrupt (not a JSON object)"
-    for field, typ in types.items():
-        if type(head.get(field)) is not typ:
-            return None, f"{HEAD_NAME} is corrupt (field {field!r} missing or not {typ.__name__})"
-    if head["count"] < 0 or head["seq"] != head["count"] - 1:
-        return None, f"{HEAD_NAME} is corrupt (seq {head['seq']} and count {head['count']})"
+    problem = head_problem(head)
+    if problem:
+        return None, f"{HEAD_NAME} is corrupt ({problem})"
     return head, ""
+
+
+def head_signature_valid(head: Mapping[str, Any], public_key: Ed25519PublicKey) -> bool:
+    """Whether ``head`` (head file or receipt) was signed by the holder of ``public_key``."""
+    return _head_signature_ok(head, public_key)
 
 
 def _head_signature_ok(head: Mapping[str, Any], public_key: Ed25519PublicKey) -> bool:
@@ -517,16 +557,89 @@ def verify(
     Pass the site's public key obtained out of band; without it ``audit_key.pub`` next to the
     log is used, which does not catch someone who replaced both the key and the head.
     """
+    return scan_chain(directory, public_key).report
+
+
+def _resolve_key(
+    directory: Path, public_key: Ed25519PublicKey | bytes | str | Path | None
+) -> Ed25519PublicKey | None:
+    """The pinned key if given (errors raise), else ``audit_key.pub`` (None if unusable)."""
+    if public_key is not None:
+        return load_public_key(public_key)
+    try:
+        return load_public_key(directory / PUB_NAME)
+    except AuditKeyError:
+        return None
+
+
+@dataclass(frozen=True)
+class ChainState:
+    """What a full check of the log establishes, for checks built on top (receipts).
+
+    ``hash_at(seq)`` is the hash of entry ``seq`` if it lies in the intact prefix of the
+    chain, else None; ``public_key`` is the key the head was checked with.
+    """
+
+    report: VerifyReport
+    public_key: Ed25519PublicKey | None
+    head: dict[str, Any] | None
+    hash_at: Callable[[int], str | None]
+
+
+def scan_chain(
+    directory: Path | str, public_key: Ed25519PublicKey | bytes | str | Path | None = None
+) -> ChainState:
+    """`verify`, also returning the verified entry hashes and the key used (public only)."""
     directory = Path(directory)
     with _shared_lock(directory):
-        if public_key is None:
-            try:
-                key: Ed25519PublicKey | None = load_public_key(directory / PUB_NAME)
-            except AuditKeyError:
-                key = None
-        else:
-            key = load_public_key(public_key)
-        return _scan(directory, key).report
+        key = _resolve_key(directory, public_key)
+        scan = _scan(directory, key)
+    return ChainState(scan.report, key, scan.head, scan.hashes)
+
+
+class AuditView:
+    """Read-only view of a site's log for whoever audits it: public key only.
+
+    Why: the officer (or anyone else checking the site) must not need, and so must not
+    be able to misuse, the site's signing key; unlike `AuditLog` this never opens
+    ``audit_key.pem``, never creates a file and takes only the shared read lock.
+    ``public_key`` is the key pinned out of band; None means ``audit_key.pub`` next to the
+    log, read afresh by each check.
+    """
+
+    def __init__(
+        self,
+        directory: Path | str,
+        public_key: Ed25519PublicKey | bytes | str | Path | None = None,
+    ) -> None:
+        self.directory = Path(directory)
+        self._public_key = public_key
+
+    def verify(self) -> VerifyReport:
+        """Full check of the hash chain and the signed head."""
+        return verify(self.directory, self._public_key)
+
+    def chain(self) -> ChainState:
+        """Like `verify`, with the verified hashes (see `ChainState`)."""
+        return scan_chain(self.directory, self._public_key)
+
+    def entries(
+        self,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        action: str | Iterable[str] | None = None,
+        actor: str | None = None,
+    ) -> list[dict[str, Any]]:
+        """Entries (not verified; lines that are not JSON objects are skipped)."""
+        return load_entries(self.directory, since=since, until=until, action=action,
+                            actor=actor, strict=False)
+
+    def head(self) -> dict[str, Any]:
+        """The head file as it is now (check it with `verify`)."""
+        head, problem = _read_head(self.directory / HEAD_NAME)
+        if head is None:
+            raise AuditLogCorrupt(f"{self.directory}: {problem}")
+        return head
 
 
 # ----------------------------------------------------------------------------- reading
@@ -668,9 +781,10 @@ class AuditLog:
         self._size = 0
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock_fd: int | None = os.open(
-            self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644
+            self.directory / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600
         )
         try:
+            os.fchmod(self._lock_fd, 0o600)  # exact, whatever the umask or an older file's mode
             with self._exclusive():
                 self._key = self._load_or_create_key()
                 self.public_key: Ed25519PublicKey = self._key.public_key()
@@ -800,7 +914,9 @@ class AuditLog:
             not log_path.exists() or log_path.stat().st_size == 0
         )
         if fresh:
-            os.close(os.open(log_path, os.O_WRONLY | os.O_CREAT, 0o600))  # holds emails
+            fd = os.open(log_path, os.O_WRONLY | os.O_CREAT, 0o600)  # holds emails
+            os.fchmod(fd, 0o600)
+            os.close(fd)
             _fsync_dir(self.directory)
             self._write_head()
         scan = _scan(self.directory, self.public_key)

@@ -8,6 +8,13 @@ string) for results, ``call_refused`` / ``result_withheld`` for refusals and err
 release cannot be logged, the result is withheld. ``function_executed`` is logged by the
 guard when it authorizes the call (before the computation), using the round and payload
 hash this wrapper puts in :data:`datasites.guard.CALL_CONTEXT`.
+
+Receipts: every released reply carries the site's signed audit head in a top-level
+``audit_head`` field of the envelope (``result`` is untouched), so whoever holds the reply
+can later prove what the log contained (:mod:`datasites.receipts`). The head is read after
+the call ran, hence after its ``function_executed`` entry and before its ``result_released``
+entry (which must hash the final string, head included): a receipt attests the log up to
+and including this call's execution, not its own release.
 """
 
 from __future__ import annotations
@@ -33,6 +40,11 @@ def _round_of(payload: Any) -> int | None:
     except (PayloadError, AttributeError):
         return None
     return rnd if isinstance(rnd, int) and not isinstance(rnd, bool) else None
+
+
+def with_receipt(envelope: dict[str, Any], head: dict[str, Any]) -> str:
+    """The reply string to release: the envelope plus the site's signed head."""
+    return dumps({**envelope, "audit_head": head})
 
 
 def audited_call(func: Callable[..., str]) -> Callable[..., str]:
@@ -68,6 +80,7 @@ def _audit_reply(site: str, job_id: str, action: str, reply: str, ctx: dict[str,
         return reply
     if status == "ok":
         try:
+            reply = with_receipt(envelope, guard.audit.head())
             guard.record_release(job_id, action, reply, ctx.get("call"), ctx.get("round"))
         except AuditError as exc:
             log.error("site %s: release of job %s %s not recorded: %s", site, job_id, action,

@@ -341,9 +341,19 @@ def _officer_session(site: Path, officer: str | None, public_key: Path | None) -
         raise _fail(exc) from None
 
 
+RECEIPTS = typer.Option(None, "--receipts", help=(
+    "JSON-lines file of receipts (signed audit heads that came with the site's replies): "
+    "also check that the log still holds the history each receipt of this site attests."))
+
+
 @audit_app.command("verify")
-def audit_verify(site: Path = SITE, public_key: Path = PUBLIC_KEY) -> None:
-    """Check the hash chain and signed head: exit 0 if intact, 1 naming where it breaks."""
+def audit_verify(site: Path = SITE, public_key: Path = PUBLIC_KEY,
+                 receipts: Path = RECEIPTS) -> None:
+    """Check the hash chain and signed head: exit 0 if intact, 1 naming where it breaks.
+
+    With --receipts, exit 1 also names the first receipt the log no longer matches (a
+    history rewritten and re-signed with the site's own key); a bad receipts file exits 2.
+    """
     from datasites.audit import AuditError, verify
 
     _audit_dir(site)
@@ -351,12 +361,32 @@ def audit_verify(site: Path = SITE, public_key: Path = PUBLIC_KEY) -> None:
         report = verify(site, public_key)
     except AuditError as exc:
         raise _fail(exc) from None
-    if report.ok:
+    if not report.ok:
+        where = "" if report.first_bad_seq is None else f" at entry {report.first_bad_seq}"
+        raise _fail(f"audit log in {site} is BROKEN{where}: {report.problem}", code=1)
+    if receipts is None:
         _say(f"audit log in {site}: {report.entries} entries, hash chain intact, head "
              "signature valid")
         return
-    where = "" if report.first_bad_seq is None else f" at entry {report.first_bad_seq}"
-    raise _fail(f"audit log in {site} is BROKEN{where}: {report.problem}", code=1)
+    _say(_receipts_verdict(site, receipts, public_key))
+
+
+def _receipts_verdict(site: Path, receipts: Path, public_key: Path | None) -> str:
+    """The success line of ``audit verify --receipts``; a mismatch exits 1, bad input 2."""
+    from datasites.audit import AuditError
+    from datasites.receipts import check_receipts, load_receipts
+
+    try:
+        result = check_receipts(site, load_receipts(receipts), public_key)
+    except AuditError as exc:
+        raise _fail(exc) from None
+    if not result.ok:
+        assert result.receipt is not None
+        raise _fail(f"audit log in {site} does not match {result.receipt.describe()} in "
+                    f"{receipts}: {result.problem}", code=1)
+    return (f"audit log in {site}: hash chain intact, head signature valid, and it matches "
+            f"all {result.checked} receipt(s) of site {result.site} in {receipts} (up to "
+            f"entry {result.latest_seq})")
 
 
 @audit_app.command("export")
@@ -377,6 +407,10 @@ def audit_export(site: Path = SITE,
         report = session.verify()
     except (AuditError, OSError) as exc:
         raise _fail(exc) from None
+    if session.not_recorded:
+        err.print(f"warning: exported to {path}, but the export could not be logged in the "
+                  f"site's audit log: {session.not_recorded}", markup=False, highlight=False,
+                  soft_wrap=True)
     if not report.ok:
         raise _fail(f"exported to {path}, but the audit log is BROKEN: {report.problem}", 1)
     _say(f"exported {report.entries} verified entries of site {session.site} to {path}")

@@ -7,6 +7,14 @@ credentials live in the site directory as a salted scrypt hash (``site_files``),
 :class:`AuditorSession` offers reading, verifying and exporting only: it holds no syft
 client, no server and no data, so there is no approve, deny, submit or run path to misuse.
 
+Reading never needs the site's signing key: the session reads and verifies through
+:class:`datasites.audit.AuditView` with the site's public key only. The entries the
+officer's own actions cause (``audit_exported``, ``login_failed``) must be signed, so they
+are written by the site service: through the running site's own writer when the site runs
+in this process, else by a short-lived writer only where this process can read the signing
+key (i.e. it runs as the site service, as in the single-user demo). Otherwise the action
+goes ahead unrecorded and says so (:attr:`AuditorSession.not_recorded`).
+
 No syft import here, so ``fedsyft audit ...`` starts in about a second.
 """
 
@@ -15,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -23,13 +32,13 @@ from typing import Any
 
 from datasites import audit_report
 from datasites.audit import (
+    KEY_NAME,
     Action,
     AuditError,
     AuditLog,
+    AuditView,
     Role,
     VerifyReport,
-    load_entries,
-    verify,
 )
 from datasites.errors import AuthenticationError, RequestNotFoundError
 from datasites.site_files import SiteInfo, check_officer, read_site_info
@@ -39,10 +48,17 @@ log = logging.getLogger(__name__)
 _DECISION_WORDS = {Action.REQUEST_APPROVED: "approved", Action.REQUEST_DENIED: "denied"}
 
 
+class SiteServiceUnavailable(AuditError):
+    """Nothing here may sign the site's log: the site is not running in this process and its
+    signing key is not readable by this process."""
+
+
 @contextlib.contextmanager
 def site_log(directory: Path, site: str) -> Iterator[AuditLog]:
     """The site's own log writer if the site runs in this process, else a short-lived one
-    (the log is safe with several writers, across threads and processes)."""
+    (the log is safe with several writers, across threads and processes), but only where
+    this process can read the signing key: it never creates one, and raises
+    `SiteServiceUnavailable` where the key is the site service's alone."""
     from datasites.guard import guard_for, is_registered
 
     if is_registered(site):
@@ -50,20 +66,40 @@ def site_log(directory: Path, site: str) -> Iterator[AuditLog]:
         if guard.directory.resolve() == Path(directory).resolve():
             yield guard.audit
             return
+    key = Path(directory) / KEY_NAME
+    if not key.is_file() or not os.access(key, os.R_OK):
+        raise SiteServiceUnavailable(
+            f"site {site!r} is not running here and its signing key is not readable here")
     with AuditLog(directory, site) as audit:
         yield audit
 
 
-def record_failed_login(directory: Path, site: str, email: str, role: str, via: str) -> None:
-    """Append ``login_failed`` (best effort: a broken log must not hide the refusal itself)."""
-    actor, actor_role = (email, role) if "@" in email and len(email) <= 254 else (
-        "unknown", Role.SYSTEM)
+def record_officer_action(directory: Path, site: str, actor: str, role: str, action: str,
+                          params: dict[str, Any]) -> str:
+    """Append an entry caused by an officer's action; "" if written, else why not.
+
+    Best effort: the action itself (an export, a refused login) must not depend on it.
+    ``params["entries"] = None`` is filled in with the number of entries before this one.
+    """
     try:
         with site_log(directory, site) as audit:
-            audit.append(actor.replace("\n", " "), actor_role, Action.LOGIN_FAILED,
-                         params={"reason": "wrong email or password", "via": via})
+            if "entries" in params and params["entries"] is None:
+                params = {**params, "entries": audit.count}
+            audit.append(actor, role, action, params=params)
     except (AuditError, OSError) as exc:
-        log.warning("site %s: could not record a failed login: %s", site, exc)
+        log.warning("site %s: %s not recorded: %s", site, action, exc)
+        return str(exc)
+    return ""
+
+
+def record_failed_login(directory: Path, site: str, email: str, role: str, via: str) -> str:
+    """Append ``login_failed`` (best effort: a broken log must not hide the refusal itself);
+    "" if written, else why not."""
+    actor, actor_role = (email, role) if "@" in email and len(email) <= 254 else (
+        "unknown", Role.SYSTEM)
+    return record_officer_action(directory, site, actor.replace("\n", " "), actor_role,
+                                 Action.LOGIN_FAILED,
+                                 {"reason": "wrong email or password", "via": via})
 
 
 @dataclass
@@ -179,13 +215,15 @@ def build_requests(entries: Iterable[dict[str, Any]], ledger: dict[str, Any] | N
 class AuditorSession:
     """A logged-in compliance officer of one site: read, verify and export; nothing else."""
 
-    __slots__ = ("_directory", "_info", "_email", "_public_key")
+    __slots__ = ("_directory", "_info", "_email", "_public_key", "_view", "_not_recorded")
 
     def __init__(self, info: SiteInfo, email: str, public_key: Any = None) -> None:
         self._directory = info.directory
         self._info = info
         self._email = email
         self._public_key = public_key
+        self._view = AuditView(info.directory, public_key)  # public key only, read-only
+        self._not_recorded = ""
 
     @classmethod
     def login(cls, directory: str | Path, email: str, password: str, *,
@@ -193,10 +231,11 @@ class AuditorSession:
         """Check the officer's credentials; a wrong one is refused and logged."""
         info = read_site_info(directory)
         if not check_officer(info.directory, email, password):
-            record_failed_login(info.directory, info.name, email, Role.COMPLIANCE_OFFICER,
-                                "compliance officer login")
+            why = record_failed_login(info.directory, info.name, email,
+                                      Role.COMPLIANCE_OFFICER, "compliance officer login")
+            note = f" (this failed login was not recorded: {why})" if why else ""
             raise AuthenticationError(f"cannot log in to site {info.name!r} as compliance "
-                                      f"officer {email!r}: wrong email or password")
+                                      f"officer {email!r}: wrong email or password{note}")
         return cls(info, email, public_key)
 
     @property
@@ -207,16 +246,20 @@ class AuditorSession:
     def email(self) -> str:
         return self._email
 
+    @property
+    def not_recorded(self) -> str:
+        """Why the entry for this session's last export was not written ("" if it was)."""
+        return self._not_recorded
+
     def verify(self) -> VerifyReport:
         """Check the whole hash chain and the signed head (pinned key if one was given)."""
-        return verify(self._directory, self._public_key)
+        return self._view.verify()
 
     def entries(self, since: datetime | str | None = None, until: datetime | str | None = None,
                 action: str | Iterable[str] | None = None, actor: str | None = None
                 ) -> list[dict[str, Any]]:
         """Audit entries with ``since <= time < until`` (ISO-8601 with timezone)."""
-        return load_entries(self._directory, since=since, until=until, action=action,
-                            actor=actor, strict=False)
+        return self._view.entries(since=since, until=until, action=action, actor=actor)
 
     def requests(self, since: datetime | str | None = None,
                  until: datetime | str | None = None) -> list[RequestRecord]:
@@ -239,17 +282,18 @@ class AuditorSession:
         return matches[0]
 
     def export(self, fmt: str, out: str | Path) -> Path:
-        """Write the log as json, csv or html; the export itself is logged first."""
+        """Write the log as json, csv or html; the export itself is logged first where the
+        site service can sign (see the module docstring), else `not_recorded` says why.
+
+        A broken log, or one nothing here can sign, is exported all the same: the export is
+        read-only (public key) and the log, even a failed one, is evidence.
+        """
         if fmt not in audit_report.FORMATS:
             raise audit_report.ExportFormatError(
                 f"unknown audit export format {fmt!r}; use one of {sorted(audit_report.FORMATS)}")
-        try:
-            with site_log(self._directory, self.site) as audit:
-                audit.append(self._email, Role.COMPLIANCE_OFFICER, Action.AUDIT_EXPORTED,
-                             params={"format": fmt, "entries": audit.count})
-        except AuditError as exc:
-            # a broken log is exported all the same (marked as failed): that is evidence
-            log.warning("site %s: export not recorded: %s", self.site, exc)
+        self._not_recorded = record_officer_action(
+            self._directory, self.site, self._email, Role.COMPLIANCE_OFFICER,
+            Action.AUDIT_EXPORTED, {"format": fmt, "entries": None})
         return audit_report.export(self._directory, fmt, out, public_key=self._public_key)
 
     def _ledger(self) -> dict[str, Any]:

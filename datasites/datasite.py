@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import shutil
+import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -11,7 +12,17 @@ from typing import Any
 import pandas as pd
 
 from datasites import job_code
-from datasites.accounts import Account, Role, new_password
+from datasites.accounts import (
+    Account,
+    Role,
+    SyftUser,
+    UserChange,
+    UserRegistry,
+    WeakPasswordError,
+    check_password,
+    new_password,
+)
+from datasites.audit import KEY_NAME as AUDIT_KEY_NAME
 from datasites.audit import Action, AuditError
 from datasites.audit import Role as AuditRole
 from datasites.errors import AuthenticationError, ProvisioningError, RequestNotFoundError
@@ -23,18 +34,22 @@ from datasites.guard import (
     unregister_guard,
 )
 from datasites.policy import DATASET_NAME as POLICY_DATASET
-from datasites.policy import DatasetPolicy, PolicyError
+from datasites.policy import DatasetPolicy, PolicyError, Requester
 from datasites.quiet import quiet
 from datasites.review import Review
 from datasites.site_files import (
     SiteBusyError,
+    SiteDirectoryError,
     SiteLock,
+    make_private_directory,
+    officer_email,
     read_site_info,
+    secure_directory,
     store_officer,
     write_site_info,
 )
 from datasites.syft_server import ServiceRole, login, start_server, sy, syft_message
-from datasites.tables import FederationSchema, make_mock, validate
+from datasites.tables import MOCK_ROWS, FederationSchema, make_mock, validate
 
 DATASET_NAME = POLICY_DATASET  # the one dataset a site publishes (see datasites.policy)
 _SYFT_ROLES = {Role.DATA_OWNER: ServiceRole.DATA_OWNER,
@@ -43,6 +58,9 @@ _AUDIT_ROLES = {Role.ADMIN: AuditRole.SYSTEM, Role.DATA_OWNER: AuditRole.DATA_OW
                 Role.DATA_SCIENTIST: AuditRole.DATA_SCIENTIST,
                 Role.COMPLIANCE_OFFICER: AuditRole.COMPLIANCE_OFFICER}
 SYSTEM_ACTOR = "fedsyft"  # the site software itself, in audit entries
+# The file-mode sweep leaves the audit signing key alone: AuditLog creates it 0600 and
+# refuses to sign with it if others could read it (a human must decide about rotation).
+_SWEEP_KEEP = frozenset({AUDIT_KEY_NAME})
 log = logging.getLogger(__name__)
 
 
@@ -53,6 +71,7 @@ class RequestSummary:
     status: str
     function: str
     job_id: str = ""
+    requester_id: str = ""  # the syft verify key that signed the request (stable)
 
 
 class Datasite:
@@ -72,27 +91,32 @@ class Datasite:
         self._lock = lock
         self._owner_client: Any = None
         self._seen: set[str] | None = None  # request ids already in the audit log
+        self._users = UserRegistry(directory)  # the syft accounts as last seen (users.json)
+        self._users_lock = threading.Lock()
 
     # ---- provisioning -------------------------------------------------------------------
     @classmethod
     def provision(cls, name: str, directory: str | Path, *, train: pd.DataFrame,
                   test: pd.DataFrame, schema: FederationSchema, scientist: Account,
-                  owner_email: str | None = None, mock_rows: int = 500,
-                  seed: int = 0, owner_password: str | None = None,
+                  owner_email: str | None = None, mock_rows: int = MOCK_ROWS,
+                  owner_password: str | None = None,
                   officer_email: str | None = None,
                   officer_password: str | None = None) -> Datasite:
         """Start a datasite with fresh credentials, accounts and a published dataset.
 
         Tables are validated first; if anything fails afterwards the server is stopped and
-        its directory removed, so no half-provisioned site is left behind.
+        its directory removed, so no half-provisioned site is left behind. The mocks are
+        drawn with secret randomness and have ``mock_rows`` rows whatever the private size
+        (see :func:`datasites.tables.make_mock`).
         """
         validate(train, schema, where=f"site {name!r} train split", min_rows=2)
         validate(test, schema, where=f"site {name!r} test split", min_rows=1)
         private = {"train": train.reset_index(drop=True), "test": test.reset_index(drop=True)}
-        mocks = {k: make_mock(v, schema, mock_rows, seed + i)
-                 for i, (k, v) in enumerate(private.items())}
+        mocks = {k: make_mock(v, schema, mock_rows) for k, v in private.items()}
         description = (f"Private table of {name}: {schema.describe()}. "
-                       f"Mocks are synthetic (independent normals per column), no real row.")
+                       "Mocks are synthetic: a fixed number of rows (not the private count), "
+                       "each column drawn independently with secret randomness from a normal "
+                       "with the column's rounded mean and std; no row-level information.")
         return cls._provision(name, directory, scientist, owner_email, private, mocks,
                               description, owner_password=owner_password,
                               officer_email=officer_email, officer_password=officer_password)
@@ -108,6 +132,13 @@ class Datasite:
         directory = Path(directory)
         if directory.exists() and any(directory.iterdir()):
             raise ProvisioningError(f"site directory {directory} is not empty")
+        try:  # chosen passwords meet the same rule, before anything is created
+            owner_password = check_password(owner_password, "owner_password") \
+                if owner_password else None
+            officer_password = check_password(officer_password, "officer_password") \
+                if officer_password else None
+        except WeakPasswordError as exc:
+            raise ProvisioningError(f"site {name!r}: {exc}") from None
         accounts = {
             Role.ADMIN: Account(f"root@{name}.site", Role.ADMIN, new_password(), "Site admin"),
             Role.DATA_OWNER: Account(owner_email or f"owner@{name}.site", Role.DATA_OWNER,
@@ -118,9 +149,10 @@ class Datasite:
                                              officer_password or new_password(),
                                              "Compliance officer"),
         }
+        _reserve_officer_email(name, accounts)
         server = guard = lock = None
         try:
-            directory.mkdir(parents=True, exist_ok=True)
+            make_private_directory(directory)  # 0700 before anything is written in it
             lock = SiteLock(directory, name)
             guard = SiteGuard(name, directory)  # starts the audit log (and its signing key)
             write_site_info(directory, name, {r.value: a.email for r, a in accounts.items()},
@@ -138,15 +170,18 @@ class Datasite:
                 _audit_user(guard, root, acct, "syft")
                 with quiet():
                     res = root_client.users.create(
-                        email=acct.email, name=acct.name or role.value, password=acct.password,
-                        password_verify=acct.password, role=_SYFT_ROLES[role])
+                        email=acct.email, name=acct.name or role.value,
+                        password=acct.password.reveal(), password_verify=acct.password.reveal(),
+                        role=_SYFT_ROLES[role])
                 if isinstance(res, sy.SyftError):
                     raise ProvisioningError(f"creating {role.value} account: {syft_message(res)}")
             officer = accounts[Role.COMPLIANCE_OFFICER]
             _audit_user(guard, root, officer, "fedsyft (read-only, not a syft user)")
             store_officer(directory, officer.email, officer.password)
             site = cls(name, directory, server, accounts, guard, lock=lock)
+            site._users.save(site._syft_users())  # the accounts just made: the baseline
             site._publish(private, mocks, description)
+            secure_directory(directory, keep=_SWEEP_KEEP)  # what syft wrote with the umask
             register_guard(site.guard)
             return site
         except Exception as exc:
@@ -190,7 +225,17 @@ class Datasite:
         return self._owner_client
 
     def login(self, email: str, password: str) -> Any:
-        """A syft client of this site; wrong credentials are refused and logged."""
+        """A syft client of this site; wrong credentials are refused and logged.
+
+        The compliance officer's e-mail is reserved: whoever holds a syft account under it
+        (renamed or registered later) gets no session through fedsyft.
+        """
+        if email.strip().lower() == self.officer_email:
+            self._audit_failed_login(email, "syft login (e-mail reserved for the compliance "
+                                     "officer, who is not a syft user)")
+            raise AuthenticationError(f"cannot log in to site {self.name!r} as {email!r}: "
+                                      "wrong email or password (this e-mail belongs to the "
+                                      "site's compliance officer, who has no syft account)")
         try:
             return login(self.server, email, password, self.name)
         except AuthenticationError:
@@ -198,10 +243,16 @@ class Datasite:
             raise
 
     def close(self) -> None:
+        """Stop the server and the guard, then make every file syft wrote while the site ran
+        owner-only (its blob store follows the umask) before the lock is released."""
         unregister_guard(self.guard)
         with quiet():
             self.server.stop()
         self.guard.close()
+        try:
+            secure_directory(self.directory, keep=_SWEEP_KEEP)
+        except (SiteDirectoryError, OSError) as exc:  # the directory was removed meanwhile
+            log.warning("site %s: file modes not checked at close: %s", self.name, exc)
         if self._lock is not None:
             self._lock.release()
 
@@ -213,7 +264,15 @@ class Datasite:
         The syft store, server key and uid, the guard's ledger and the audit chain are all
         in the directory; the audit chain is verified before anything starts. Only the
         site's data owner (who may approve) or admin (who may only read) can open it.
+
+        File modes first: a directory or file someone opened to others (``chmod``, a copy
+        or restore under a loose umask) is made owner-only again before anything is read,
+        and the repair is logged (``file_modes_repaired``, with the former modes) so the
+        officer sees that the store may have been exposed. The audit signing key is the
+        exception: if others could read it, the opening is refused (:class:`AuditKeyError`)
+        because the operator must decide whether to rotate it.
         """
+        repaired = secure_directory(directory, keep=_SWEEP_KEEP)
         info = read_site_info(directory)
         if is_registered(info.name):
             raise SiteBusyError(f"a site called {info.name!r} is already running in this "
@@ -222,6 +281,8 @@ class Datasite:
         guard = server = None
         try:
             guard = SiteGuard(info.name, info.directory)  # AuditLogCorrupt if tampered with
+            if repaired:
+                _audit_repair(guard, repaired)
             root_email = info.email(Role.ADMIN.value)
             server = start_server(info.name, info.directory, root_email, new_password(),
                                   reset=False)
@@ -239,6 +300,7 @@ class Datasite:
                              f"site {info.name!r}", actor=Account(email, Role.DATA_SCIENTIST, ""))
             site.operator = Account(email, role, password)
             site._owner_client = client
+            site.observe_accounts()
             register_guard(guard)
             return site
         except BaseException:
@@ -278,8 +340,99 @@ class Datasite:
             self._refuse(what, f"{self.operator.email} is {self.operator.role.value}, only the "
                                "site's data owner may decide on requests")
 
+    # ---- identity: syft accounts by their stable id -------------------------------------
+    @property
+    def officer_email(self) -> str:
+        """The compliance officer's e-mail (lower case): reserved, never a syft account."""
+        officer = self.accounts.get(Role.COMPLIANCE_OFFICER)
+        try:
+            return (officer.email if officer else officer_email(self.directory)).lower()
+        except SiteDirectoryError:
+            return ""
+
+    def _syft_users(self) -> list[SyftUser]:
+        """Syft's user list, read from the server's own store (in this process: a few ms).
+
+        The store, not the API: syft's ``UserView`` carries no verify key.
+        """
+        with quiet():
+            users = self.server.services.user.stash.get_all(self.server.verify_key).unwrap()
+        return [SyftUser(u.id.no_dash, str(u.email), str(u.verify_key),
+                         u.role.name.lower() if u.role is not None else "none") for u in users]
+
+    def observe_accounts(self) -> list[UserChange]:
+        """Compare syft's user list with the site's record; log and record every change.
+
+        Syft reports no account change (a user may rename her own e-mail, or even her
+        key field), so the site looks whenever it acts on requests (listing, review,
+        approval, deny) and at open: ``user_registered`` for a new account,
+        ``user_changed`` for a new e-mail, key or role, ``user_removed`` for one gone. An
+        account holding the officer's reserved e-mail is flagged (``reserved_for``).
+        Cheap: one read of the user table, a write only when something changed.
+        """
+        with self._users_lock:
+            current = self._syft_users()
+            if not self._users.exists:  # a site from before the record: baseline only
+                self._users.save(current)
+                return []
+            changes = self._users.diff(current)
+            for change in changes:
+                self._audit_user_change(change, "syft user list")
+            if changes:
+                self._users.save(current)
+            return changes
+
+    def _audit_user_change(self, change: UserChange, seen_in: str,
+                           objects: dict[str, str] | None = None) -> None:
+        user = change.user
+        params: dict[str, Any] = {"actor_id": user.verify_key, "email": user.email,
+                                  "role": user.role, "seen_in": seen_in}
+        if change.field == "registered":
+            action = Action.USER_REGISTERED
+            params.update(store="syft", registered_by="not reported by syft")
+        elif change.field == "removed":
+            action, params["reason"] = Action.USER_REMOVED, "no longer in syft's user list"
+        else:
+            action = Action.USER_CHANGED
+            params.update(field=change.field, old=change.old, new=change.new)
+        if self.officer_email and self.officer_email in (change.new.lower(),
+                                                         user.email.lower()):
+            params["reserved_for"] = "compliance_officer"
+            log.warning("site %s: syft user %s holds the compliance officer's e-mail %s",
+                        self.name, user.user_id, user.email)
+        self.guard.audit.append(SYSTEM_ACTOR, AuditRole.SYSTEM, action,
+                                objects={"user_id": user.user_id, **(objects or {})},
+                                params=params)
+
+    def _requester(self, req: Any) -> tuple[Requester, str]:
+        """Who made ``req``: the verify key that signed it, and the readable audit actor
+        (the e-mail the site first recorded for that account, else the request's)."""
+        key = str(req.requesting_user_verify_key)
+        record = self._users.by_key(key) or {}
+        actor = record.get("registered_email") or str(req.requesting_user_email or "")
+        return Requester(key, actor), actor
+
+    def _identity_violations(self, req: Any) -> list[str]:
+        """Refusals about who asked: an account under the officer's reserved e-mail."""
+        record = self._users.by_key(str(req.requesting_user_verify_key)) or {}
+        emails = {str(req.requesting_user_email or "").lower(), record.get("email", "").lower()}
+        if self.officer_email and self.officer_email in emails:
+            return [f"the requesting syft account holds {self.officer_email}, the e-mail "
+                    "reserved for this site's compliance officer (not a syft user); the site "
+                    "accepts no request from it"]
+        return []
+
+    def _operator_id(self) -> str:
+        """The verify key of the operator's syft session (the owner's stable id)."""
+        return str(self.owner_client().credentials.verify_key)
+
     def _observe(self, reqs: list[Any]) -> None:
-        """``request_submitted`` for each request the site has not logged yet."""
+        """``request_submitted`` for each request the site has not logged yet.
+
+        The actor is the account as the site recorded it, with its stable id
+        (``actor_id``); an e-mail in the request that differs from the record (a rename
+        between two looks at the user list) is logged as ``user_changed`` too.
+        """
         if self._seen is None:
             self._seen = {str((e.get("objects") or {}).get("request_id"))
                           for e in self.guard.audit.entries(action=Action.REQUEST_SUBMITTED)}
@@ -304,13 +457,23 @@ class Datasite:
                               spec=spec.to_json(), purpose=(
                                   f"train {spec.model} for at most {spec.rounds} rounds, "
                                   f"{spec.aggregation} aggregation"))
-            self.guard.audit.append(req.requesting_user_email, AuditRole.DATA_SCIENTIST,
+            who, actor = self._requester(req)
+            shown = str(req.requesting_user_email or "")
+            record = self._users.by_key(who.user_id)
+            if record and shown.lower() != record["email"].lower():
+                user = SyftUser(record.get("user_id", ""), record["email"], who.user_id,
+                                record["role"])
+                self._audit_user_change(UserChange(user, "email", record["email"], shown),
+                                        f"request {rid}", objects={"request_id": rid})
+            params.update(actor_id=who.user_id, requester_email=shown)
+            self.guard.audit.append(actor, AuditRole.DATA_SCIENTIST,
                                     Action.REQUEST_SUBMITTED, objects=objects,
                                     code_hash=job_code.code_hash(source), params=params)
             self._seen.add(rid)
 
     # ---- requests -----------------------------------------------------------------------
     def _requests(self) -> list[Any]:
+        self.observe_accounts()  # account changes first: the requests are judged by id
         with quiet():
             reqs = list(self.owner_client().api.services.request.get_all())
         self._observe(reqs)  # the first time the site sees a request, it is logged
@@ -330,9 +493,9 @@ class Datasite:
                 job_id = self.parse_request(code.raw_code).job_id
             except job_code.NotATemplateError:
                 job_id = ""
-            out.append(RequestSummary(req.id.no_dash, req.requesting_user_email,
-                                      str(req.status.name).lower(), code.service_func_name,
-                                      job_id))
+            who, actor = self._requester(req)
+            out.append(RequestSummary(req.id.no_dash, actor, str(req.status.name).lower(),
+                                      code.service_func_name, job_id, who.user_id))
         return out
 
     def review(self, request_id: str) -> Review:
@@ -345,17 +508,28 @@ class Datasite:
             spec = self.parse_request(source)
         except job_code.NotATemplateError as exc:
             ok, problem = False, str(exc)
-        violations: tuple[str, ...] = ()
+        who, actor = self._requester(req)
+        violations = tuple(self._identity_violations(req))
         budget = ""
         if self.holds_data:
             pinned = spec or job_code.pinned_spec(source)
-            if pinned is not None:
-                violations = tuple(self.guard.privacy.check_job(pinned,
-                                                                req.requesting_user_email))
+            if pinned is not None:  # the submitter check compares who.user_id, not e-mails
+                violations += tuple(self.guard.privacy.check_job(pinned, who))
             budget = self._budget_words()
-        return Review(req.id.no_dash, self.name, req.requesting_user_email,
-                      str(req.status.name).lower(), source, spec, ok, problem,
-                      violations=violations, budget=budget)
+        return Review(req.id.no_dash, self.name, actor, str(req.status.name).lower(), source,
+                      spec, ok, problem, violations=violations, budget=budget,
+                      requester_id=who.user_id, train_rows=self._train_rows())
+
+    def _train_rows(self) -> int | None:
+        """The private train split's row count, as this site's log recorded it at publication
+        (the owner's review may state it; it never leaves the site)."""
+        if not self.holds_data:
+            return None
+        try:
+            published = self.guard.audit.entries(action=Action.DATASET_PUBLISHED)
+            return int(published[-1]["params"]["assets"]["train"]["rows"])
+        except (IndexError, KeyError, TypeError, ValueError, AuditError):
+            return None
 
     # ---- the dataset's policy and privacy budget ---------------------------------------------
     def policy(self) -> DatasetPolicy:
@@ -369,17 +543,37 @@ class Datasite:
         Only the data owner may; logged (``policy_changed``) before it takes effect, then the
         dataset description the data scientist reads is rewritten. Running jobs are held to
         the new policy from their next call on.
+
+        ``allowed_submitters`` may be e-mails: each is bound here to the syft account that
+        holds it now (its verify key), because a user can rename her e-mail afterwards; an
+        e-mail the current policy already binds keeps its binding.
         """
         self._require_owner("change the dataset policy")
+        old = self.policy()
         try:
-            new = policy or DatasetPolicy.model_validate({**self.policy().model_dump(),
-                                                          **changes})
+            new = policy or DatasetPolicy.model_validate({**old.model_dump(), **changes})
         except ValueError as exc:
             raise PolicyError(f"invalid policy for dataset {DATASET_NAME!r} at site "
                               f"{self.name!r}: {exc}") from None
+        self.observe_accounts()  # a rename just before the binding is on record first
+        users = self._syft_users()
+        new = new.bind_submitters(lambda email: self._user_id_for_email(email, users),
+                                  previous=old)
         self.guard.privacy.set_policy(new, self.operator.email, reason)
         self._refresh_description()
         return new
+
+    def _user_id_for_email(self, email: str, users: list[SyftUser]) -> str | None:
+        """The verify key of the account in ``users`` holding ``email`` (None: no such
+        account, and the policy entry then matches nobody); the officer's is refused."""
+        if email.lower() == self.officer_email:
+            raise PolicyError(f"{email} is the compliance officer's e-mail at site "
+                              f"{self.name!r}: reserved, not a syft account that may submit")
+        found = [u for u in users if u.email.lower() == email.lower()]
+        if not found:
+            log.warning("site %s: allowed submitter %s has no syft account; it matches "
+                        "nobody until the policy is set again", self.name, email)
+        return found[0].verify_key if found else None
 
     def privacy_spent(self) -> dict[str, Any]:
         """The dataset's ledger: epsilon/delta spent, per job, and unaccounted overrides."""
@@ -445,10 +639,11 @@ class Datasite:
                          f"job {spec.job_id!r} is already approved")
         code_hash = job_code.code_hash(review.code)
         limits = self.call_limits(spec)
-        request = {"request_id": review.request_id, "code_id": req.code.id.no_dash,
-                   "requester": review.requester}
+        request = _request_record(review, req.code.id.no_dash)
         params: dict[str, Any] = {"reason": reason, "spec_fingerprint": spec.fingerprint,
-                                  "limits": limits}
+                                  "limits": limits, "actor_id": self._operator_id(),
+                                  "requester": review.requester,
+                                  "requester_id": review.requester_id}
         objects = {"request_id": review.request_id, "job_id": spec.job_id,
                    "code_id": request["code_id"]}
         if review.status == "rejected":
@@ -501,8 +696,7 @@ class Datasite:
                          f"{DATASET_NAME!r}: " + "; ".join(review.violations))
         spec = job_code.pinned_spec(review.code)
         code_hash = job_code.code_hash(review.code)
-        request = {"request_id": rid, "code_id": req.code.id.no_dash,
-                   "requester": review.requester}
+        request = _request_record(review, req.code.id.no_dash)
         objects = {"request_id": rid, "code_id": request["code_id"]}
         if spec is not None:
             objects["job_id"] = spec.job_id
@@ -512,7 +706,9 @@ class Datasite:
             params={"decision": "approved", "previous": f"not the template ({review.status})",
                     "reason": str(override_reason), "problem": review.problem[:500],
                     "template_ok": False,
-                    "spec_fingerprint": spec.fingerprint if spec else None})
+                    "spec_fingerprint": spec.fingerprint if spec else None,
+                    "actor_id": self._operator_id(), "requester": review.requester,
+                    "requester_id": review.requester_id})
         if spec is not None and self.guard.approval(spec.job_id) is None:
             self.guard.record_approval(spec, code_hash, self.operator.email,
                                        self.call_limits(spec), request=request)
@@ -548,17 +744,48 @@ class Datasite:
                                     Action.REQUEST_OVERRIDDEN, objects=objects,
                                     code_hash=code_hash,
                                     params={"decision": "denied", "previous": "approved",
-                                            "reason": reason})
+                                            "reason": reason, "actor_id": self._operator_id(),
+                                            "requester_id": review.requester_id})
             if review.spec is not None:
                 self.guard.revoke(review.spec.job_id, self.operator.email, reason)
         else:
             self.guard.audit.append(self.operator.email, AuditRole.DATA_OWNER,
                                     Action.REQUEST_DENIED, objects=objects,
-                                    code_hash=code_hash, params={"reason": reason})
+                                    code_hash=code_hash,
+                                    params={"reason": reason, "actor_id": self._operator_id(),
+                                            "requester_id": review.requester_id})
         with quiet():
             res = req.deny(reason=reason)
         if isinstance(res, sy.SyftError):
             raise RuntimeError(f"syft could not deny request {request_id}: {syft_message(res)}")
+
+
+def _audit_repair(guard: SiteGuard, repaired: dict[str, int]) -> None:
+    """``file_modes_repaired``: which paths were open to others, and how, until now."""
+    changed = {path: f"{mode:o}" for path, mode in sorted(repaired.items())[:100]}
+    log.warning("site %s: %d paths in %s were not owner-only and were repaired: %s",
+                guard.site, len(repaired), guard.directory, ", ".join(changed))
+    guard.audit.append(SYSTEM_ACTOR, AuditRole.SYSTEM, Action.FILE_MODES_REPAIRED,
+                       objects={"site": guard.site},
+                       params={"count": len(repaired), "changed": changed,
+                               "modes_now": {"directories": "700", "files": "600"}})
+
+
+def _request_record(review: Review, code_id: str) -> dict[str, str]:
+    """What the guard keeps of a request: ``requester`` is the stable syft id the policy is
+    checked against at every call; ``requester_email`` the readable audit actor."""
+    return {"request_id": review.request_id, "code_id": code_id,
+            "requester": review.requester_id, "requester_email": review.requester}
+
+
+def _reserve_officer_email(site: str, accounts: dict[Role, Account]) -> None:
+    """No syft account may be provisioned under the officer's e-mail (it is no syft user)."""
+    reserved = accounts[Role.COMPLIANCE_OFFICER].email.strip().lower()
+    for role, account in accounts.items():
+        if role != Role.COMPLIANCE_OFFICER and account.email.strip().lower() == reserved:
+            raise ProvisioningError(f"site {site!r}: the {role.value} account cannot use "
+                                    f"{account.email}, the compliance officer's e-mail (the "
+                                    "officer is not a syft user; the e-mail is reserved)")
 
 
 def _audit_user(guard: SiteGuard, admin: Account, account: Account, store: str) -> None:

@@ -8,12 +8,12 @@ authority holds the Paillier private key; it never leaves the authority's direct
 from __future__ import annotations
 
 import json
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
+from datasites.site_files import write_private
 from privacy import paillier, signing
 
 CONFIG_FILE = "federation.json"
@@ -22,9 +22,8 @@ PAILLIER_KEY_FILE = "paillier_private_key.json"
 
 
 def _write_secret(path: Path, text: str) -> None:
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
+    """Keys and the config are owner-only (0600) from creation, whatever the umask."""
+    write_private(path, text)
 
 
 def ensure_signing_key(directory: Path) -> str:
@@ -42,7 +41,7 @@ def store_paillier_key(directory: Path, private_key: Any) -> None:
 
 def write_config(directory: Path, config: dict[str, Any]) -> None:
     path = Path(directory) / CONFIG_FILE
-    path.write_text(json.dumps(config, indent=1, sort_keys=True))
+    _write_secret(path, json.dumps(config, indent=1, sort_keys=True))
     load_site_keys.cache_clear()
 
 

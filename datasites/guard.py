@@ -91,8 +91,12 @@ class SiteGuard:
                                f"{exc}; refusing to run anything") from exc
 
     def _save(self) -> None:
+        """Atomic replace; the file (it names jobs and requesters) is 0600 whatever the umask,
+        and so is the temporary file it is renamed from (fchmod: a stale one keeps its mode)."""
         tmp = self._path.with_suffix(".tmp")
-        with open(tmp, "w") as fh:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        os.fchmod(fd, 0o600)
+        with os.fdopen(fd, "w") as fh:
             json.dump(self._state, fh, indent=1, sort_keys=True)
             fh.flush()
             os.fsync(fh.fileno())
@@ -142,6 +146,26 @@ class SiteGuard:
         job = self._state["jobs"].get(job_id)
         return json.loads(json.dumps(job)) if job else None
 
+    def require_approved(self, spec: JobSpec, action: str) -> None:
+        """Refuse at once (uncounted) a call of a job that is not approved as it runs, is
+        revoked, or has no such action; :meth:`authorize` counts it later."""
+        with self._lock:
+            job = self._state["jobs"].get(spec.job_id)
+            self._check_job(spec, job, action)
+
+    def _check_job(self, spec: JobSpec, job: dict[str, Any] | None, action: str) -> None:
+        if job is None:
+            raise CallRefused(f"job {spec.job_id!r} was not approved through this site's "
+                              f"review at {self.site!r}")
+        if job["spec"] != spec.to_json():
+            raise CallRefused(f"job {spec.job_id!r}: the running spec differs from the "
+                              "approved one")
+        if job.get("revoked"):
+            raise CallRefused(f"job {spec.job_id!r} was revoked at {self.site!r} by its "
+                              f"data owner: {job['revoked'].get('reason', '')}")
+        if job["limits"].get(action) is None:
+            raise CallRefused(f"action {action!r} is not part of job {spec.job_id!r}")
+
     def authorize(self, spec: JobSpec, action: str) -> int:
         """Consume one call of ``action`` for ``spec``'s job or raise :class:`CallRefused`.
 
@@ -149,18 +173,8 @@ class SiteGuard:
         """
         with self._lock:
             job = self._state["jobs"].get(spec.job_id)
-            if job is None:
-                raise CallRefused(f"job {spec.job_id!r} was not approved through this site's "
-                                  f"review at {self.site!r}")
-            if job["spec"] != spec.to_json():
-                raise CallRefused(f"job {spec.job_id!r}: the running spec differs from the "
-                                  "approved one")
-            if job.get("revoked"):
-                raise CallRefused(f"job {spec.job_id!r} was revoked at {self.site!r} by its "
-                                  f"data owner: {job['revoked'].get('reason', '')}")
-            limit = job["limits"].get(action)
-            if limit is None:
-                raise CallRefused(f"action {action!r} is not part of job {spec.job_id!r}")
+            self._check_job(spec, job, action)
+            limit = job["limits"][action]
             used = job["used"][action]
             if used >= limit:
                 raise CallRefused(f"job {spec.job_id!r} has used all {limit} approved "
@@ -170,14 +184,6 @@ class SiteGuard:
             self._save()
             return used + 1
 
-
-    def refund(self, spec: JobSpec, action: str) -> None:
-        """Give back a call that failed before anything left the site."""
-        with self._lock:
-            job = self._state["jobs"].get(spec.job_id)
-            if job and job["used"].get(action, 0) > 0:
-                job["used"][action] -= 1
-                self._save()
 
     # ---- revocation and the audit trail of calls ------------------------------------------
     def revoke(self, job_id: str, by: str, reason: str) -> None:
@@ -196,7 +202,10 @@ class SiteGuard:
                 self._save()
 
     def _requester(self, job: dict[str, Any] | None) -> tuple[str, str]:
-        email = str(((job or {}).get("request") or {}).get("requester") or "")
+        """The readable audit actor of a job's calls: ``requester_email`` (``requester`` is
+        the stable syft id the policy checks; older records kept the e-mail there)."""
+        request = (job or {}).get("request") or {}
+        email = str(request.get("requester_email") or request.get("requester") or "")
         if "@" in email:
             return email, AuditRole.DATA_SCIENTIST
         return "unknown-caller", AuditRole.SYSTEM

@@ -10,17 +10,25 @@ no replay), forms the sum itself, and returns only the decrypted sum.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from datasites import job_code
 from datasites.accounts import Account
 from datasites.call_audit import audited_call
 from datasites.datasite import Datasite
-from datasites.federation_config import load_authority_key, read_config, store_paillier_key
+from datasites.federation_config import (
+    load_authority_key,
+    load_site_keys,
+    read_config,
+    store_paillier_key,
+)
 from datasites.guard import CallRefused, guard_for
 from fed_tasks.codec import PayloadError, dumps, encode_array, loads
 from fed_tasks.encoding import codec_for
+from fed_tasks.site_step import vector_length
 from fed_tasks.spec import JobSpec
 from privacy.key_authority import KeyAuthority, KeyAuthorityError
 from privacy.paillier import (
@@ -30,6 +38,7 @@ from privacy.paillier import (
     generate_keypair,
     public_key_to_str,
 )
+from privacy.signing import SignedAggregate
 
 KEYRING = "keyring"
 
@@ -85,15 +94,37 @@ def run_key_authority(*, site: str, job_id: str, spec: str, keyring: pd.DataFram
             return dumps({"status": "mock"})
         guard.authorize(job, action)
         request = loads(payload)
-        what = str(request["action"])
-        if what not in ("stats", "fit"):
-            raise CallRefused(f"the authority does not decrypt {what!r} results")
-        total = _authority(guard.directory, job, what).decrypt_sum(
-            job.job_id, int(request["round"]), list(request["contributions"]),
-            expected_length=int(request["length"]))
-        return dumps({"status": "ok", "result": {"sum": encode_array(total)}})
+        req = AuthorityRequest.model_validate(request)
+        length = vector_length(job, req.action)
+        if (req.action == "stats") != (req.round == 0) or req.round > job.rounds:
+            raise CallRefused(f"the authority decrypts aggregates 0..{job.rounds} of the job")
+        checked = _authority(guard.directory, job, req.action).decrypt_checked(
+            job.job_id, req.round, list(req.contributions), expected_length=length)
+        payload = encode_array(checked.total)
+        # the sites move their model only by a sum the authority signed (aggregate_check)
+        attestation = SignedAggregate.create(
+            load_site_keys(guard.directory, site).signing_key, job.job_id, req.round,
+            checked.contributors, checked.model, payload)
+        return dumps({"status": "ok", "result": {"sum": payload,
+                                                 "attestation": attestation.to_str()}})
     except CallRefused as exc:
         return dumps({"status": "refused", "reason": str(exc)})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ())) or "request"
+        return dumps({"status": "refused", "reason": f"decrypt request field {where!r}: "
+                      f"{err.get('msg')}"})
     except (KeyAuthorityError, PaillierError, PayloadError, KeyError, ValueError) as exc:
         return dumps({"status": "refused", "reason": f"{type(exc).__name__}: {exc}"})
+
+
+class AuthorityRequest(BaseModel):
+    """One decryption request as the orchestrator sends it (schema-checked)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    action: Literal["stats", "fit"]
+    round: int = Field(ge=0)
+    length: int | None = None  # informational: the authority derives the length itself
+    contributions: list[str] = Field(max_length=1000)
 

@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datasites.site_files import write_private
 from fed_tasks.interface import BUDGET_EXHAUSTED
 
 LEDGER_FILE = "privacy_ledger.json"
@@ -36,22 +36,9 @@ class LedgerCorrupt(RuntimeError):
 
 
 def write_json_atomic(path: Path, data: Any) -> None:
-    """Replace ``path`` by ``data`` as JSON, all or nothing (owner-only permissions)."""
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(fd, "w") as fh:
-        json.dump(data, fh, indent=1, sort_keys=True)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-    try:  # make the rename itself durable
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError:
-        pass
+    """Replace ``path`` by ``data`` as JSON, all or nothing, mode 0600 whatever the umask
+    (see :func:`datasites.site_files.write_private`)."""
+    write_private(path, json.dumps(data, indent=1, sort_keys=True))
 
 
 @dataclass(frozen=True)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 import re
 import threading
+from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +29,43 @@ class PolicyError(ValueError):
     """A policy (or a change to it) is invalid, or its file cannot be read."""
 
 
+class Submitter(BaseModel):
+    """One allowed submitter: the e-mail the owner named, bound to that syft account's id.
+
+    Why: a syft user can change her own e-mail (``client.account.set_email``), so an e-mail
+    says nothing about who submitted. ``user_id`` is the account's verify key (hex), which
+    signs every request that user makes; the site resolves it from the e-mail when the owner
+    sets the policy. An unbound entry (no account had that e-mail then) matches nobody.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    email: str
+    user_id: str | None = None
+
+    @field_validator("email")
+    @classmethod
+    def _lower(cls, value: str) -> str:
+        return value.strip().lower()
+
+    def words(self) -> str:
+        bound = f"syft user {self.user_id[:12]}…" if self.user_id else \
+            "no account at this site when the policy was set: matches nobody"
+        return f"{self.email} ({bound})"
+
+
+@dataclass(frozen=True)
+class Requester:
+    """Who made a request: the verify key that signed it (what the policy compares) and the
+    e-mail the site knows the account by (for messages only)."""
+
+    user_id: str
+    email: str = ""
+
+    def words(self) -> str:
+        return f"{self.email} (syft user {self.user_id[:12]}…)" if self.email else self.user_id
+
+
 class DatasetPolicy(BaseModel):
     """The data owner's rules for one dataset. Defaults are permissive enough for the demo."""
 
@@ -39,18 +78,46 @@ class DatasetPolicy(BaseModel):
     require_dp: bool = False
     max_clip: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     min_sites: int = Field(default=2, ge=1)
-    allowed_submitters: tuple[str, ...] = ()  # empty: any data scientist with an account
+    # the model's shape bounds what one update can carry (see the review's "model shape")
+    max_params: int | None = Field(default=None, ge=1)
+    min_batch: int = Field(default=1, ge=1)
+    # empty: any data scientist with an account. The owner may give e-mails; the site binds
+    # each to its syft account (see Submitter) before the policy takes effect.
+    allowed_submitters: tuple[Submitter, ...] = ()
 
-    @field_validator("allowed_submitters")
+    @field_validator("allowed_submitters", mode="before")
     @classmethod
-    def _lower(cls, value: tuple[str, ...]) -> tuple[str, ...]:
-        return tuple(v.strip().lower() for v in value)
+    def _emails(cls, value: Any) -> Any:
+        if isinstance(value, str):
+            value = (value,)
+        return tuple({"email": v} if isinstance(v, str) else v for v in value)
 
-    def violations(self, spec: JobSpec, requester: str | None = None,
+    def submitter_ids(self) -> frozenset[str]:
+        """The syft user ids (verify keys) allowed to submit; empty if none is bound."""
+        return frozenset(s.user_id for s in self.allowed_submitters if s.user_id)
+
+    def bind_submitters(self, resolve: Callable[[str], str | None],
+                        previous: DatasetPolicy | None = None) -> DatasetPolicy:
+        """This policy with every unbound submitter bound to a syft user id.
+
+        An e-mail ``previous`` had bound keeps that binding, so re-stating the list (or
+        changing another field) never moves an entry to whoever holds the e-mail now.
+        ``resolve`` maps an e-mail to the id of the account holding it, or None.
+        """
+        kept = {s.email: s.user_id for s in (previous.allowed_submitters if previous else ())
+                if s.user_id}
+        bound = tuple(s if s.user_id else Submitter(email=s.email,
+                                                    user_id=kept.get(s.email) or resolve(s.email))
+                      for s in self.allowed_submitters)
+        return self.model_copy(update={"allowed_submitters": bound})
+
+    def violations(self, spec: JobSpec, requester: Requester | str | None = None,
                    remaining: float | None = None) -> list[str]:
         """Every way ``spec`` breaks this policy, in words (empty: it complies).
 
         ``requester`` None skips the submitter check, ``remaining`` None the budget check.
+        The submitter check compares syft user ids only (a bare string is an id, as the
+        site's approval records keep it), never e-mails, which a user can change.
         """
         out = []
         if spec.model not in self.allowed_models:
@@ -63,6 +130,11 @@ class DatasetPolicy(BaseModel):
                        f"{self.min_sites} sites in any aggregate")
         if self.require_dp and not spec.dp_enabled:
             out.append("differential privacy is required (set dp_epsilon); the job has none")
+        if self.max_params is not None and model_parameters(spec) > self.max_params:
+            out.append(f"the model has {model_parameters(spec):,} parameters, more than the "
+                       f"maximum of {self.max_params:,}")
+        if spec.batch_size < self.min_batch:
+            out.append(f"batch size {spec.batch_size} is below the minimum of {self.min_batch}")
         if spec.dp_enabled:
             if spec.dp_delta > self.max_delta:
                 out.append(f"dp_delta={spec.dp_delta:g} exceeds the maximum delta "
@@ -73,10 +145,11 @@ class DatasetPolicy(BaseModel):
             if remaining is not None and spec.dp_epsilon > remaining * (1 + 1e-9):
                 out.append(f"dp_epsilon={spec.dp_epsilon:g} exceeds the dataset's remaining "
                            f"privacy budget {remaining:.4g} (of {self.epsilon_budget:g})")
-        if requester is not None and self.allowed_submitters and \
-                requester.strip().lower() not in self.allowed_submitters:
-            out.append(f"{requester} may not submit jobs on this dataset (allowed: "
-                       f"{', '.join(self.allowed_submitters)})")
+        if requester is not None and self.allowed_submitters:
+            who = requester if isinstance(requester, Requester) else Requester(str(requester))
+            if who.user_id not in self.submitter_ids():
+                out.append(f"{who.words()} may not submit jobs on this dataset (allowed: "
+                           f"{', '.join(s.words() for s in self.allowed_submitters)})")
         return out
 
     def plain_words(self, dataset: str = DATASET_NAME, spent: float | None = None) -> str:
@@ -85,9 +158,10 @@ class DatasetPolicy(BaseModel):
               "optional; jobs without it release updates with no formal guarantee and are not "
               "counted against the budget")
         clip = f"at most {self.max_clip:g}" if self.max_clip is not None else "any"
-        who = (", ".join(self.allowed_submitters) if self.allowed_submitters
+        who = (", ".join(s.words() for s in self.allowed_submitters) if self.allowed_submitters
                else "any data scientist with an account at this site")
         used = "" if spent is None else f"; {spent:.4g} spent so far"
+        size = "any" if self.max_params is None else f"at most {self.max_params:,} parameters"
         lines = [
             f"Data owner's policy for dataset {dataset!r} (the site enforces it):",
             f"- models allowed: {', '.join(self.allowed_models)}",
@@ -96,6 +170,7 @@ class DatasetPolicy(BaseModel):
             f"- total privacy budget: epsilon {self.epsilon_budget:g} across all jobs"
             f"{used}; delta at most {self.max_delta:g} per job; clipping bound {clip}",
             f"- every aggregate must combine at least {self.min_sites} sites",
+            f"- model size: {size}; batch size at least {self.min_batch}",
             f"- who may submit: {who}",
             f"policy-json: {self.model_dump_json()}",
         ]
@@ -143,3 +218,10 @@ class PolicyStore:
         with self._lock:
             self._state.setdefault("descriptions", {})[dataset] = text
             write_json_atomic(self.path, self._state)
+
+
+def model_parameters(spec: JobSpec) -> int:
+    """How many numbers the job's model (and so each update) holds."""
+    from fed_tasks.site_step import vector_length
+
+    return vector_length(spec, "fit") - 2

@@ -8,7 +8,9 @@ from fed_tasks.spec import JobSpec
 
 MODEL_NAMES = {"ae": "dense autoencoder"}
 AGGREGATION_WORDS = {
-    "plain": "plain: the data scientist's orchestrator sees this site's individual update",
+    "plain": "plain: the data scientist's orchestrator sees this site's individual update, "
+             "and every member site sees it too (each site checks the aggregate it trains "
+             "from by adding the signed updates itself)",
     "paillier": "paillier: the update leaves encrypted under the key authority's key and "
                 "signed by this site; only sums over at least the federation's minimum "
                 "number of sites are ever decrypted",
@@ -30,10 +32,17 @@ class Review:
     problem: str = ""
     violations: tuple[str, ...] = ()  # of the dataset's policy, checked again at approval
     budget: str = ""  # the dataset's privacy budget, in words
+    requester_id: str = ""  # the syft verify key that signed the request: what policies bind
+    train_rows: int | None = None  # this site's private training rows (the owner's own fact)
+
+    @property
+    def requester_words(self) -> str:
+        return f"{self.requester} (syft user {self.requester_id[:12]}…)" if self.requester_id \
+            else self.requester
 
     def plain_words(self) -> str:
         """What approving this request lets the data scientist do, in a few lines."""
-        head = f"Request {self.request_id} from {self.requester} at site {self.site} " \
+        head = f"Request {self.request_id} from {self.requester_words} at site {self.site} " \
                f"({self.status})"
         if self.spec is None or not self.template_ok:
             lines = [head, f"  NOT the fedsyft job template: {self.problem}",
@@ -51,6 +60,7 @@ class Review:
             f"(layers {list(s.hidden)}, latent {s.latent}) for at most {s.rounds} rounds of "
             f"{s.local_epochs} local epoch(s), learning rate {s.lr}, batch {s.batch_size}",
             f"  columns touched: {len(s.features)} features {list(s.features)}; {label}",
+            _shape(s, self.train_rows),
             _leaves(s),
             _privacy(s),
             f"  aggregation {AGGREGATION_WORDS[s.aggregation]}",
@@ -66,6 +76,22 @@ class Review:
         elif self.spec is not None:
             out.append("  policy: the job complies with this dataset's policy")
         return out
+
+
+def _shape(s: JobSpec, rows: int | None) -> str:
+    """What bounds how much one update can carry: a first layer as wide as the table, small
+    batches and no trimming are the shape of a model built to memorize rows."""
+    from datasites.policy import model_parameters
+
+    width = s.hidden[0] if s.hidden else s.latent
+    against = f" for {rows:,} private training rows" if rows else ""
+    warn = ""
+    if rows and width >= rows / 10:
+        warn = " (WIDE: close to the row count, enough units to hold rows one by one)"
+    return (f"  model shape: {model_parameters(s):,} parameters; first layer {width} units"
+            f"{against}{warn}; batch {s.batch_size}, trim {s.trim:g} (each update is the "
+            "federation's model trained on this site's rows; the site never trains on a model "
+            "the data scientist sends)")
 
 
 def _leaves(s: JobSpec) -> str:

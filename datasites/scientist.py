@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import linecache
+import os
+from pathlib import Path
 from typing import Any
 
 import pandas as pd
@@ -11,6 +13,7 @@ from datasites import job_code
 from datasites.datasite import DATASET_NAME
 from datasites.policy import DatasetPolicy
 from datasites.quiet import quiet
+from datasites.receipts import append_receipt
 from datasites.syft_server import SyftException, sy, syft_message
 from fed_tasks.codec import PayloadError, dumps, loads
 from fed_tasks.interface import SiteRefusedError
@@ -26,14 +29,26 @@ def _function_from_source(source: str, name: str) -> Any:
     return namespace[name]
 
 
-class ScientistSession:
-    """A data scientist logged in to one site (a syft client wrapped for fedsyft jobs)."""
+RECEIPTS_ENV = "FEDSYFT_RECEIPTS"
 
-    def __init__(self, client: Any, kind: str = "site") -> None:
+
+class ScientistSession:
+    """A data scientist logged in to one site (a syft client wrapped for fedsyft jobs).
+
+    ``receipts``: a JSON-lines file where every released reply's signed audit head is
+    appended (see :mod:`datasites.receipts`); default ``$FEDSYFT_RECEIPTS``, else none kept.
+    Keeping them lets the scientist, or anyone they hand them to, detect a later rewrite of
+    the site's log with ``fedsyft audit verify --receipts``.
+    """
+
+    def __init__(self, client: Any, kind: str = "site", receipts: Path | str | None = None
+                 ) -> None:
         self.client = client
         self.kind = kind  # "site" (a data holder) or "authority" (the key authority)
         self.site = str(client.name)
         self._assets: dict[str, Any] | None = None
+        path = receipts if receipts is not None else os.environ.get(RECEIPTS_ENV) or None
+        self.receipts: Path | None = Path(path) if path is not None else None
 
     def assets(self) -> dict[str, Any]:
         if self._assets is None:
@@ -120,4 +135,8 @@ class SyftJobConnection:
                                               "for the private data)")
         if envelope.get("status") != "ok":
             raise SiteRefusedError(self.name, str(envelope.get("reason")))
+        head = envelope.get("audit_head")
+        if self.session.receipts is not None and isinstance(head, dict):
+            append_receipt(self.session.receipts, self.name, head, job_id=self.spec.job_id,
+                           action=action)
         return envelope["result"]

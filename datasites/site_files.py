@@ -5,7 +5,14 @@ and the ``fedsyft audit`` commands work from the directory alone. No password is
 here except the officer's, as a salted scrypt hash (the officer is not a syft user).
 
 Files: ``site.json`` (site name, account emails by role, versions), ``officer.json`` (the
-officer's email and scrypt hash, mode 0600), ``site.lock`` (held while the site is open).
+officer's email and scrypt hash), ``site.lock`` (held while the site is open).
+
+File modes: the site directory is 0700 and every file in it 0600, whatever the process
+umask, because syft's store (``syft.db``) holds the private table in clear and the other
+files hold keys, approvals and emails. Writers create their files 0600 from the start
+(:func:`open_private`, :func:`write_private`); :func:`secure_directory` sweeps the whole
+tree at provisioning, open and close, for the files syft itself writes (its sqlite store
+inherits 0600 from the file fedsyft pre-creates, but its blob store uses the umask).
 """
 
 from __future__ import annotations
@@ -17,6 +24,7 @@ import hmac
 import json
 import os
 import secrets
+import stat
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,6 +38,9 @@ OFFICER_FORMAT = "fedsyft-officer/1"
 # scrypt at n=2**14, r=8: ~16 MiB and ~50 ms per check, salted, so a copied officer.json
 # costs a guesser real work per password
 SCRYPT = {"n": 2**14, "r": 8, "p": 1, "dklen": 32}
+DIR_MODE = 0o700  # the site directory and every directory under it
+FILE_MODE = 0o600  # every file in it
+MIN_PASSWORD_LENGTH = 8  # owners' and officers' passwords alike (see accounts.check_password)
 
 
 class SiteDirectoryError(ValueError):
@@ -58,18 +69,102 @@ class SiteInfo:
                                      f"in {self.directory / SITE_FILE}") from None
 
 
-def _atomic_write(path: Path, text: str, mode: int) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+# ---- owner-only files --------------------------------------------------------------------
+def open_private(path: str | Path, flags: int = os.O_WRONLY | os.O_CREAT | os.O_TRUNC) -> int:
+    """``os.open`` a file that is 0600 from its creation on, whatever the umask.
+
+    The fchmod matters for a file that already existed (``O_TRUNC`` keeps its old mode, e.g.
+    a stale temporary file left 0644 by an older version) and makes the mode exact.
+    """
+    fd = os.open(path, flags | os.O_CREAT, FILE_MODE)
     try:
-        os.fchmod(fd, mode)
-        with os.fdopen(fd, "w", closefd=False) as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
+        os.fchmod(fd, FILE_MODE)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def write_private(path: str | Path, data: str | bytes) -> None:
+    """Replace ``path`` by ``data`` atomically (temp file, fsync, rename), mode 0600."""
+    path = Path(path)
+    raw = data.encode("utf-8") if isinstance(data, str) else data
+    tmp = path.with_name(path.name + ".tmp")
+    fd = open_private(tmp)
+    try:
+        view = memoryview(raw)
+        while view:
+            view = view[os.write(fd, view):]
+        os.fsync(fd)
     finally:
         os.close(fd)
     os.replace(tmp, path)
+    try:  # make the rename itself durable
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    except OSError:
+        pass
+
+
+def make_private_directory(path: str | Path) -> Path:
+    """Create ``path`` (and missing parents) and make ``path`` itself 0700."""
+    path = Path(path)
+    path.mkdir(mode=DIR_MODE, parents=True, exist_ok=True)
+    os.chmod(path, DIR_MODE)  # mkdir's mode is cut by the umask; an existing dir keeps its own
+    return path
+
+
+def secure_directory(path: str | Path, *, marker: str | None = SITE_FILE,
+                     keep: frozenset[str] = frozenset()) -> dict[str, int]:
+    """Make ``path`` and every directory under it 0700 and every file 0600; returns what it
+    changed (path relative to ``path`` → former mode), so a caller can log the exposure.
+
+    ``marker``: refuse (:class:`SiteDirectoryError`) unless that file is in ``path``, so a
+    mistyped directory is never swept. ``keep``: top-level names left as they are (the
+    audit signing key: a key others could read needs the operator's decision, not a silent
+    repair; :class:`datasites.audit.AuditLog` refuses it). Symbolic links are neither
+    followed nor changed. Covers sqlite's ``-wal``/``-shm``/``-journal`` files and syft's
+    blob store like any other file.
+    """
+    root = Path(path)
+    try:
+        names = os.listdir(root)  # needs only read permission, so works on a 0644 directory
+    except FileNotFoundError:
+        raise SiteDirectoryError(f"site directory {root} does not exist") from None
+    except OSError as exc:
+        raise SiteDirectoryError(f"site directory {root} is unreadable: {exc}") from None
+    if marker is not None and marker not in names:
+        raise SiteDirectoryError(f"{root} is not a fedsyft site directory (no {marker}); "
+                                 "its file modes were left alone")
+    changed: dict[str, int] = {}
+
+    def fix(target: Path, want: int) -> None:
+        try:
+            st = os.lstat(target)
+        except FileNotFoundError:  # removed meanwhile (a temporary file renamed away)
+            return
+        if stat.S_ISLNK(st.st_mode) or stat.S_IMODE(st.st_mode) == want:
+            return
+        try:
+            os.chmod(target, want)
+        except FileNotFoundError:
+            return
+        changed[str(target.relative_to(root)) if target != root else "."] = stat.S_IMODE(
+            st.st_mode)
+
+    fix(root, DIR_MODE)  # first, so that nothing below is reachable by others meanwhile
+    for here, dirs, files in os.walk(root):  # does not descend into symlinked directories
+        base = Path(here)
+        for name in dirs:
+            fix(base / name, DIR_MODE)
+        for name in files:
+            if base == root and name in keep:
+                continue
+            fix(base / name, FILE_MODE)
+    return changed
 
 
 def write_site_info(directory: Path, name: str, accounts: dict[str, str],
@@ -77,8 +172,7 @@ def write_site_info(directory: Path, name: str, accounts: dict[str, str],
     created = datetime.now(UTC).isoformat(timespec="seconds")
     doc = {"format": SITE_FORMAT, "name": name, "accounts": dict(accounts),
            "created": created, "syft_version": syft_version}
-    _atomic_write(Path(directory) / SITE_FILE, json.dumps(doc, indent=1, sort_keys=True) + "\n",
-                  0o644)
+    write_private(Path(directory) / SITE_FILE, json.dumps(doc, indent=1, sort_keys=True) + "\n")
     return SiteInfo(name, Path(directory), dict(accounts), created, syft_version)
 
 
@@ -110,13 +204,14 @@ def _scrypt(password: str, salt: bytes, params: dict[str, int]) -> bytes:
 
 def store_officer(directory: Path, email: str, password: str) -> None:
     """Keep the officer's email and a salted scrypt hash of the password (mode 0600)."""
-    if len(password) < 8:
-        raise ValueError("the compliance officer's password must have at least 8 characters")
+    if len(password) < MIN_PASSWORD_LENGTH:
+        raise ValueError("the compliance officer's password must have at least "
+                         f"{MIN_PASSWORD_LENGTH} characters")
     salt = secrets.token_bytes(16)
     doc = {"format": OFFICER_FORMAT, "email": email, "kdf": "scrypt", **SCRYPT,
            "salt": base64.b64encode(salt).decode(),
            "hash": base64.b64encode(_scrypt(password, salt, SCRYPT)).decode()}
-    _atomic_write(Path(directory) / OFFICER_FILE, json.dumps(doc, indent=1) + "\n", 0o600)
+    write_private(Path(directory) / OFFICER_FILE, json.dumps(doc, indent=1) + "\n")
 
 
 def officer_email(directory: Path) -> str:
@@ -161,8 +256,7 @@ class SiteLock:
     """
 
     def __init__(self, directory: Path, site: str) -> None:
-        self._fd: int | None = os.open(Path(directory) / LOCK_FILE, os.O_RDWR | os.O_CREAT,
-                                       0o600)
+        self._fd: int | None = open_private(Path(directory) / LOCK_FILE, os.O_RDWR)
         try:
             fcntl.flock(self._fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -129,19 +129,20 @@ class SitePrivacy:
             except BudgetExceeded as exc:
                 raise PrivacyRefused(str(exc)) from None
 
-    def run_step(self, spec: JobSpec, action: str, message: dict[str, Any],
+    def run_step(self, spec: JobSpec, action: str, given: site_step.StepInput,
                  train: pd.DataFrame, test: pd.DataFrame,
                  approval: dict[str, Any] | None) -> dict[str, Any]:
-        """Check the current policy, charge the budget, then run the site step."""
+        """Check the current policy, charge the budget, then run the site step on the
+        model the site holds (``given``)."""
         self.admit(spec, action, len(train), approval)
         request = (approval or {}).get("request") or {}
         if not spec.dp_enabled or action not in ("stats", "fit"):
-            return site_step.run(spec, action, message, train, test)
+            return site_step.run(spec, action, given, train, test)
         if action == "stats":
             return {"vector": self.public_stats(spec)}
-        self.charge(spec, len(train), request, message.get("round"))
+        self.charge(spec, len(train), request, given.round)
         shares = None if spec.dp_sgd else dp_step.noise_shares(spec, self._secure_floor(spec))
-        return site_step.run(spec, action, message, train, test, noise_shares=shares)
+        return site_step.run(spec, action, given, train, test, noise_shares=shares)
 
     def charge(self, spec: JobSpec, n_rows: int, request: dict[str, Any] | None = None,
                round_no: Any = None) -> Charge:

@@ -8,11 +8,13 @@ keep their store in the site's own directory.
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
 from datasites.errors import AuthenticationError
 from datasites.quiet import quiet, silence_syft_logging
+from datasites.site_files import make_private_directory, open_private, write_private
 
 silence_syft_logging()
 
@@ -36,16 +38,26 @@ def _key(directory: Path) -> SyftSigningKey:
     if path.exists():
         return SyftSigningKey.from_string(path.read_text().strip())
     key = SyftSigningKey.generate()
-    path.touch(mode=0o600)
-    path.write_text(str(key))
+    write_private(path, str(key))
     return key
 
 
 def _uid(directory: Path) -> UID:
     path = directory / "server_uid"
     if not path.exists():
-        path.write_text(UID().no_dash)
+        write_private(path, UID().no_dash)
     return UID(path.read_text().strip())
+
+
+def _precreate_store(path: Path) -> None:
+    """Create the sqlite file 0600 before syft opens it.
+
+    sqlite would create it 0644 minus the umask, and gives its ``-wal``/``-shm``/``-journal``
+    files the database file's own mode, so an empty owner-only file (a valid empty database)
+    keeps the whole store, which holds the private table in clear, owner-only from the start.
+    """
+    if not path.exists():
+        os.close(open_private(path, os.O_WRONLY | os.O_CREAT))
 
 
 def start_server(name: str, directory: Path, root_email: str, root_password: str,
@@ -56,14 +68,16 @@ def start_server(name: str, directory: Path, root_email: str, root_password: str
     blob store (syft's default blob store is under /tmp, which does not survive a reboot).
     With ``reset=False`` the existing root account is kept and ``root_password`` is unused.
     """
-    directory.mkdir(parents=True, exist_ok=True)
+    make_private_directory(directory)
+    make_private_directory(directory / "blob")  # syft writes blobs with the umask's mode
+    _precreate_store(directory / "syft.db")
     blobs = OnDiskBlobStorageConfig(
         client_config=OnDiskBlobStorageClientConfig(base_directory=directory / "blob"),
         min_blob_size=1)  # MB, syft's default: larger objects go to the blob store
     with quiet():
         return SyftDatasite(
             name=name, id=_uid(directory), signing_key=_key(directory),
-            root_email=root_email, root_password=root_password,
+            root_email=root_email, root_password=_plain(root_password),
             db_url=f"sqlite:///{directory / 'syft.db'}", reset=reset,
             deployment_type="python", in_memory_workers=True, blob_storage_config=blobs,
         )
@@ -73,13 +87,20 @@ def login(server: Any, email: str, password: str, site: str) -> Any:
     """A logged-in client, or :class:`AuthenticationError` naming the site and account."""
     try:
         with quiet():
-            return server.get_guest_client(verbose=False).login(email=email, password=password)
+            return server.get_guest_client(verbose=False).login(email=email,
+                                                                password=_plain(password))
     except SyftException as exc:
         detail = syft_message(exc)
         if detail in ("Item not found.", "Invalid credentials."):
             detail = "wrong email or password"
         raise AuthenticationError(
             f"cannot log in to site {site!r} as {email!r}: {detail}") from None
+
+
+def _plain(password: str) -> str:
+    """An exact ``str`` for syft, whose serde looks types up exactly (a
+    :class:`datasites.accounts.Secret` is a ``str`` subclass)."""
+    return str.__str__(password)
 
 
 def syft_message(obj: Any) -> str:

@@ -6,11 +6,14 @@ before anything is uploaded, so a bad table never leaves a half-provisioned site
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+
+MOCK_ROWS = 500  # a mock's row count: a public constant, not derived from the private table
 
 
 class TableError(ValueError):
@@ -96,30 +99,47 @@ def validate(frame: pd.DataFrame, schema: FederationSchema, where: str = "table"
                              f"found {seen}")
 
 
-def make_mock(frame: pd.DataFrame, schema: FederationSchema, rows: int = 500,
-              seed: int = 0) -> pd.DataFrame:
-    """A synthetic table with the same schema and dtypes and no real row.
+def make_mock(frame: pd.DataFrame, schema: FederationSchema, rows: int = MOCK_ROWS, *,
+              seed: int | None = None) -> pd.DataFrame:
+    """A synthetic table with the same schema and dtypes, drawn from public column moments.
 
-    Each feature is drawn independently from a normal with the column's (rounded) mean and
-    standard deviation, so code written against the mock runs on the private table, while
-    no row, and no joint structure, of the private table is revealed.
+    Each feature is drawn independently from a normal with the column's mean and standard
+    deviation rounded to 2 significant figures (integer columns: rounded to integers and
+    clipped to the dtype's range); the label is 1 with a fixed probability of 0.1. Nothing
+    else of the private table is used, so the mock reveals no row, no joint structure and
+    no row count:
+
+    - randomness comes from :mod:`secrets` (a predictable seed would let anyone regenerate
+      the draws); ``seed`` exists for tests only;
+    - it has ``rows`` rows, a public number, whatever the private size (a small table still
+      gets ``rows`` synthetic rows), except that it is never *equal* to the private count:
+      ``rows + 1`` if it would be. (That exception tells that a mock of ``rows + 1`` rows
+      comes from a table of exactly ``rows`` rows; nothing about any other size.)
+    - there is no rejection step: dropping mock rows that equal a real row would tell which
+      tuples exist. For float columns a draw equal to a real value has probability ~zero. For
+      integer columns a mock row may equal a real row by chance; that reveals nothing, since
+      it was drawn independently of the rows, from the rounded moments alone.
     """
-    rng = np.random.default_rng(seed)
-    rows = max(1, min(rows, len(frame)))
+    rng = np.random.default_rng(secrets.randbits(128) if seed is None else seed)
+    rows = int(rows)
+    if rows < 1:
+        raise ValueError(f"a mock needs at least 1 row, got rows={rows}")
+    if rows == len(frame):
+        rows += 1
     out: dict[str, np.ndarray] = {}
     for col in schema.features:
         real = frame[col].to_numpy(dtype=np.float64)
         mean, std = _round_sig(real.mean()), _round_sig(real.std() or 1.0)
         draw = rng.normal(mean, std, rows)
-        out[col] = np.round(draw).astype(frame[col].dtype) if pd.api.types.is_integer_dtype(
-            frame[col]) else draw.astype(frame[col].dtype)
+        dtype = frame[col].dtype
+        if pd.api.types.is_integer_dtype(dtype):
+            info = np.iinfo(dtype)
+            out[col] = np.clip(np.round(draw), info.min, info.max).astype(dtype)
+        else:
+            out[col] = draw.astype(dtype)
     if schema.label:
         out[schema.label] = (rng.random(rows) < 0.1).astype(frame[schema.label].dtype)
-    mock = pd.DataFrame(out, columns=list(schema.columns))
-    features = list(schema.features)
-    real_rows = set(map(tuple, frame.loc[:, features].to_numpy().tolist()))
-    keep = [tuple(r) not in real_rows for r in mock.loc[:, features].to_numpy().tolist()]
-    return mock.loc[keep].reset_index(drop=True)
+    return pd.DataFrame(out, columns=list(schema.columns))
 
 
 def _round_sig(x: float, digits: int = 2) -> float:

@@ -24,6 +24,7 @@ from fed_tasks.interface import SiteConnection, call_all
 from fed_tasks.spec import JobSpec
 from privacy.secagg import SecAggError
 from privacy.secagg_session import SecAggSessionServer
+from privacy.signing import SignedContribution
 
 
 class TooFewSitesError(RuntimeError):
@@ -39,10 +40,18 @@ class Released(NamedTuple):
 
 
 class SecureSum(Protocol):
-    """Calls ``action`` at every site; returns the sums that became visible with it."""
+    """Calls ``action`` at every site; returns the sums that became visible with it.
+
+    The sites derive their model themselves from each aggregate, so every call after the
+    first carries :meth:`evidence` of the previous one: what lets a site check it (see
+    :class:`fed_tasks.messages.AggregateEvidence`)."""
 
     def submit(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
                length: int) -> list[Released]: ...
+
+    def evidence(self) -> dict[str, Any] | None:
+        """The evidence of the last aggregate collected (None before the first)."""
+        ...
 
     def finish(self, sites: list[SiteConnection]) -> list[Released]:
         """Release any sum still pending (after the last round, or an early stop)."""
@@ -52,46 +61,68 @@ class SecureSum(Protocol):
 class _Immediate:
     """A sum visible as soon as the call returns."""
 
+    def __init__(self) -> None:
+        self._evidence: dict[str, Any] | None = None
+
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
-            length: int) -> np.ndarray:
+            length: int) -> tuple[np.ndarray, dict[str, Any]]:
         raise NotImplementedError
 
     def submit(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
                length: int) -> list[Released]:
-        total = self.sum(sites, action, message, length)
+        total, self._evidence = self.sum(sites, action, message, length)
         return [Released(action, int(message.get("round", 0)), total)]
+
+    def evidence(self) -> dict[str, Any] | None:
+        return self._evidence
 
     def finish(self, sites: list[SiteConnection]) -> list[Released]:
         return []
 
 
+def _signed_payload(text: str) -> str:
+    """The payload of a site's signed contribution (its signature is the sites' to check)."""
+    return SignedContribution.from_str(text).payload
+
+
 class PlainSum(_Immediate):
-    """Sites' vectors in clear (allows robust aggregation; reveals individual updates)."""
+    """Sites' vectors in clear (allows robust aggregation; reveals individual updates).
+
+    Each vector is signed by its site; the next call forwards all of them so that every
+    site can form the sum itself (and so sees the others' updates too)."""
 
     def __init__(self, min_sites: int = 1) -> None:
+        super().__init__()
         self.min_sites = min_sites
 
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
-            length: int) -> np.ndarray:
+            length: int) -> tuple[np.ndarray, dict[str, Any]]:
         replies = call_all(sites, action, message)
         if len(replies) < self.min_sites:
             raise TooFewSitesError(f"{len(replies)} sites answered, job needs {self.min_sites}")
-        return np.sum([decode_array(r["vector"], length) for r in replies], axis=0)
+        signed = [r["contribution"] for r in replies]
+        total = np.sum([decode_array(_signed_payload(c), length) for c in signed], axis=0)
+        return total, {"kind": "plain", "action": action,
+                       "round": int(message.get("round", 0)), "contributions": signed}
 
 
 class KeyAuthoritySum(_Immediate):
-    """Signed Paillier contributions, summed and decrypted only by the key authority."""
+    """Signed Paillier contributions, summed and decrypted only by the key authority, which
+    signs the sum it decrypted (the sites accept nothing else)."""
 
     def __init__(self, key_authority: SiteConnection) -> None:
+        super().__init__()
         self.key_authority = key_authority
 
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
-            length: int) -> np.ndarray:
+            length: int) -> tuple[np.ndarray, dict[str, Any]]:
         replies = call_all(sites, action, message)
         request = {"action": action, "round": round_id(action, message.get("round", 0)),
                    "length": length, "contributions": [r["contribution"] for r in replies]}
         reply = self.key_authority.call("decrypt", request)
-        return decode_array(reply["sum"], length)
+        return decode_array(reply["sum"], length), {
+            "kind": "paillier", "action": action, "round": int(message.get("round", 0)),
+            "sum": reply["sum"], "attestation": reply["attestation"]}
 
 
 def call_each(sites: list[SiteConnection], action: str, message_for: Any
@@ -126,6 +157,7 @@ class MaskedSum:
         self._ready = False
         self._pending: tuple[str, int] | None = None  # (action, round) awaiting opening
         self._unreturned: list[Released] = []  # opened by a call that then failed
+        self._evidence: dict[str, Any] | None = None  # signed inputs of the pending round
         self.dropped: dict[str, str] = {}
 
     def _setup(self, sites: list[SiteConnection]) -> None:
@@ -150,38 +182,41 @@ class MaskedSum:
         self._pending = None
         return [Released(action, rnd, vector)]
 
-    def _previous(self) -> str | None:
-        if self._pending is None:
-            return None
-        return self.server.masked_sum(session_round(*self._pending)).to_str()
+    def evidence(self) -> dict[str, Any] | None:
+        """The signed masked inputs (and revealed keys) of the last round collected: each
+        site forms and opens that sum itself."""
+        return self._evidence
 
     def submit(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
                length: int) -> list[Released]:
         if not self._ready:
             self._setup(sites)
         rnd = int(message.get("round", 0))
-        r = session_round(action, rnd)
-        previous, first = self._previous(), self.server.round == 0
+        first = self.server.round == 0
         active = [s for s in sites if s.name in self.server.active]
-        replies = call_each(active, action, lambda s: {**message, "secagg": {
-            "previous": previous,
-            "inbox": self.server.inbox(s.name).to_str() if first else None}})
+        replies = call_each(active, action, lambda s: {
+            **message, **({"inbox": self.server.inbox(s.name).to_str()} if first else {})})
         for name, reply in replies.items():
             if isinstance(reply, Exception):
                 self.dropped[name] = str(reply)
         released = self._release(replies)
         try:
-            self._collect(action, r, active, replies)
+            self._evidence = self._collect(action, rnd, active, replies)
         except TooFewSitesError:
             self._unreturned += released  # the previous sum was opened: finish() returns it
             raise
         self._pending = (action, rnd)
         return released
 
-    def _collect(self, action: str, r: int, active: list[SiteConnection],
-                 replies: dict[str, dict[str, Any] | Exception]) -> None:
-        """Add the masked vectors; if sites dropped, have the survivors reveal their keys."""
-        masked = [rep["masked"] for rep in replies.values() if not isinstance(rep, Exception)]
+    def _collect(self, action: str, rnd: int, active: list[SiteConnection],
+                 replies: dict[str, dict[str, Any] | Exception]) -> dict[str, Any]:
+        """Add the masked vectors; if sites dropped, have the survivors reveal their keys.
+        Returns the round's evidence for the sites."""
+        r = session_round(action, rnd)
+        signed = [rep["masked"] for rep in replies.values() if not isinstance(rep, Exception)]
+        masked = [_signed_payload(m) for m in signed]
+        evidence = {"kind": "secagg", "action": action, "round": rnd, "inputs": signed,
+                    "recovery": []}
         if len(masked) < self.spec.min_sites:
             raise TooFewSitesError(
                 f"secure sum of {action!r}: {len(masked)} sites answered, the job needs at "
@@ -192,21 +227,25 @@ class MaskedSum:
             raise TooFewSitesError(f"secure sum of {action!r}: {exc}; failures: "
                                    f"{self.dropped}") from None
         if request is None:
-            return
+            return evidence
         survivors = [s for s in active if s.name in request.survivors]
         answers = call_each(survivors, "secagg_recover", lambda _s: {"request": request.to_str()})
+        revealed = [a["recovery"] for a in answers.values() if not isinstance(a, Exception)]
         try:
-            self.server.recover(r, [a["recovery"] for a in answers.values()
-                                    if not isinstance(a, Exception)])
+            self.server.recover(r, revealed)
         except SecAggError as exc:
             failures = {k: str(v) for k, v in answers.items() if isinstance(v, Exception)}
             raise TooFewSitesError(f"secure sum of {action!r}: recovery of the sites that "
                                    f"dropped failed: {exc}; failures: {failures}") from None
+        evidence["inputs"] = [m for m in signed
+                              if SignedContribution.from_str(m).site_id in request.survivors]
+        evidence["recovery"] = revealed
+        return evidence
 
     def finish(self, sites: list[SiteConnection]) -> list[Released]:
         """Have the last round's survivors open its sum (one call each)."""
         released, self._unreturned = self._unreturned, []
-        previous = self._previous()
+        previous = self._evidence if self._pending is not None else None
         if previous is None:
             return released
         survivors = [s for s in sites if s.name in self.server.survivors]

@@ -8,11 +8,10 @@ and trains from the result. Both sides therefore share this one rule.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import numpy as np
 
-from fed_tasks.codec import PayloadError, decode_array, encode_array
+from fed_tasks.codec import PayloadError
 from fed_tasks.preprocessing import Moments, Standardizer
 from fed_tasks.strategy import FedAvg, SummedUpdate
 
@@ -35,14 +34,3 @@ class GlobalState:
             self.loss = update.mean_loss
         else:
             raise PayloadError(f"no global state follows from a {action!r} sum")
-
-    def message(self, rnd: int) -> dict[str, Any]:
-        """What a training call carries: the round, the weights and (once known) the scaling."""
-        return {"round": rnd, "weights": encode_array(self.weights),
-                "norm": self.norm.to_dict() if self.norm is not None else None}
-
-    @classmethod
-    def from_message(cls, message: dict[str, Any], n_params: int) -> GlobalState:
-        norm = message.get("norm")
-        return cls(decode_array(message["weights"], n_params),
-                   Standardizer.from_dict(norm) if norm is not None else None)

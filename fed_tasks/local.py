@@ -1,15 +1,33 @@
 """Sites as plain in-memory tables: the centralized and local-only references, and the
-syft-free baseline that measures what the datasites cost."""
+syft-free baseline that measures what the datasites cost.
+
+A :class:`LocalSite` follows the same protocol as a real site — it derives its model from
+the aggregates it is shown and answers in the plain-mode format — but it is a trusted
+simulation: it signs nothing and checks no signature (the datasites do; see
+``datasites.aggregate_check``).
+"""
 
 from __future__ import annotations
 
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from fed_tasks import site_step
+from fed_tasks.codec import decode_array, encode_array
 from fed_tasks.interface import SiteConnection
+from fed_tasks.messages import AggregateEvidence, parse_message
+from fed_tasks.site_state import SiteModelState, aggregate_index
 from fed_tasks.spec import JobSpec
+from privacy.signing import SignedContribution
+
+
+def unchecked_sum(spec: JobSpec, evidence: AggregateEvidence) -> np.ndarray:
+    """The sum of a plain aggregate's vectors, signatures unchecked (trusted simulation)."""
+    length = site_step.vector_length(spec, evidence.action)
+    return np.sum([decode_array(SignedContribution.from_str(c).payload, length)
+                   for c in evidence.contributions], axis=0)
 
 
 class LocalSite(SiteConnection):
@@ -20,7 +38,23 @@ class LocalSite(SiteConnection):
         self.spec = spec
         self.train = train
         self.test = test
+        self.model = SiteModelState.initial(spec, site_step.new_model(spec).get_weights())
+
+    def step(self, action: str, given: site_step.StepInput) -> dict[str, Any]:
+        """The site step (a subclass may add, e.g., DP)."""
+        return site_step.run(self.spec, action, given, self.train, self.test)
 
     def call(self, action: str, message: dict[str, Any]) -> dict[str, Any]:
-        return site_step.plain_reply(
-            site_step.run(self.spec, action, message, self.train, self.test))
+        msg = parse_message(action, message)
+        evidence = getattr(msg, "previous", None)
+        if evidence is not None and aggregate_index(evidence.action, evidence.round) \
+                > self.model.applied:
+            self.model.apply(evidence.action, evidence.round, unchecked_sum(self.spec, evidence))
+        rnd = int(getattr(msg, "round", 0))
+        result = self.step(action, site_step.StepInput(rnd, self.model.state))
+        if "vector" not in result:
+            return result
+        payload = encode_array(result.pop("vector"))
+        index = aggregate_index(action, rnd)
+        return {**result, "contribution": SignedContribution(
+            self.name, self.spec.job_id, index, payload, model=self.model.digest).to_str()}

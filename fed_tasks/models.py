@@ -6,9 +6,13 @@ Federated averaging works on one flat float vector per model, so every detector 
 
 from __future__ import annotations
 
+import threading
+
 import numpy as np
 import torch
 from torch import nn
+
+_INIT_LOCK = threading.Lock()
 
 
 class _single_thread:
@@ -41,10 +45,11 @@ class AutoencoderDetector:
     def __init__(self, n_features: int, hidden: tuple[int, ...] = (32, 16), latent: int = 4,
                  seed: int = 0) -> None:
         self.n_features = n_features
-        torch.manual_seed(seed)
         enc = [n_features, *hidden, latent]
-        self.net = nn.Sequential(_mlp(enc, last_activation=True),
-                                 _mlp(enc[::-1], last_activation=False))
+        with _INIT_LOCK:  # torch's global RNG: sites building in threads must not interleave
+            torch.manual_seed(seed)
+            self.net = nn.Sequential(_mlp(enc, last_activation=True),
+                                     _mlp(enc[::-1], last_activation=False))
         self._shapes = [p.shape for p in self.net.parameters()]
 
     @property

@@ -13,7 +13,6 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fed_tasks.aggregation import PlainSum, Released, SecureSum, TooFewSitesError
-from fed_tasks.codec import encode_array
 from fed_tasks.global_state import GlobalState
 from fed_tasks.interface import SiteConnection, SiteRefusedError, call_all, is_budget_refusal
 from fed_tasks.preprocessing import Standardizer
@@ -73,11 +72,10 @@ class FederatedTrainer:
         self.on_round = on_round
         if secure_sum is None and spec.aggregation != "plain":
             raise ValueError(f"a {spec.aggregation!r} job needs its secure_sum")
-        if spec.aggregation == "secagg" and (type(self.strategy) is not FedAvg
-                                             or self.strategy.server_lr != 1.0):
-            raise ValueError("in a secure-sum job the sites form each round's model themselves "
-                             "(plain FedAvg); another strategy would diverge from theirs")
-        self.secure_sum = secure_sum or PlainSum()
+        if not isinstance(self.strategy, FedAvg) or self.strategy.server_lr != 1.0:
+            raise ValueError("the sites form each round's model themselves (plain FedAvg); "
+                             "another strategy would diverge from theirs")
+        self.secure_sum = secure_sum or PlainSum(spec.min_sites)
 
     def _submit(self, action: str, message: dict[str, Any]) -> list[Released]:
         return self.secure_sum.submit(self.sites, action, message,
@@ -122,7 +120,7 @@ class FederatedTrainer:
         for rnd in bar:
             started = time.perf_counter()
             try:
-                take(self._submit("fit", state.message(rnd)))
+                take(self._submit("fit", {"round": rnd, "previous": self.secure_sum.evidence()}))
             except (SiteRefusedError, TooFewSitesError) as exc:
                 if not is_budget_refusal(exc):
                     raise
@@ -148,7 +146,10 @@ class FederatedTrainer:
                               stopped_early=bool(stop_reason), stop_reason=stop_reason)
 
     def evaluate(self, result: TrainingResult) -> list[dict[str, Any]]:
-        """Each site's metrics of the final model on its private test split."""
-        message = {"weights": encode_array(result.weights), "norm": result.norm.to_dict()}
+        """Each site's metrics of the final model on its private test split.
+
+        A site evaluates only the model it derived itself; the message carries the evidence
+        of the last aggregate, in case the site has not applied it yet."""
+        message = {"previous": self.secure_sum.evidence()}
         return [{"site": s.name, **r} for s, r in
                 zip(self.sites, call_all(self.sites, "evaluate", message), strict=True)]

@@ -8,14 +8,16 @@ count) under key ``"vector"``, or metrics. The site wrapper in ``datasites`` dec
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from fed_tasks import dp_step
-from fed_tasks.codec import PayloadError, decode_array, encode_array
+from fed_tasks.codec import PayloadError
 from fed_tasks.evaluation import detection_metrics
+from fed_tasks.global_state import GlobalState
 from fed_tasks.models import AutoencoderDetector, build_model
 from fed_tasks.preprocessing import Moments, Standardizer
 from fed_tasks.spec import JobSpec
@@ -36,10 +38,22 @@ def new_model(spec: JobSpec) -> AutoencoderDetector:
     return build_model(spec.model, len(spec.features), spec.hidden, spec.latent, spec.seed)
 
 
-def _model_at(spec: JobSpec, message: dict[str, Any]) -> tuple[AutoencoderDetector, Standardizer]:
+@dataclass(frozen=True)
+class StepInput:
+    """What a call computes from: the round and the model *the site itself* holds (see
+    :mod:`fed_tasks.site_state`); never weights or scaling from the message."""
+
+    round: int = 0
+    model: GlobalState | None = None
+
+
+def _model_at(spec: JobSpec, given: StepInput) -> tuple[AutoencoderDetector, Standardizer]:
+    if given.model is None or given.model.norm is None:
+        raise PayloadError("this call needs the federation's model and feature scaling, "
+                           "which the site derives from the released statistics first")
     model = new_model(spec)
-    model.set_weights(decode_array(message["weights"], model.n_params))
-    return model, Standardizer.from_dict(message["norm"])
+    model.set_weights(given.model.weights)
+    return model, given.model.norm
 
 
 def stats(spec: JobSpec, train: pd.DataFrame) -> dict[str, Any]:
@@ -47,7 +61,7 @@ def stats(spec: JobSpec, train: pd.DataFrame) -> dict[str, Any]:
     return {"vector": Moments.of(feature_matrix(spec, train)).to_vector()}
 
 
-def fit(spec: JobSpec, train: pd.DataFrame, message: dict[str, Any],
+def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
         noise_shares: int | None = None) -> dict[str, Any]:
     """Local epochs from the global weights; returns ``[n·Δ, n·loss, n]`` (see strategy).
 
@@ -55,9 +69,9 @@ def fit(spec: JobSpec, train: pd.DataFrame, message: dict[str, Any],
     DP-SGD during training, or Δ clipped and noised afterwards (``noise_shares``: into how
     many shares the noise is split; default from the spec's aggregation mode).
     """
-    model, norm = _model_at(spec, message)
+    model, norm = _model_at(spec, given)
     start = model.get_weights()
-    rnd = int(message["round"])
+    rnd = int(given.round)
     x = norm.transform(feature_matrix(spec, train))
     if spec.dp_sgd:
         dp_step.fit_dp_sgd(model, x, spec)
@@ -72,11 +86,11 @@ def fit(spec: JobSpec, train: pd.DataFrame, message: dict[str, Any],
     return {"vector": pack_update(delta, loss, len(train)), "round": rnd}
 
 
-def evaluate(spec: JobSpec, test: pd.DataFrame, message: dict[str, Any]) -> dict[str, Any]:
-    """Metrics of the given model on the site's private test split; only numbers leave."""
+def evaluate(spec: JobSpec, test: pd.DataFrame, given: StepInput) -> dict[str, Any]:
+    """Metrics of the site's verified model on its private test split; only numbers leave."""
     if spec.label_column is None or spec.label_column not in test.columns:
         raise PayloadError("evaluation needs the job's label column in the site's test split")
-    model, norm = _model_at(spec, message)
+    model, norm = _model_at(spec, given)
     scores = model.score_samples(norm.transform(feature_matrix(spec, test)))
     metrics = detection_metrics(test[spec.label_column].to_numpy(), scores)
     return {**metrics, "n_test": int(len(test))}
@@ -89,20 +103,13 @@ def vector_length(spec: JobSpec, action: str) -> int:
     return new_model(spec).n_params + 2
 
 
-def run(spec: JobSpec, action: str, message: dict[str, Any], train: pd.DataFrame,
+def run(spec: JobSpec, action: str, given: StepInput, train: pd.DataFrame,
         test: pd.DataFrame, *, noise_shares: int | None = None) -> dict[str, Any]:
     """Dispatch one approved call."""
     if action == "stats":
         return stats(spec, train)
     if action == "fit":
-        return fit(spec, train, message, noise_shares)
+        return fit(spec, train, given, noise_shares)
     if action == "evaluate":
-        return evaluate(spec, test, message)
+        return evaluate(spec, test, given)
     raise PayloadError(f"unknown action {action!r}; expected one of {ACTIONS}")
-
-
-def plain_reply(result: dict[str, Any]) -> dict[str, Any]:
-    """The reply of a plain-aggregation site: the summed vector travels in clear."""
-    if "vector" not in result:
-        return result
-    return {**result, "vector": encode_array(result["vector"])}

@@ -49,6 +49,13 @@ class JobSpec(BaseModel):
     dp_sgd: bool = False
 
     @model_validator(mode="after")
+    def _label_not_a_feature(self) -> JobSpec:
+        # a label among the features would train on it and put it in every released update
+        if self.label_column is not None and self.label_column in self.features:
+            raise ValueError(f"label column {self.label_column!r} cannot also be a feature")
+        return self
+
+    @model_validator(mode="after")
     def _dp_consistent(self) -> JobSpec:
         if self.dp_sgd and self.dp_epsilon is None:
             raise ValueError("dp_sgd=True needs dp_epsilon (the sample-level budget of the job)")

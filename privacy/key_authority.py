@@ -26,6 +26,7 @@ import tempfile
 import threading
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 
@@ -112,6 +113,14 @@ class DecryptionFailedError(KeyAuthorityError):
     """The sum passed every check but does not decode (an input was out of range)."""
 
 
+class DecryptedSum(NamedTuple):
+    """A decrypted sum with the facts the authority attests about it."""
+
+    total: np.ndarray
+    contributors: list[str]
+    model: str
+
+
 class KeyAuthority:
     """Checks signed contributions and returns only the decrypted sum of at least k sites."""
 
@@ -175,21 +184,44 @@ class KeyAuthority:
             raise RequestMismatchError(f"job_id must be a non-empty str, got {job_id!r}")
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise RequestMismatchError(f"round must be a non-negative int, got {round!r}")
+        return self.decrypt_checked(job_id, round, contributions,
+                                    expected_length=expected_length).total
+
+    def decrypt_checked(
+        self,
+        job_id: str,
+        round: int,
+        contributions: Sequence[str],
+        *,
+        expected_length: int | None = None,
+    ) -> DecryptedSum:
+        """As :meth:`decrypt_sum`, also returning who contributed and the model digest they
+        all share (so the authority can attest the sum to the sites)."""
+        if not isinstance(job_id, str) or not job_id:
+            raise RequestMismatchError(f"job_id must be a non-empty str, got {job_id!r}")
+        if isinstance(round, bool) or not isinstance(round, int) or round < 0:
+            raise RequestMismatchError(f"round must be a non-negative int, got {round!r}")
         if isinstance(contributions, str):
             raise MalformedContributionError("contributions must be a list of str, not one str")
         with self._lock:
             self._check_not_spent(job_id, round)
             signed = self._verify_contributions(job_id, round, list(contributions))
+            models = {c.model for c in signed}
+            if len(models) != 1:
+                raise InconsistentContributionsError(
+                    f"round {round} of job {job_id!r}: the contributions were computed from "
+                    f"{len(models)} different models (a site was sent another model)")
             vectors = self._parse_payloads(signed, expected_length)
             total = EncryptedVector.sum(vectors)
             self._mark_spent(job_id, round)
             try:
-                return decrypt_vector(self._decryptor, total)
+                plain = decrypt_vector(self._decryptor, total)
             except PaillierError as exc:
                 raise DecryptionFailedError(
                     f"round {round} of job {job_id!r} could not be decrypted ({exc}); "
                     "the round is spent"
                 ) from None
+            return DecryptedSum(plain, sorted(c.site_id for c in signed), models.pop())
 
     # ------------------------------------------------------------------ checks
 

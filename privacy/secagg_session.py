@@ -377,6 +377,39 @@ def _state_error(what: str, exc: Exception) -> SecAggError:
 # ---------------------------------------------------------------- client
 
 
+def _remove_dropped_masks(total: np.ndarray, job_id: str, r: int, participants: list[str],
+                          threshold: int, s_pks: dict[str, list[bytes]],
+                          peers: dict[str, list[str]], dropped: list[str],
+                          revealed: dict[str, SessionRecoverShares]) -> np.ndarray:
+    """Remove from round r's sum the pairwise masks the survivors added with the dropped
+    sites, rebuilding each dropped site's round-r key from ``threshold`` revealed shares and
+    checking it against its public key (so forged shares are caught, not used).
+
+    Shared by the server (which forms the masked sum) and every site (which forms it again
+    from the signed inputs, so a server cannot hand it a made-up sum)."""
+    index = {s: i + 1 for i, s in enumerate(participants)}
+    chosen = sorted(revealed)[:threshold]
+    n, rr = len(total), r - 1
+    total = total.copy()
+    for v in dropped:
+        key = X25519PrivateKey.from_private_bytes(_combine32(
+            [(index[w], _b64d(revealed[w].sk_shares[v], f"share from {w!r}", _KEY))
+             for w in chosen]))
+        if _pub(key) != s_pks[v][rr]:
+            raise SecAggReconstructionError(
+                f"round-{r} mask key of dropped site {v!r} rebuilt from {chosen} does not "
+                "match its public key (corrupted shares)"
+            )
+        for u, u_peers in peers.items():  # u added +PRG(s_uv) if u < v else -PRG(s_uv)
+            if v in u_peers:
+                stream = _prg_u64(_pair_seed(key, s_pks[u][rr], job_id, r, v, u), n)
+                if u < v:
+                    total -= stream
+                else:
+                    total += stream
+    return total
+
+
 class SecAggSessionClient:
     """One site's side for a whole job. Call `export_state()` after every call and
     `from_state()` before the next one.
@@ -685,6 +718,55 @@ class SecAggSessionClient:
         self._opened, self._opened_digest = r, digest
         return SessionOpenedSum(self.job_id, me, r, sorted(surv), _pack(total, self.bits))
 
+    def open_round(self, inputs: Iterable[SessionMaskedInput | str],
+                   recoveries: Iterable[SessionRecoverShares | str] = ()) -> SessionOpenedSum:
+        """Form round r's masked sum *itself* from the survivors' masked inputs (and, if
+        sites dropped, the revealed shares of their round keys), then open it.
+
+        The orchestrator only relays: a sum it altered, a survivor it left out without a
+        recovery, or a forged share is refused instead of being trained on. (Whether each
+        input really comes from its sender is checked by the caller's signatures.)"""
+        got: dict[str, SessionMaskedInput] = {}
+        for raw in inputs:
+            msg = SessionMaskedInput.coerce(raw)
+            self._error_job(msg.job_id, "masked input")
+            if msg.sender not in self._sites or msg.sender in got:
+                raise SecAggUnknownSenderError(
+                    f"site {self.site_id!r}: masked input from {msg.sender!r} is unknown or "
+                    "repeated")
+            got[msg.sender] = msg
+        rounds = {m.round for m in got.values()}
+        if len(rounds) != 1:
+            raise SecAggMessageError(f"site {self.site_id!r}: masked inputs of rounds "
+                                     f"{sorted(rounds)} cannot form one sum")
+        r = rounds.pop()
+        if any((m.bits, m.vector_length) != (self.bits, self.vector_length)
+               for m in got.values()):
+            raise SecAggModulusError(f"site {self.site_id!r}: a masked input does not sum "
+                                     f"{self.vector_length} values mod 2^{self.bits}")
+        survivors = sorted(got)
+        peers = {u: list(got[u].peers) for u in survivors}
+        dropped = sorted(set().union(*map(set, peers.values())) - set(survivors))
+        total = np.zeros(self.vector_length, dtype=np.uint64)
+        for m in got.values():
+            total += m.values()
+        if dropped:
+            revealed = {}
+            for raw in recoveries:
+                rec = SessionRecoverShares.coerce(raw)
+                if (rec.job_id == self.job_id and rec.round == r and rec.sender in got
+                        and set(rec.sk_shares) == set(dropped)):
+                    revealed[rec.sender] = rec
+            if len(revealed) < self.threshold:
+                raise SecAggThresholdError(
+                    f"site {self.site_id!r}: round {r} dropped {dropped} but only "
+                    f"{len(revealed)} survivors revealed their keys, {self.threshold} needed")
+            total = _remove_dropped_masks(total, self.job_id, r, self._sites, self.threshold,
+                                          self._s_pks, peers, dropped, revealed)
+        return self.open_sum(SessionMaskedSum(self.job_id, r, survivors, self.bits,
+                                              self.vector_length,
+                                              _pack(total & _mask(self.bits), self.bits)))
+
     def opened_values(self, opened: SessionOpenedSum) -> np.ndarray:
         """The residues of an opened sum (for the site's own use of the aggregate)."""
         return _unpack(opened.data, self.bits, self.vector_length, "the opened sum")
@@ -942,26 +1024,9 @@ class SecAggSessionServer:
             if set(msg.sk_shares) != set(dropped):
                 raise SecAggMessageError(f"site {w!r} revealed keys of {sorted(msg.sk_shares)}, "
                                          f"expected {dropped}")
-        index = {s: i + 1 for i, s in enumerate(self.participants)}
-        chosen = sorted(got)[: self.threshold]
-        n, rr = self.vector_length, r - 1
-        total = _unpack(self._sum, self.bits, n, "the round's sum")
-        for v in dropped:
-            key = X25519PrivateKey.from_private_bytes(_combine32(
-                [(index[w], _b64d(got[w].sk_shares[v], f"share from {w!r}", _KEY))
-                 for w in chosen]))
-            if _pub(key) != self._s_pks[v][rr]:
-                raise SecAggReconstructionError(
-                    f"round-{r} mask key of dropped site {v!r} rebuilt from {chosen} does not "
-                    "match its public key (corrupted shares)"
-                )
-            for u in u3:  # u added +PRG(s_uv) if u < v else -PRG(s_uv)
-                if v in self._peers[u]:
-                    stream = _prg_u64(_pair_seed(key, self._s_pks[u][rr], self.job_id, r, v, u), n)
-                    if u < v:
-                        total -= stream
-                    else:
-                        total += stream
+        total = _unpack(self._sum, self.bits, self.vector_length, "the round's sum")
+        total = _remove_dropped_masks(total, self.job_id, r, self.participants, self.threshold,
+                                      self._s_pks, self._peers, dropped, got)
         self._sum, self._round_dropped = _pack(total & _mask(self.bits), self.bits), []
 
     def masked_sum(self, r: int) -> SessionMaskedSum:

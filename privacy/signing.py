@@ -32,6 +32,7 @@ __all__ = [
     "Ed25519PrivateKey",
     "Ed25519PublicKey",
     "SignatureError",
+    "SignedAggregate",
     "SignedContribution",
     "generate_signing_key",
     "private_key_from_str",
@@ -128,6 +129,9 @@ class SignedContribution:
     round: int
     payload: str
     signature: str = ""
+    #: digest of the model the contribution was computed from (see fed_tasks.site_state):
+    #: every party summing contributions checks that they all share it
+    model: str = ""
 
     def __post_init__(self) -> None:
         for name in ("site_id", "job_id", "payload"):
@@ -138,6 +142,8 @@ class SignedContribution:
             raise ContributionFormatError(f"round must be a non-negative int, got {self.round!r}")
         if not isinstance(self.signature, str):
             raise ContributionFormatError("signature must be a str")
+        if not isinstance(self.model, str):
+            raise ContributionFormatError("model must be a str")
 
     def canonical_bytes(self) -> bytes:
         """Unambiguous bytes covered by the signature (domain-separated, sorted-key JSON)."""
@@ -148,6 +154,7 @@ class SignedContribution:
                 "job_id": self.job_id,
                 "round": self.round,
                 "payload_sha256": hashlib.sha256(self.payload.encode("utf-8")).hexdigest(),
+                "model": self.model,
             },
             sort_keys=True,
             separators=(",", ":"),
@@ -162,9 +169,10 @@ class SignedContribution:
         job_id: str,
         round: int,
         payload: str,
+        model: str = "",
     ) -> SignedContribution:
         """Build and sign a contribution in one step."""
-        unsigned = cls(site_id, job_id, round, payload)
+        unsigned = cls(site_id, job_id, round, payload, model=model)
         return replace(unsigned, signature=sign(private_key, unsigned.canonical_bytes()))
 
     def verify(self, public_key: str | Ed25519PublicKey) -> None:
@@ -179,6 +187,7 @@ class SignedContribution:
                 "round": self.round,
                 "payload": self.payload,
                 "signature": self.signature,
+                "model": self.model,
             },
             separators=(",", ":"),
         )
@@ -191,9 +200,73 @@ class SignedContribution:
             obj: Any = json.loads(s)
         except json.JSONDecodeError as exc:
             raise ContributionFormatError(f"contribution is not valid JSON: {exc}") from None
-        keys = {"site_id", "job_id", "round", "payload", "signature"}
+        keys = {"site_id", "job_id", "round", "payload", "signature", "model"}
         if not isinstance(obj, dict) or set(obj) != keys:
             raise ContributionFormatError(
                 f"contribution must have exactly the fields {sorted(keys)}"
             )
         return cls(**obj)
+
+
+_AGGREGATE_DOMAIN = "fedsyft/signed-aggregate/v1"
+
+
+@dataclass(frozen=True)
+class SignedAggregate:
+    """The key authority's word on one decrypted sum: job, round, contributors, the model
+    they all trained from, and the sum's sha256.
+
+    Sites derive the next model from a sum only if the authority signed it, so neither the
+    data scientist nor the orchestrator can hand a site a made-up "aggregate".
+    """
+
+    job_id: str
+    round: int
+    contributors: tuple[str, ...]
+    model: str
+    sum_sha256: str
+    signature: str = ""
+
+    def canonical_bytes(self) -> bytes:
+        return json.dumps({"domain": _AGGREGATE_DOMAIN, "job_id": self.job_id,
+                           "round": self.round, "contributors": sorted(self.contributors),
+                           "model": self.model, "sum_sha256": self.sum_sha256},
+                          sort_keys=True, separators=(",", ":"), ensure_ascii=True
+                          ).encode("ascii")
+
+    @classmethod
+    def create(cls, private_key: Ed25519PrivateKey, job_id: str, round: int,
+               contributors: list[str], model: str, payload: str) -> SignedAggregate:
+        unsigned = cls(job_id, round, tuple(sorted(contributors)), model,
+                       hashlib.sha256(payload.encode("utf-8")).hexdigest())
+        return replace(unsigned, signature=sign(private_key, unsigned.canonical_bytes()))
+
+    def verify(self, public_key: str | Ed25519PublicKey, payload: str) -> None:
+        """Raise ``SignatureError`` unless signed by ``public_key`` and about ``payload``."""
+        verify(public_key, self.canonical_bytes(), self.signature)
+        if hashlib.sha256(payload.encode("utf-8")).hexdigest() != self.sum_sha256:
+            raise SignatureError("the signed aggregate is about another sum")
+
+    def to_str(self) -> str:
+        return json.dumps({"job_id": self.job_id, "round": self.round,
+                           "contributors": list(self.contributors), "model": self.model,
+                           "sum_sha256": self.sum_sha256, "signature": self.signature},
+                          separators=(",", ":"))
+
+    @classmethod
+    def from_str(cls, s: str) -> SignedAggregate:
+        try:
+            obj: Any = json.loads(s) if isinstance(s, str) else None
+        except json.JSONDecodeError:
+            obj = None
+        keys = {"job_id", "round", "contributors", "model", "sum_sha256", "signature"}
+        if (not isinstance(obj, dict) or set(obj) != keys
+                or not isinstance(obj["contributors"], list)
+                or not all(isinstance(c, str) for c in obj["contributors"])
+                or isinstance(obj["round"], bool) or not isinstance(obj["round"], int)
+                or not all(isinstance(obj[k], str)
+                           for k in ("job_id", "model", "sum_sha256", "signature"))):
+            raise ContributionFormatError(f"signed aggregate must be JSON with fields "
+                                          f"{sorted(keys)}")
+        return cls(obj["job_id"], obj["round"], tuple(obj["contributors"]), obj["model"],
+                   obj["sum_sha256"], obj["signature"])

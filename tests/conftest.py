@@ -46,3 +46,23 @@ def federation(partitions, schema, tmp_path_factory):
                            names=SITE_NAMES)
     yield fed
     fed.close()
+
+
+def plain_rounds(conns, spec, rounds: int):
+    """Drive sites through statistics and ``rounds`` plain training rounds, the way the
+    orchestrator does (each call carries the evidence of the previous aggregate)."""
+    from fed_tasks.aggregation import PlainSum
+    from fed_tasks.site_step import vector_length
+
+    agg = PlainSum(1)
+    agg.submit(conns, "stats", {}, vector_length(spec, "stats"))
+    for rnd in range(1, rounds + 1):
+        agg.submit(conns, "fit", {"round": rnd, "previous": agg.evidence()},
+                   vector_length(spec, "fit"))
+    return agg
+
+
+@pytest.fixture
+def drive():
+    """:func:`plain_rounds` for tests that call sites directly."""
+    return plain_rounds

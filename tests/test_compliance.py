@@ -16,9 +16,8 @@ from datasites.compliance import AuditorSession
 from datasites.errors import AuthenticationError
 from datasites.guard import frame_fingerprint
 from datasites.site_files import OFFICER_FILE, check_officer, store_officer
-from fed_tasks.codec import dumps, encode_array, loads
+from fed_tasks.codec import dumps, loads
 from fed_tasks.interface import SiteRefusedError
-from fed_tasks.site_step import new_model
 from fed_tasks.spec import JobSpec
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -34,11 +33,9 @@ def _about(entries, rid: str, job_id: str) -> list[dict]:
             or e["objects"].get("job_id") == job_id]
 
 
-def _model_message(spec, rnd=None):
-    n = len(spec.features)
-    msg = {"weights": encode_array(new_model(spec).get_weights()),
-           "norm": {"mean": [0.0] * n, "std": [1.0] * n}}
-    return msg if rnd is None else {**msg, "round": rnd}
+def _plain_evidence(action, rnd, replies):
+    return {"kind": "plain", "action": action, "round": rnd,
+            "contributions": [r["contribution"] for r in replies]}
 
 
 def test_provisioning_and_publication_are_logged(federation, partitions):
@@ -63,20 +60,24 @@ def test_provisioning_and_publication_are_logged(federation, partitions):
 def test_full_job_audit_trail(federation, schema):
     """Submitted, approved, each call executed and released (with hashes), a refused call."""
     spec = _spec(schema, rounds=2, evaluations=1)
-    session = federation.sessions()[1]
+    session, peer = federation.sessions()[1], federation.sessions()[2]
     site = federation.site(session.site)
     rid = session.submit(spec)
     site.approve(rid, reason="covered by study 42")
+    federation.site(peer.site).approve(peer.submit(spec))  # an aggregate needs two sites
     assets = session.assets()
     func = getattr(session.client.code, job_code.function_name(spec.job_id))
     raw_stats = func(train=assets["train"], test=assets["test"], action="stats",
                      payload=dumps({})).get()  # the exact string that left the site
-    conn = session.connection(spec)
-    conn.call("fit", _model_message(spec, 1))
-    conn.call("fit", _model_message(spec, 2))
-    conn.call("evaluate", _model_message(spec))
+    conn, other = session.connection(spec), peer.connection(spec)
+    replies = [loads(raw_stats)["result"], other.call("stats", {})]
+    evidence = _plain_evidence("stats", 0, replies)
+    for rnd in (1, 2):
+        message = {"round": rnd, "previous": evidence}
+        evidence = _plain_evidence("fit", rnd, [c.call("fit", message) for c in (conn, other)])
+    conn.call("evaluate", {"previous": evidence})
     with pytest.raises(SiteRefusedError, match="used all 2 approved 'fit' calls"):
-        conn.call("fit", _model_message(spec, 3))
+        conn.call("fit", {"round": 3, "previous": evidence})
 
     trail = _about(site.guard.audit.entries(), rid, spec.job_id)
     assert [e["action"] for e in trail] == [
@@ -135,8 +136,8 @@ def test_denials_overrides_and_refused_decisions_are_logged(federation, schema):
     session.connection(spec).call("stats", {})
     site.deny(rid, "consent withdrawn")  # revokes the approval
     assert site.guard.approval(spec.job_id)["revoked"]["reason"] == "consent withdrawn"
-    with pytest.raises(SiteRefusedError):
-        session.connection(spec).call("fit", _model_message(spec, 1))
+    with pytest.raises(SiteRefusedError, match="consent withdrawn"):
+        session.connection(spec).call("fit", {"round": 1})
     trail = _about(site.guard.audit.entries(), rid, spec.job_id)
     decisions = [(e["action"], e["actor"], e["params"].get("decision"), e["params"]["reason"])
                  for e in trail if e["action"].startswith("request_") and

@@ -19,13 +19,10 @@ def _spec(schema, **kw) -> JobSpec:
     return JobSpec(features=schema.features, label_column=schema.label, **kw)
 
 
-def _weights_message(spec, site_norm=None):
-    from fed_tasks.codec import encode_array
-    from fed_tasks.site_step import new_model
-
-    n = len(spec.features)
-    return {"round": 1, "weights": encode_array(new_model(spec).get_weights()),
-            "norm": site_norm or {"mean": [0.0] * n, "std": [1.0] * n}}
+def _stats_evidence(spec, site):
+    """A (forged, unsigned) statistics aggregate: enough for calls that must be refused
+    before any evidence is checked."""
+    return {"kind": "plain", "action": "stats", "round": 0, "contributions": []}
 
 
 def test_default_syft_root_credentials_are_gone(federation):
@@ -61,7 +58,8 @@ def test_unapproved_request_does_not_run(federation, schema):
     session.submit(spec)
     site = federation.site(session.site)
     with pytest.raises(SiteRefusedError, match="waiting for approval|pending"):
-        session.connection(spec).call("fit", _weights_message(spec))
+        session.connection(spec).call("fit", {"round": 1,
+                                              "previous": _stats_evidence(spec, site)})
     assert site.guard.approval(spec.job_id) is None
 
 
@@ -81,20 +79,18 @@ def test_deny_needs_a_reason(federation, schema):
         federation.sites[2].deny(rid, "  ")
 
 
-def test_call_past_approved_rounds_is_refused_and_counts_stay(federation, schema):
+def test_call_past_approved_rounds_is_refused_and_counts_stay(federation, schema, drive):
     spec = _spec(schema, rounds=2)
-    session = federation.sessions()[0]
+    session, other = federation.sessions()[:2]
     site = federation.site(session.site)
-    site.approve(session.submit(spec))
+    for s in (session, other):
+        federation.site(s.site).approve(s.submit(spec))
     conn = session.connection(spec)
-    msg = _weights_message(spec)
-    conn.call("fit", msg)
-    conn.call("fit", msg)
+    agg = drive([conn, other.connection(spec)], spec, 2)
     with pytest.raises(SiteRefusedError, match="used all 2 approved 'fit' calls"):
-        conn.call("fit", msg)
+        conn.call("fit", {"round": 3, "previous": agg.evidence()})
     assert site.guard.approval(spec.job_id)["used"]["fit"] == 2
     with pytest.raises(SiteRefusedError, match="used all 1 approved 'stats'"):
-        conn.call("stats", {})
         conn.call("stats", {})
 
 
@@ -132,7 +128,7 @@ def test_syft_training_equals_in_memory_training(federation, partitions, schema)
     via_syft = FederatedTrainer(spec, federation.connections(spec), progress=False)
     result = via_syft.fit()
     per_site = via_syft.evaluate(result)
-    local = FederatedTrainer(spec, [LocalSite(n, spec, tr, te) for n, (tr, te) in
+    local = FederatedTrainer(spec, [LocalSite(n.name, spec, tr, te) for n, (tr, te) in
                                     zip(federation.sites, partitions, strict=True)],
                              progress=False)
     expected = local.fit()

@@ -10,9 +10,9 @@ import pytest
 from dp_accounting.rdp import RdpAccountant
 
 from datasites.ledger import BudgetExceeded, PrivacyLedger
-from datasites.policy import DatasetPolicy, PolicyStore
+from datasites.policy import DatasetPolicy, PolicyStore, Requester, Submitter
 from fed_tasks import dp_step, site_step
-from fed_tasks.codec import encode_array
+from fed_tasks.global_state import GlobalState
 from fed_tasks.interface import BUDGET_EXHAUSTED
 from fed_tasks.preprocessing import Standardizer
 from fed_tasks.spec import JobSpec
@@ -109,7 +109,7 @@ def test_dp_site_step_contributes_unit_weight_and_withholds_loss(partitions, sch
     x = train.loc[:, list(FEATURES)].to_numpy(float)
     norm = Standardizer.fit(x)
     weights = site_step.new_model(spec).get_weights()
-    msg = {"round": 1, "weights": encode_array(weights), "norm": norm.to_dict()}
+    msg = site_step.StepInput(1, GlobalState(weights, norm))
     vec = site_step.run(spec, "fit", msg, train, train)["vector"]
     assert vec.shape == (len(weights) + 2,) and vec[-2] == 0.0 and vec[-1] == 1.0
     plain = site_step.run(_spec(rounds=2), "fit", msg, train, train)["vector"]
@@ -149,7 +149,8 @@ def test_ledger_refuses_the_overspending_release_and_survives_reopening(tmp_path
 def test_policy_lists_every_violation_in_words():
     policy = DatasetPolicy(allowed_models=("iforest",), max_rounds=5, require_dp=True,
                            max_clip=0.5, min_sites=3, max_delta=1e-6,
-                           allowed_submitters=("Alice@Lab.org",))
+                           allowed_submitters=(Submitter(email="Alice@Lab.org",
+                                                         user_id="a1" * 32),))
     bad = _spec(rounds=6, min_sites=2)
     found = "\n".join(policy.violations(bad, "eve@x.org", remaining=1.0))
     for words in ("model 'ae' is not allowed", "6 rounds exceed the maximum of 5",
@@ -157,12 +158,12 @@ def test_policy_lists_every_violation_in_words():
                   "eve@x.org may not submit"):
         assert words in found
     dp = _spec(rounds=5, min_sites=3, dp_epsilon=2.0, dp_clip=1.0, dp_delta=1e-5)
-    found = "\n".join(policy.violations(dp, "alice@lab.org", remaining=1.5))
+    found = "\n".join(policy.violations(dp, Requester("a1" * 32, "eve@x.org"), remaining=1.5))
     for words in ("dp_clip=1 exceeds the maximum clipping bound 0.5",
                   "dp_delta=1e-05 exceeds the maximum delta 1e-06",
                   "dp_epsilon=2 exceeds the dataset's remaining privacy budget 1.5"):
         assert words in found
-    assert "may not submit" not in found  # emails compare case-insensitively
+    assert "may not submit" not in found  # the syft user id is compared, not the e-mail
     ok = DatasetPolicy().violations(_spec(dp_epsilon=3.0), "anyone@x.org", remaining=10.0)
     assert ok == []
 

@@ -18,13 +18,15 @@ from datasites.direct import direct_federation
 from datasites.policy import DatasetPolicy
 from datasites.tables import make_mock
 from fed_tasks import dp_step
-from fed_tasks.codec import decode_array, encode_array
+from fed_tasks.codec import decode_array
+from fed_tasks.global_state import GlobalState
 from fed_tasks.interface import BUDGET_EXHAUSTED, SiteRefusedError
 from fed_tasks.orchestrator import FederatedTrainer
 from fed_tasks.preprocessing import Moments, Standardizer
 from fed_tasks.site_step import new_model, vector_length
 from fed_tasks.spec import JobSpec
 from fed_tasks.strategy import FedAvg
+from privacy.signing import SignedContribution
 
 NAMES = ("ward-a", "ward-b")
 
@@ -44,9 +46,13 @@ def _spec(schema, **kw) -> JobSpec:
 
 
 def _fit_message(spec, rnd=1):
-    n = len(spec.features)
-    return {"round": rnd, "weights": encode_array(new_model(spec).get_weights()),
-            "norm": Standardizer(np.zeros(n), np.ones(n)).to_dict()}
+    """A round message without evidence: refused for the budget before it is even read."""
+    return {"round": rnd}
+
+
+def _payload(reply, spec, action):
+    return decode_array(SignedContribution.from_str(reply["contribution"]).payload,
+                        vector_length(spec, action))
 
 
 def _with_room(site, epsilon: float) -> None:
@@ -58,23 +64,29 @@ def _with_room(site, epsilon: float) -> None:
 def test_dp_site_returns_a_clipped_noised_update_and_mock_statistics(small_fed, schema,
                                                                      partitions):
     site, session = small_fed.sites[0], small_fed.sessions()[0]
-    _with_room(site, 2000.0)
     clip = 1e-3  # far below the unclipped update's norm, so clipping bites
     spec = _spec(schema, rounds=1, dp_epsilon=1000.0, dp_clip=clip)
-    site.approve(session.submit(spec))
-    conn = session.connection(spec)
-    stats = decode_array(conn.call("stats", {})["vector"], vector_length(spec, "stats"))
+    for other, sess in zip(small_fed.sites, small_fed.sessions(), strict=True):
+        _with_room(other, 2000.0)
+        other.approve(sess.submit(spec))
+    conns = small_fed.connections(spec)
+    replies = [c.call("stats", {}) for c in conns]
+    stats = _payload(replies[0], spec, "stats")
     mock = session.mock("train").loc[:, list(spec.features)].to_numpy(float)
     np.testing.assert_allclose(stats, Moments.of(mock).to_vector())  # the public mock only
-    vec = decode_array(conn.call("fit", _fit_message(spec))["vector"], vector_length(spec, "fit"))
+    evidence = {"kind": "plain", "action": "stats", "round": 0,
+                "contributions": [r["contribution"] for r in replies]}
+    vec = _payload(conns[0].call("fit", {"round": 1, "previous": evidence}), spec, "fit")
     assert vec[-2] == 0.0 and vec[-1] == 1.0  # loss withheld, unit weight
     z = dp_step.client_plan(spec).noise_multiplier  # plain mode: this site adds all the noise
     bound = clip + z * clip * (math.sqrt(len(vec) - 2) + 8)
     assert bound < 3 * clip and np.linalg.norm(vec[:-2]) <= bound
     from fed_tasks import site_step  # the same round without DP moves much further
 
-    raw = site_step.run(_spec(schema, rounds=1), "fit", _fit_message(spec), partitions[0][0],
-                        partitions[0][1])["vector"]
+    state = GlobalState(new_model(spec).get_weights(),
+                        Standardizer.from_moments(Moments.from_vector(stats)))
+    raw = site_step.run(_spec(schema, rounds=1), "fit", site_step.StepInput(1, state),
+                        partitions[0][0], partitions[0][1])["vector"]
     assert np.linalg.norm(raw[:-2] / raw[-1]) > 20 * bound
     charged = site.guard.audit.entries(action=Action.BUDGET_CHARGED)[-1]
     assert charged["objects"]["job_id"] == spec.job_id

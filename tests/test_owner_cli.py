@@ -46,6 +46,11 @@ def clinic(partitions, schema, tmp_path_factory):
                               scientist=scientist, owner_password=OWNER_PW,
                               officer_password=OFFICER_PW)
     admin_pw = site.accounts[Role.ADMIN].password
+    from datasites.federation_config import ensure_signing_key, write_config
+
+    write_config(directory, {"sites": {NAME: ensure_signing_key(directory)}, "max_sites": 1,
+                             "min_sites": 2, "paillier_public_key": None,
+                             "key_authority": None})  # a federation of one, for its owner
     session = ScientistSession(site.login(scientist.email, scientist.password))
     specs = [JobSpec(features=schema.features, label_column=schema.label, rounds=r)
              for r in (1, 2, 1)]
@@ -230,15 +235,9 @@ def test_nothing_happens_when_the_log_cannot_record_it(clinic):
         with pytest.raises(AuditLogCorrupt, match="shrank"):
             site.deny(clinic.rids[2], "revoke")
         assert not site.guard.approval(spec.job_id).get("revoked")
-        n = len(spec.features)
-        from fed_tasks.codec import encode_array
-        from fed_tasks.site_step import new_model
-
-        msg = {"round": 1, "weights": encode_array(new_model(spec).get_weights()),
-               "norm": {"mean": [0.0] * n, "std": [1.0] * n}}
         with pytest.raises(SiteRefusedError, match="cannot record this call in its audit log"):
-            session.connection(spec).call("fit", msg)
-        assert site.guard.approval(spec.job_id)["used"]["fit"] == 0  # not spent, not run
+            session.connection(spec).call("evaluate", {})
+        assert site.guard.approval(spec.job_id)["used"]["evaluate"] == 0  # not spent, not run
     finally:
         log_file.write_bytes(saved)
         site.close()
@@ -345,3 +344,72 @@ def test_cli_audit_export_and_officer_view(clinic, tmp_path):
                   "--out", tmp_path / "broken.html")
     assert result.exit_code == 1 and "BROKEN" in result.stderr
     assert "VERIFICATION FAILED (first bad entry: 3)" in (tmp_path / "broken.html").read_text()
+
+
+# ---- the officer needs only the site's public key ----------------------------------------------
+_KEY_OPENS: list[str] = []
+_WATCHING: list[bool] = []
+
+
+def _watch_key_opens(event: str, args: tuple) -> None:
+    """Python's own audit hook (PEP 578): every open() and os.open() passes through here."""
+    if _WATCHING and event == "open" and args and str(args[0]).endswith("audit_key.pem"):
+        _KEY_OPENS.append(str(args[0]))
+
+
+sys.addaudithook(_watch_key_opens)  # cannot be removed; inert unless _WATCHING
+
+
+def test_officer_reads_never_open_the_signing_key(clinic):
+    _KEY_OPENS.clear()
+    _WATCHING.append(True)
+    try:
+        from datasites.compliance import AuditorSession
+
+        session = AuditorSession.login(clinic.dir, clinic.officer, OFFICER_PW)
+        assert session.verify().ok and session.entries() and session.requests()
+        for args in (("verify", "--site", clinic.dir), ("requests", "--site", clinic.dir)):
+            result = _cli("audit", *args)
+            assert result.exit_code == 0, result.stderr
+    finally:
+        _WATCHING.clear()
+    assert _KEY_OPENS == []
+
+
+def test_officer_tools_work_without_the_signing_key(clinic, tmp_path):
+    """Verify, list and export with the public key alone; what would need the signing key
+    (logging the export, the failed login) is skipped and said so, never faked or created.
+    (The key is moved away: a mode-000 key would prove nothing where tests run as root.)"""
+    how = "removed"
+    key, aside = clinic.dir / "audit_key.pem", tmp_path / "audit_key.pem"
+    before = load_entries(clinic.dir)
+    if how == "removed":
+        shutil.move(key, aside)
+    else:
+        key.chmod(0)
+    try:
+        ok = _cli("audit", "verify", "--site", clinic.dir,
+                  "--public-key", clinic.dir / "audit_key.pub")
+        assert ok.exit_code == 0 and "head signature valid" in ok.stdout, ok.stderr
+        view = _cli("audit", "requests", "--site", clinic.dir)
+        assert view.exit_code == 0 and clinic.rids[0] in view.stdout, view.stderr
+        out = tmp_path / "audit.json"
+        exported = _cli("audit", "export", "--site", clinic.dir, "--format", "json",
+                        "--out", out)
+        assert exported.exit_code == 0, exported.stderr
+        warning = exported.stderr.strip().splitlines()
+        assert len(warning) == 1 and "the export could not be logged" in warning[0]
+        assert "not running here and its signing key is not readable here" in warning[0]
+        doc = json.loads(out.read_text())
+        assert doc["verify"]["ok"] and len(doc["entries"]) == len(before)
+        line = _one_line_error(_cli("audit", "requests", "--site", clinic.dir,
+                                    officer="wrong-pass"))
+        assert "wrong email or password (this failed login was not recorded" in line
+        assert load_entries(clinic.dir) == before  # nothing written without the site key
+        assert (how == "removed") != key.exists()  # and no key was created
+    finally:
+        if how == "removed":
+            shutil.move(aside, key)
+        else:
+            key.chmod(0o600)
+    assert verify(clinic.dir).ok

@@ -13,12 +13,12 @@ import pytest
 from datasites.direct import direct_federation
 from fed_tasks.aggregation import MaskedSum, PlainSum, TooFewSitesError
 from fed_tasks.encoding import codec_for, secagg_plan
-from fed_tasks.global_state import GlobalState
 from fed_tasks.interface import SiteRefusedError
 from fed_tasks.local import LocalSite
-from fed_tasks.site_step import new_model, vector_length
+from fed_tasks.site_step import vector_length
 from fed_tasks.spec import JobSpec
-from privacy.secagg_session import SessionMaskedInput, SessionMaskedSum
+from privacy.secagg_session import SessionMaskedInput
+from privacy.signing import SignedContribution
 
 
 @pytest.fixture()
@@ -35,9 +35,19 @@ def four_sites(tmp_path, shuttle_small, schema):
         s.close()
 
 
-def _plain_fit(spec, sites, state):
-    plain = [LocalSite(s.name, spec, s.train, s.test) for s in sites]
-    return PlainSum().sum(plain, "fit", state.message(1), vector_length(spec, "fit"))
+def _plain_round_one(spec, frames, survivors):
+    """Round 1's plain sum over ``survivors``, after the statistics of every site in
+    ``frames`` (name -> (train, test)), by in-memory sites."""
+    local = [LocalSite(name, spec, tr, te) for name, (tr, te) in frames.items()]
+    agg = PlainSum()
+    agg.submit(local, "stats", {}, vector_length(spec, "stats"))
+    total, _ = agg.sum([s for s in local if s.name in survivors], "fit",
+                       {"round": 1, "previous": agg.evidence()}, vector_length(spec, "fit"))
+    return total
+
+
+def _round_one(agg):
+    return {"round": 1, "previous": agg.evidence()}
 
 
 def test_dropout_after_key_sharing_sums_the_survivors(four_sites):
@@ -45,11 +55,10 @@ def test_dropout_after_key_sharing_sums_the_survivors(four_sites):
     agg = MaskedSum(spec, n_sites=4)
     agg.submit(sites, "stats", {}, vector_length(spec, "stats"))  # keys shared
     sites[2].offline = True  # stops answering after key sharing
-    state = GlobalState(new_model(spec).get_weights())
-    released = agg.submit(sites, "fit", state.message(1), vector_length(spec, "fit"))
-    state.advance("stats", released[0].vector)  # statistics of all four sites
+    agg.submit(sites, "fit", _round_one(agg), vector_length(spec, "fit"))
     (got,) = agg.finish(sites)
-    want = _plain_fit(spec, [s for s in sites if not s.offline], state)
+    want = _plain_round_one(spec, {s.name: (s.train, s.test) for s in sites},
+                            [s.name for s in sites if not s.offline])
     assert got.action == "fit" and got.round == 1
     assert np.max(np.abs(got.vector - want)) <= codec_for(spec, "fit").max_abs_error(3)
     assert "edge-2" in agg.dropped and agg.server.dropped == {"edge-2": 2}
@@ -62,8 +71,7 @@ def test_more_dropouts_than_tolerated_is_a_clear_error(four_sites):
     agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
     sites[0].offline = sites[3].offline = True
     with pytest.raises(TooFewSitesError, match="threshold is 3"):
-        agg.submit(sites, "fit", GlobalState(new_model(spec).get_weights()).message(1),
-                   vector_length(spec, "fit"))
+        agg.submit(sites, "fit", _round_one(agg), vector_length(spec, "fit"))
     # the statistics the two survivors opened before the round failed are still released
     assert [r.action for r in agg.finish(sites)] == ["stats"]
 
@@ -73,14 +81,16 @@ def test_orchestrator_sees_masked_vectors_only(four_sites):
     agg = MaskedSum(spec, n_sites=4)
     agg._setup(sites)
     inbox = agg.server.inbox(sites[0].name).to_str()
-    reply = sites[0].call("stats", {"secagg": {"previous": None, "inbox": inbox}})
-    assert set(reply) == {"masked", "opened"} and reply["opened"] is None
-    masked = SessionMaskedInput.from_str(reply["masked"]).values()
+    reply = sites[0].call("stats", {"inbox": inbox})
+    assert set(reply) == {"masked", "opened", "clipped"} and reply["opened"] is None
+    masked = SessionMaskedInput.from_str(SignedContribution.from_str(reply["masked"]).payload
+                                         ).values()
     plain = LocalSite("x", spec, sites[0].train, sites[0].test).call("stats", {})
     from fed_tasks.codec import decode_array
 
-    encoded = np.asarray(codec_for(spec, "stats").encode(
-        decode_array(plain["vector"], vector_length(spec, "stats"))), dtype=np.uint64)
+    encoded = np.asarray(codec_for(spec, "stats").encode(decode_array(
+        SignedContribution.from_str(plain["contribution"]).payload,
+        vector_length(spec, "stats"))), dtype=np.uint64)
     n = encoded.size
     assert np.mean(masked[:n] == encoded) < 0.01  # the statistics are not visible
     # the masked vector looks uniform over the modulus, unlike the encoded one
@@ -89,22 +99,23 @@ def test_orchestrator_sees_masked_vectors_only(four_sites):
 
 
 def test_site_refuses_to_open_a_sum_of_fewer_sites_than_the_threshold(four_sites):
-    """The orchestrator forges a 'sum' of one site's masked statistics and asks that site's
-    peers to open it: they refuse, and nothing is counted."""
+    """The orchestrator relays the signed masked statistics of only one or two sites as the
+    round's 'sum' (the others declared dropped without a recovery): the site refuses, and
+    nothing is counted."""
     spec, sites = four_sites
     agg = MaskedSum(spec, n_sites=4)
     agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
-    genuine = agg.server.masked_sum(1)
-    for survivors in ([sites[1].name], [sites[0].name, sites[1].name]):
-        forged = SessionMaskedSum(genuine.job_id, 1, survivors, genuine.bits,
-                                  genuine.vector_length, genuine.data).to_str()
-        message = {**GlobalState(new_model(spec).get_weights()).message(1),
-                   "secagg": {"previous": forged, "inbox": None}}
-        with pytest.raises(SiteRefusedError, match="a sum needs at least 3"):
+    genuine = agg.evidence()
+    mine = [m for m in genuine["inputs"]
+            if SignedContribution.from_str(m).site_id == sites[1].name]
+    other = [m for m in genuine["inputs"]
+             if SignedContribution.from_str(m).site_id == sites[0].name]
+    for inputs, why in ((mine, "holds 1 sites"), (mine + other, "3 needed")):
+        message = {"round": 1, "previous": {**genuine, "inputs": inputs}}
+        with pytest.raises(SiteRefusedError, match=why):
             sites[1].call("fit", message)
-    bare = GlobalState(new_model(spec).get_weights()).message(1)
-    with pytest.raises(SiteRefusedError, match="must carry the previous aggregate"):
-        sites[1].call("fit", bare)
+    with pytest.raises(SiteRefusedError, match="field 'previous'"):
+        sites[1].call("fit", {"round": 1})
     assert sites[1].guard.approval(spec.job_id)["used"]["fit"] == 0
 
 
@@ -122,13 +133,11 @@ def test_secure_sum_through_syft_survives_a_site_dropping(federation, partitions
         def call(self, action, message):
             raise ConnectionError("site went offline")
 
-    state = GlobalState(new_model(spec).get_weights())
     live = [conns[0], Offline(), conns[2]]
-    state.advance("stats", agg.submit(live, "fit", state.message(1),
-                                      vector_length(spec, "fit"))[0].vector)
+    agg.submit(live, "fit", _round_one(agg), vector_length(spec, "fit"))
     (got,) = agg.finish(live)
-    survivors = [LocalSite(conns[i].name, spec, *partitions[i]) for i in (0, 2)]
-    want = PlainSum().sum(survivors, "fit", state.message(1), vector_length(spec, "fit"))
+    frames = {c.name: partitions[i] for i, c in enumerate(conns)}
+    want = _plain_round_one(spec, frames, [conns[0].name, conns[2].name])
     assert np.max(np.abs(got.vector - want)) <= codec_for(spec, "fit").max_abs_error(2)
 
 
@@ -145,8 +154,7 @@ def test_secure_sum_refuses_fewer_survivors_than_the_jobs_minimum(tmp_path, shut
         agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
         sites[1].offline = True
         with pytest.raises(TooFewSitesError, match="needs at least 4"):
-            agg.submit(sites, "fit", GlobalState(new_model(spec).get_weights()).message(1),
-                       vector_length(spec, "fit"))
+            agg.submit(sites, "fit", _round_one(agg), vector_length(spec, "fit"))
     finally:
         for s in sites:
             s.close()

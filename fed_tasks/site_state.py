@@ -1,0 +1,138 @@
+"""The federation's model as one site has verified it: the only model a site trains or scores.
+
+Why: a data scientist who chooses the weights a site trains from can build a first layer
+whose update holds training rows verbatim, even inside a secure sum (Fowl et al., ICLR 2022),
+or hand one site a null model so that a "sum" is one site alone (Pasquini et al., CCS 2022).
+So a site builds the initial model from the approved spec itself and, from then on, moves
+it only by aggregates it has checked (:mod:`datasites.aggregate_check`), with the same rule
+the orchestrator uses (:class:`fed_tasks.global_state.GlobalState`).
+
+Each state carries a chain digest ``H(previous digest, action, round, sha256(sum))`` that
+names the model exactly. Every contribution is signed together with the digest of the model
+it was computed from, and every party that sums contributions checks that they all agree,
+so sites that were shown different histories can never be summed together.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from fed_tasks.codec import PayloadError, decode_array, encode_array
+from fed_tasks.global_state import GlobalState
+from fed_tasks.preprocessing import Standardizer
+from fed_tasks.spec import JobSpec
+
+
+class ModelStateError(PayloadError):
+    """A call does not fit the site's verified history of the job (replay, skip, mismatch)."""
+
+
+def _h(*parts: str) -> str:
+    return hashlib.sha256("\x1f".join(parts).encode()).hexdigest()
+
+
+def sum_digest(summed: np.ndarray) -> str:
+    return hashlib.sha256(np.ascontiguousarray(summed, dtype="<f8").tobytes()).hexdigest()
+
+
+def initial_digest(spec: JobSpec, weights: np.ndarray) -> str:
+    return _h("init", spec.fingerprint, sum_digest(weights))
+
+
+def aggregate_index(action: str, rnd: int) -> int:
+    """0 for the statistics, r for training round r: the order aggregates are applied in."""
+    return 0 if action == "stats" else int(rnd)
+
+
+@dataclass
+class SiteModelState:
+    """One job's model at one site, persisted in the site directory (``path``) if given."""
+
+    spec: JobSpec
+    state: GlobalState
+    digest: str
+    applied: int = -1  # aggregate index last applied (-1: none yet)
+    trained: int = 0  # last training round this site computed
+    reply: dict | None = None  # the last training reply; a retry gets exactly it again
+    path: Path | None = field(default=None, repr=False)
+
+    @classmethod
+    def initial(cls, spec: JobSpec, weights: np.ndarray, path: Path | None = None
+                ) -> SiteModelState:
+        return cls(spec, GlobalState(np.asarray(weights, dtype=np.float64)),
+                   initial_digest(spec, weights), path=path)
+
+    @classmethod
+    def load(cls, spec: JobSpec, weights: np.ndarray, path: Path) -> SiteModelState:
+        """The saved state of the job, or its initial state if the site has none yet."""
+        if not path.exists():
+            return cls.initial(spec, weights, path)
+        try:
+            raw = json.loads(path.read_text())
+            if raw["job_id"] != spec.job_id or raw["spec"] != spec.fingerprint:
+                raise ModelStateError(f"{path.name} belongs to another job spec")
+            norm = raw.get("norm")
+            state = GlobalState(decode_array(raw["weights"], len(weights)),
+                                Standardizer.from_dict(norm) if norm else None,
+                                float(raw.get("loss", "nan")))
+            return cls(spec, state, str(raw["digest"]), int(raw["applied"]),
+                       int(raw["trained"]), raw.get("reply"), path)
+        except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
+            raise ModelStateError(f"model state file {path.name} is unreadable: "
+                                  f"{type(exc).__name__}") from None
+
+    def save(self) -> None:
+        if self.path is None:
+            return
+        data = json.dumps({
+            "job_id": self.spec.job_id, "spec": self.spec.fingerprint, "digest": self.digest,
+            "applied": self.applied, "trained": self.trained, "reply": self.reply,
+            "weights": encode_array(self.state.weights), "loss": repr(self.state.loss),
+            "norm": self.state.norm.to_dict() if self.state.norm is not None else None})
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "w") as fh:
+            os.fchmod(fh.fileno(), 0o600)
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.path)
+
+    # ---- the history ------------------------------------------------------------------
+    def expects(self, index: int) -> bool:
+        """True if the aggregate ``index`` is the next one this site must apply."""
+        return index == self.applied + 1
+
+    def apply(self, action: str, rnd: int, summed: np.ndarray) -> None:
+        """Move the model by one *verified* aggregate, in order."""
+        index = aggregate_index(action, rnd)
+        if not self.expects(index):
+            raise ModelStateError(f"aggregate {action} round {rnd} is not the next one for this "
+                                  f"site (it holds the model after aggregate {self.applied})")
+        self.state.advance(action, summed)
+        self.digest = _h(self.digest, action, str(index), sum_digest(summed))
+        self.applied = index
+
+    def check_training_round(self, rnd: int) -> bool:
+        """Whether round ``rnd`` may be trained now; True means "answer with the saved reply".
+
+        Rounds strictly increase: a replayed or skipped round is refused (how many rounds the
+        job may train is the site guard's count). The one exception
+        is an exact retry of the last round, which gets the very reply it got before (the
+        site computes nothing new, so a retry reveals nothing new).
+        """
+        if rnd == self.trained and self.reply is not None:
+            return True
+        if rnd != self.trained + 1:
+            raise ModelStateError(f"training round {rnd} is out of order: this site trained "
+                                  f"round {self.trained} last (rounds strictly increase)")
+        return False
+
+    def record_trained(self, rnd: int, reply: dict) -> None:
+        self.trained, self.reply = rnd, reply
