@@ -52,6 +52,8 @@ def direct_federation(root: str | Path, spec: JobSpec,
     sites = [DirectSite(name, Path(root) / name, spec, tr, te)
              for name, (tr, te) in frames.items()]
     config = {"sites": {s.name: ensure_signing_key(s.guard.directory) for s in sites},
+              "audit_keys": {s.name: (s.guard.directory / "audit_key.pub").read_text()
+                             for s in sites},
               "max_sites": len(sites), "min_sites": 2, "paillier_public_key": None,
               "key_authority": None}
     for s in sites:

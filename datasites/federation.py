@@ -30,6 +30,8 @@ def _configure(sites: list[Datasite], authority: KeyAuthoritySite | None,
         "sites": {s.name: ensure_signing_key(s.directory) for s in sites},
         "max_sites": len(sites),
         "min_sites": max(2, min_sites),
+        # each site keeps the other members' signed audit heads as receipts (receipts.py)
+        "audit_keys": {s.name: (s.directory / "audit_key.pub").read_text() for s in sites},
         # the sites accept a Paillier aggregate only with this key's signature
         "authority_signing_key": ensure_signing_key(authority.directory) if authority else None,
     }

@@ -34,8 +34,11 @@ from datasites.audit import (
     scan_chain,
 )
 
-__all__ = ["Receipt", "ReceiptCheck", "ReceiptFileError", "append_receipt", "check_receipts",
-           "load_receipts"]
+__all__ = ["PEER_RECEIPTS", "Receipt", "ReceiptCheck", "ReceiptFileError", "append_receipt",
+           "check_receipts", "keep_peer_receipts", "load_receipts"]
+
+#: where a site keeps the other members' signed heads that came with an aggregate
+PEER_RECEIPTS = "peer_receipts.jsonl"
 
 _WRITE_LOCK = threading.Lock()  # the trainer calls sites from several threads
 
@@ -159,3 +162,32 @@ def check_receipts(directory: Path | str, receipts: Iterable[Receipt],
             return ReceiptCheck(False, site, len(mine), latest, problem, receipt)
         latest = max(latest, receipt.head["seq"])
     return ReceiptCheck(True, site, len(mine), latest)
+
+
+def keep_peer_receipts(directory: Path | str, site: str, audit_keys: Mapping[str, str],
+                       heads: Iterable[Mapping[str, Any]], *, job_id: str = "",
+                       action: str = "") -> int:
+    """Keep the other members' signed audit heads relayed with an aggregate this site
+    verified, so that a rewrite of *their* history is detectable by *this* site too
+    (``fedsyft audit verify --site THEIRS --receipts OURS/peer_receipts.jsonl``).
+
+    Only heads that verify under the member's audit key from this site's own federation
+    config are kept (the orchestrator relays them and could send garbage). Returns how
+    many were kept."""
+    from datasites.audit import load_public_key
+
+    kept = 0
+    for head in heads:
+        peer = head.get("site") if isinstance(head, Mapping) else None
+        key = audit_keys.get(peer) if isinstance(peer, str) and peer != site else None
+        if key is None or head_problem(head):
+            continue
+        try:
+            if not head_signature_valid(head, load_public_key(key)):
+                continue
+        except AuditError:
+            continue
+        append_receipt(Path(directory) / PEER_RECEIPTS, peer, head, job_id=job_id,
+                       action=action)
+        kept += 1
+    return kept

@@ -26,9 +26,10 @@ import pandas as pd
 
 from datasites.aggregate_check import authority_sum, plain_sum
 from datasites.call_audit import audited_call
-from datasites.federation_config import SiteKeys, load_site_keys
+from datasites.federation_config import SiteKeys, load_site_keys, read_config
 from datasites.guard import CallRefused, SiteGuard, guard_for
 from datasites.protection import SECAGG_CONTROL, SecureSumCall, protect, secagg_control
+from datasites.receipts import keep_peer_receipts
 from fed_tasks.codec import PayloadError, dumps, loads
 from fed_tasks.messages import AggregateEvidence, parse_message
 from fed_tasks.site_state import ModelStateError, SiteModelState, aggregate_index
@@ -51,7 +52,7 @@ class _ModelCall:
 
     def __init__(self, guard: SiteGuard, site: str, spec: JobSpec, action: str,
                  message: dict[str, Any]) -> None:
-        self.spec, self.action, self.site = spec, action, site
+        self.spec, self.action, self.site, self.guard = spec, action, site, guard
         self.directory = Path(guard.directory)
         self.msg = parse_message(action, message)
         self.keys: SiteKeys | None = load_site_keys(guard.directory, site)
@@ -99,6 +100,10 @@ class _ModelCall:
                                    self.state.digest)
         self.state.apply(evidence.action, evidence.round, summed)
         self.state.save()
+        config = read_config(self.directory) or {}
+        keep_peer_receipts(self.directory, self.site, config.get("audit_keys") or {},
+                           evidence.heads, job_id=self.spec.job_id,
+                           action=f"{evidence.action} {evidence.round}")
 
     def step_input(self) -> StepInput:
         return StepInput(self.round, self.state.state)
@@ -114,6 +119,8 @@ class _ModelCall:
             result = self.secure.protect(self.action, step, inbox, model)
         else:
             result = protect(self.keys, self.spec, self.action, step, model)
+        # relayed with the aggregate, so the other members keep it as a receipt
+        result["audit_head"] = self.guard.audit.head()
         self.state.record_trained(self.round, result)
         self.state.save()
         return result

@@ -80,6 +80,11 @@ class _Immediate:
         return []
 
 
+def _heads(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """The sites' signed audit heads, relayed so that each site keeps the others' receipts."""
+    return [r["audit_head"] for r in replies if isinstance(r.get("audit_head"), dict)]
+
+
 def _signed_payload(text: str) -> str:
     """The payload of a site's signed contribution (its signature is the sites' to check)."""
     return SignedContribution.from_str(text).payload
@@ -103,7 +108,8 @@ class PlainSum(_Immediate):
         signed = [r["contribution"] for r in replies]
         total = np.sum([decode_array(_signed_payload(c), length) for c in signed], axis=0)
         return total, {"kind": "plain", "action": action,
-                       "round": int(message.get("round", 0)), "contributions": signed}
+                       "round": int(message.get("round", 0)), "contributions": signed,
+                       "heads": _heads(replies)}
 
 
 class KeyAuthoritySum(_Immediate):
@@ -122,7 +128,7 @@ class KeyAuthoritySum(_Immediate):
         reply = self.key_authority.call("decrypt", request)
         return decode_array(reply["sum"], length), {
             "kind": "paillier", "action": action, "round": int(message.get("round", 0)),
-            "sum": reply["sum"], "attestation": reply["attestation"]}
+            "sum": reply["sum"], "attestation": reply["attestation"], "heads": _heads(replies)}
 
 
 def call_each(sites: list[SiteConnection], action: str, message_for: Any
@@ -215,8 +221,9 @@ class MaskedSum:
         r = session_round(action, rnd)
         signed = [rep["masked"] for rep in replies.values() if not isinstance(rep, Exception)]
         masked = [_signed_payload(m) for m in signed]
+        ok = [rep for rep in replies.values() if not isinstance(rep, Exception)]
         evidence = {"kind": "secagg", "action": action, "round": rnd, "inputs": signed,
-                    "recovery": []}
+                    "recovery": [], "heads": _heads(ok)}
         if len(masked) < self.spec.min_sites:
             raise TooFewSitesError(
                 f"secure sum of {action!r}: {len(masked)} sites answered, the job needs at "

@@ -41,6 +41,8 @@ class AggregateEvidence(_Strict):
     attestation: str | None = Field(default=None, max_length=16_384)
     inputs: list[str] = Field(default=[], max_length=MAX_SITES)
     recovery: list[str] = Field(default=[], max_length=MAX_SITES)
+    # the contributors' signed audit heads: each site keeps the others' as receipts
+    heads: list[dict[str, Any]] = Field(default=[], max_length=MAX_SITES)
 
 
 class StatsMessage(_Strict):

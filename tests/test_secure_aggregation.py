@@ -63,7 +63,7 @@ def _decrypt(authority, spec, contributions, rnd=1):
 def test_site_reply_is_a_signed_ciphertext_not_the_update(paillier_job):
     spec, sites, _, msg = paillier_job
     reply = sites[0].call("fit", msg)
-    assert set(reply) == {"contribution", "round", "clipped"}
+    assert set(reply) == {"contribution", "round", "clipped", "audit_head"}
     signed = SignedContribution.from_str(reply["contribution"])
     assert signed.site_id == sites[0].name and signed.round == 1
     assert "ciphertexts" in signed.payload or len(signed.payload) > 1000

@@ -82,7 +82,7 @@ def test_orchestrator_sees_masked_vectors_only(four_sites):
     agg._setup(sites)
     inbox = agg.server.inbox(sites[0].name).to_str()
     reply = sites[0].call("stats", {"inbox": inbox})
-    assert set(reply) == {"masked", "opened", "clipped"} and reply["opened"] is None
+    assert set(reply) == {"masked", "opened", "clipped", "audit_head"} and reply["opened"] is None
     masked = SessionMaskedInput.from_str(SignedContribution.from_str(reply["masked"]).payload
                                          ).values()
     plain = LocalSite("x", spec, sites[0].train, sites[0].test).call("stats", {})

@@ -31,6 +31,7 @@ from datasites.audit import (
     verify,
 )
 from datasites.cli import app
+from datasites.receipts import PEER_RECEIPTS
 from datasites.scientist import ScientistSession
 from fed_tasks.codec import dumps, loads
 from fed_tasks.orchestrator import FederatedTrainer
@@ -98,6 +99,8 @@ def job_with_receipts(federation, schema, tmp_path_factory):
     snapshot = tmp_path_factory.mktemp("snapshot")  # the site's log as it is after the job
     for name in AUDIT_FILES:
         shutil.copy2(site.directory / name, snapshot / name)
+    peer = tmp_path_factory.mktemp("peer")  # what another member kept of this site's heads
+    shutil.copy2(federation.sites[1].directory / PEER_RECEIPTS, peer / PEER_RECEIPTS)
     return spec, site, receipts, snapshot
 
 
@@ -242,3 +245,25 @@ def test_missing_or_foreign_receipts_are_exit_2(tmp_path):
         (other / "audit.head.json").read_text())}) + "\n")
     line = _one_line_error(_cli("audit", "verify", "--site", site, "--receipts", foreign), 2)
     assert "no receipt of site 'clinic'" in line
+
+
+def test_other_members_keep_receipts_that_catch_a_rewrite(job_with_receipts, tmp_path,
+                                                          tmp_path_factory):
+    """Each site keeps the signed heads the other members' contributions came with (checked
+    against their audit keys in its own federation config): a rewrite at one site is caught
+    with another site's receipts, without the data scientist."""
+    spec, site, _, snapshot = job_with_receipts
+    peer_file = next(tmp_path_factory.getbasetemp().glob(f"peer*/{PEER_RECEIPTS}"))
+    kept = [json.loads(x) for x in peer_file.read_text().splitlines()]
+    ours = [r for r in kept if r["site"] == site.name and r["job_id"] == spec.job_id]
+    assert len(ours) >= 2  # the statistics and round 1 aggregates it verified
+    pinned = snapshot / "audit_key.pub"
+    intact = _site_copy(snapshot, tmp_path / "intact")
+    ok = _cli("audit", "verify", "--site", intact, "--public-key", pinned,
+              "--receipts", peer_file)
+    assert ok.exit_code == 0, ok.stderr
+    copy = _site_copy(snapshot, tmp_path / "site")
+    rewrite_history(copy, _delete_first_release(spec.job_id))
+    line = _one_line_error(_cli("audit", "verify", "--site", copy, "--public-key", pinned,
+                                "--receipts", peer_file), code=1)
+    assert f"site {site.name!r}" in line
