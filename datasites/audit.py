@@ -132,10 +132,14 @@ class Action(StrEnum):
     - call_refused        params: {"call", "reason"}
     - key_issued          objects: {"key_id"}; params: {"purpose"}
     - key_revoked         objects: {"key_id"}; params: {"reason"}
-    - audit_exported      params: {"format", "entries"}
+    - audit_exported      params: {"format", "entries", "bytes", "sha256"} (after the file
+                          was written; "entries": how many the log held before this one)
     - audit_recovered     written by `AuditLog` when it re-signs an unsigned tail after a crash
     - file_modes_repaired params: {"changed": {path: former mode (octal string)}} (a site found
                           its directory or files open to others and made them owner-only)
+    - site_state_rebuilt  params: {"files", "problems", "ledger", "policies"} (the data owner
+                          rebuilt privacy_ledger.json / policy.json from this log, see
+                          `datasites.ledger_check`)
     """
 
     SITE_PROVISIONED = "site_provisioned"
@@ -161,6 +165,7 @@ class Action(StrEnum):
     AUDIT_EXPORTED = "audit_exported"
     AUDIT_RECOVERED = "audit_recovered"
     FILE_MODES_REPAIRED = "file_modes_repaired"
+    SITE_STATE_REBUILT = "site_state_rebuilt"
 
 
 ROLES: frozenset[str] = frozenset(r.value for r in Role)

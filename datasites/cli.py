@@ -14,14 +14,55 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import click
 import typer
 from rich.console import Console
 from rich.table import Table
+from typer.core import TyperGroup
 
-app = typer.Typer(add_completion=False, no_args_is_help=True,
-                  help="Federated anomaly detection across PySyft datasites.")
 console = Console()
 err = Console(stderr=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (a multi-line message is joined, never dumped)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def _known_failures() -> tuple[type[BaseException], ...]:
+    """What bad input or a damaged site directory raises: each is one line and exit 2.
+
+    OSError (a path that cannot be read or written), EOFError and zlib.error (a truncated
+    or corrupt compressed table), ValueError (tables, policies, audit logs, site files),
+    LookupError (an unknown id) and RuntimeError (a corrupt ledger, a ledger or policy that
+    disagrees with the audit log, a site that could not be provisioned or is busy).
+    """
+    import zlib
+
+    return (OSError, EOFError, zlib.error, ValueError, LookupError, RuntimeError)
+
+
+class _OneLineErrors(TyperGroup):
+    """The root command group: a known failure anywhere below is one line on stderr and
+    exit code 2, never a traceback (and so never a dump of local variables that could hold
+    a password). Anything else is a bug and keeps its plain traceback (no locals)."""
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except _known_failures() as exc:
+            err.print(f"error: {_one_line(exc)}", markup=False, highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(2) from None
+
+
+# No pretty tracebacks: rich's show_locals printed the passwords held in local variables.
+_TYPER_SAFE = {"pretty_exceptions_enable": False, "pretty_exceptions_show_locals": False}
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors,
+                  help="Federated anomaly detection across PySyft datasites.", **_TYPER_SAFE)
 
 
 @app.callback()
@@ -58,12 +99,21 @@ def _kept_site_passwords(keep_sites: Path | None, sites: int) -> dict[str, dict[
         return {}
     if keep_sites.exists() and (not keep_sites.is_dir() or any(keep_sites.iterdir())):
         raise _fail(f"--keep-sites {keep_sites} must be an empty or new directory")
-    from datasites.accounts import new_password, password_from_env
+    from datasites.accounts import (
+        WeakPasswordError,
+        check_password,
+        new_password,
+        password_from_env,
+    )
 
-    owner = password_from_env("FEDSYFT_OWNER_PASSWORD")
-    officer = password_from_env("FEDSYFT_OFFICER_PASSWORD")
-    if officer is not None and len(officer) < 8:
-        raise _fail("FEDSYFT_OFFICER_PASSWORD must have at least 8 characters")
+    chosen = {}
+    for var in ("FEDSYFT_OWNER_PASSWORD", "FEDSYFT_OFFICER_PASSWORD"):  # the same rule
+        value = password_from_env(var)
+        try:
+            chosen[var] = check_password(value, var) if value is not None else None
+        except WeakPasswordError as exc:
+            raise _fail(exc) from None
+    owner, officer = chosen["FEDSYFT_OWNER_PASSWORD"], chosen["FEDSYFT_OFFICER_PASSWORD"]
     return {f"site-{i + 1}": {"owner": owner or new_password(),
                               "officer": officer or new_password()} for i in range(sites)}
 
@@ -124,6 +174,10 @@ def demo(
 ) -> None:
     """Split a table across non-IID sites, provision datasites, train, evaluate, report."""
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
+    if report is not None:
+        _check_output(report, "--report", create_parents=True)
+    if keep_sites is not None:  # syft's store URL needs an absolute path
+        keep_sites = keep_sites.expanduser().resolve()
     passwords = _kept_site_passwords(keep_sites, sites)  # checks --keep-sites first
     from datasites.demo import BUNDLED_TABLE, DemoConfig, run_demo
     from datasites.errors import AuthenticationError, ProvisioningError
@@ -140,8 +194,7 @@ def demo(
         result = run_demo(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     except (TableError, ProvisioningError, AuthenticationError, SiteRefusedError,
             ValueError, PermissionError) as exc:
-        err.print(f"[red]error:[/red] {exc}")
-        raise typer.Exit(2) from None
+        raise _fail(_one_line(exc)) from None
     finally:
         _print_kept_sites(cfg)
     console.print(results_table(result))
@@ -155,21 +208,45 @@ def demo(
                   f"(provisioning {result['timing']['provision_s']:.1f} s, federated training "
                   f"{result['timing']['train_s']:.1f} s)")
     if report:
-        report.parent.mkdir(parents=True, exist_ok=True)
-        report.write_text(json.dumps(result, indent=2))
+        try:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps(result, indent=2))
+        except OSError as exc:
+            raise _fail(f"cannot write the report to --report {report}: "
+                        f"{exc.strerror or exc}") from None
         console.print(f"report written to {report}")
 
 
+def _check_output(path: Path, flag: str, *, create_parents: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written: a directory, or one
+    whose directory does not exist (``create_parents``: whose nearest existing ancestor is
+    not a directory) or is not writable."""
+    if path.is_dir():
+        raise _fail(f"{flag} {path} is a directory; give a file name")
+    parent = path.parent
+    while create_parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.exists():
+        raise _fail(f"{flag} {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise _fail(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise _fail(f"{flag} {path}: directory {parent} is not writable")
+
+
 # ---- data owners: requests at one site ---------------------------------------------------
-requests_app = typer.Typer(no_args_is_help=True, help=(
+requests_app = typer.Typer(no_args_is_help=True, **_TYPER_SAFE, help=(
     "Data owner: list, read, approve or deny the requests at your site. The site is reopened "
     "from its directory, acts, and is closed again. Password: FEDSYFT_OWNER_PASSWORD or a "
     "prompt."))
-audit_app = typer.Typer(no_args_is_help=True, help=(
+audit_app = typer.Typer(no_args_is_help=True, **_TYPER_SAFE, help=(
     "Compliance officer: verify and export a site's tamper-evident audit log. Password "
     "(export, requests): FEDSYFT_OFFICER_PASSWORD or a prompt."))
+site_app = typer.Typer(no_args_is_help=True, **_TYPER_SAFE, help=(
+    "Data owner: maintain the site directory. Password: FEDSYFT_OWNER_PASSWORD or a prompt."))
 app.add_typer(requests_app, name="requests")
 app.add_typer(audit_app, name="audit")
+app.add_typer(site_app, name="site")
 
 SITE = typer.Option(..., "--site", help="The site's directory (e.g. from demo --keep-sites).")
 OWNER = typer.Option(None, "--owner", help="Data owner's email [default: from site.json].")
@@ -190,8 +267,9 @@ def _say(text: str) -> None:
 
 
 def _password(env_var: str, who: str) -> str:
-    """From the environment, else an interactive prompt: never argv, never a file."""
-    from datasites.accounts import password_from_env
+    """From the environment, else an interactive prompt: never argv, never a file. Held as
+    a :class:`datasites.accounts.Secret`, whose repr hides it."""
+    from datasites.accounts import Secret, password_from_env
 
     value = password_from_env(env_var)
     if value:
@@ -207,7 +285,7 @@ def _password(env_var: str, who: str) -> str:
         value = ""
     if not value:
         raise _fail(f"no password for {who}: set {env_var} or run interactively")
-    return value
+    return Secret(value)
 
 
 def _site_info(site: Path) -> Any:
@@ -222,8 +300,8 @@ def _site_info(site: Path) -> Any:
 class _OpenSite:
     """``with _OpenSite(dir, owner) as site``: reopen as the data owner, always close."""
 
-    def __init__(self, site_dir: Path, owner: str | None) -> None:
-        self.site_dir, self.owner, self.site = site_dir, owner, None
+    def __init__(self, site_dir: Path, owner: str | None, repair: bool = False) -> None:
+        self.site_dir, self.owner, self.repair, self.site = site_dir, owner, repair, None
 
     def __enter__(self) -> Any:
         from datasites.audit import verify
@@ -238,7 +316,7 @@ class _OpenSite:
         from datasites.datasite import Datasite  # imports syft (~7 s)
 
         try:
-            self.site = Datasite.open(self.site_dir, email, password)
+            self.site = Datasite.open(self.site_dir, email, password, repair=self.repair)
         except (PermissionError, LookupError, ValueError, RuntimeError) as exc:
             raise _fail(exc) from None
         return self.site
@@ -312,6 +390,29 @@ def requests_deny(request_id: str = typer.Argument(..., help="Request id (or a p
         _say(f"request {request_id} denied at {ds.name} by {ds.operator.email}: {reason}")
 
     _owner_action(site, owner, act)
+
+
+@site_app.command("repair")
+def site_repair(site: Path = SITE, owner: str = OWNER) -> None:
+    """Rebuild privacy_ledger.json and policy.json from the site's verified audit log.
+
+    A site whose ledger or policy file is missing or disagrees with the signed log refuses
+    to open; this rebuilds both from the log's budget charges and policy changes, logs
+    ``site_state_rebuilt``, and then opens (and closes) the site. Data owner only.
+    """
+    with _OpenSite(site, owner, repair=True) as ds:
+        if not ds.repaired:
+            _say(f"site {ds.name!r}: the privacy ledger and the policy agree with the signed "
+                 "audit log; nothing to repair")
+            return
+        for name, problems in ds.repaired.items():
+            _say(f"site {ds.name!r}: rebuilt {name} from the signed audit log "
+                 f"({'; '.join(problems)})")
+        from datasites.policy import DATASET_NAME
+
+        spent = ds.guard.privacy.ledger.spent(DATASET_NAME)
+        _say(f"site {ds.name!r}: dataset {DATASET_NAME!r} has spent epsilon {spent:.6g} of its "
+             f"budget {ds.policy().epsilon_budget:g}; the repair is in the audit log")
 
 
 # ---- compliance officers: the audit log ------------------------------------------------------
@@ -401,11 +502,16 @@ def audit_export(site: Path = SITE,
     if fmt not in FORMATS:
         raise _fail(f"unknown format {fmt!r}; use one of {', '.join(sorted(FORMATS))}")
     _audit_dir(site)
+    _check_output(out, "--out", create_parents=False)
     session = _officer_session(site, officer, public_key)
     try:
-        path = session.export(fmt, out)
+        path = session.export(fmt, out)  # logged only once the file is written
+    except OSError as exc:
+        raise _fail(f"cannot write the export to --out {out}: {exc.strerror or exc}; "
+                    "nothing was logged") from None
+    try:
         report = session.verify()
-    except (AuditError, OSError) as exc:
+    except AuditError as exc:
         raise _fail(exc) from None
     if session.not_recorded:
         err.print(f"warning: exported to {path}, but the export could not be logged in the "

@@ -21,6 +21,7 @@ No syft import here, so ``fedsyft audit ...`` starts in about a second.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import logging
 import os
@@ -282,19 +283,26 @@ class AuditorSession:
         return matches[0]
 
     def export(self, fmt: str, out: str | Path) -> Path:
-        """Write the log as json, csv or html; the export itself is logged first where the
-        site service can sign (see the module docstring), else `not_recorded` says why.
+        """Write the log as json, csv or html, then log the export where the site service
+        can sign (see the module docstring), else `not_recorded` says why.
 
+        Logged only after the file is written (``audit_exported`` with the number of entries
+        before it, the file's sha256 and size): a write that fails raises ``OSError`` and
+        leaves no entry claiming an export. The file therefore never holds its own entry.
         A broken log, or one nothing here can sign, is exported all the same: the export is
         read-only (public key) and the log, even a failed one, is evidence.
         """
         if fmt not in audit_report.FORMATS:
             raise audit_report.ExportFormatError(
                 f"unknown audit export format {fmt!r}; use one of {sorted(audit_report.FORMATS)}")
+        self._not_recorded = ""
+        path = audit_report.export(self._directory, fmt, out, public_key=self._public_key)
+        data = path.read_bytes()
         self._not_recorded = record_officer_action(
             self._directory, self.site, self._email, Role.COMPLIANCE_OFFICER,
-            Action.AUDIT_EXPORTED, {"format": fmt, "entries": None})
-        return audit_report.export(self._directory, fmt, out, public_key=self._public_key)
+            Action.AUDIT_EXPORTED, {"format": fmt, "entries": None, "bytes": len(data),
+                                    "sha256": hashlib.sha256(data).hexdigest()})
+        return path
 
     def _ledger(self) -> dict[str, Any]:
         try:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import threading
 from dataclasses import dataclass
@@ -48,7 +49,14 @@ from datasites.site_files import (
     store_officer,
     write_site_info,
 )
-from datasites.syft_server import ServiceRole, login, start_server, sy, syft_message
+from datasites.syft_server import (
+    ServiceRole,
+    login,
+    start_server,
+    sy,
+    syft_message,
+    watch_refusals,
+)
 from datasites.tables import MOCK_ROWS, FederationSchema, make_mock, validate
 
 DATASET_NAME = POLICY_DATASET  # the one dataset a site publishes (see datasites.policy)
@@ -93,6 +101,11 @@ class Datasite:
         self._seen: set[str] | None = None  # request ids already in the audit log
         self._users = UserRegistry(directory)  # the syft accounts as last seen (users.json)
         self._users_lock = threading.Lock()
+        self._observe_lock = threading.Lock()  # the watcher and the owner both observe
+        self._watch_stop = threading.Event()
+        self._watcher: threading.Thread | None = None
+        #: what ``open(..., repair=True)`` rebuilt, per file name (empty: nothing)
+        self.repaired: dict[str, list[str]] = {}
 
     # ---- provisioning -------------------------------------------------------------------
     @classmethod
@@ -183,6 +196,7 @@ class Datasite:
             site._publish(private, mocks, description)
             secure_directory(directory, keep=_SWEEP_KEEP)  # what syft wrote with the umask
             register_guard(site.guard)
+            site.start_watching()
             return site
         except Exception as exc:
             if server is not None:
@@ -206,10 +220,13 @@ class Datasite:
         self.guard.audit.append(self.operator.email, AuditRole.DATA_OWNER,
                                 Action.DATASET_PUBLISHED, objects={"dataset_id": DATASET_NAME},
                                 params={"name": DATASET_NAME, "assets": assets_facts,
-                                        "rows": sum(len(v) for v in private.values())})
+                                        "rows": sum(len(v) for v in private.values()),
+                                        "description": description})
         self.guard.register_assets(private, mocks)
         self.guard.privacy.policies.set_base_description(description)
         if self.holds_data:  # the scientist reads the owner's policy with the dataset
+            # on record from the start, so policy.json can always be checked against the log
+            self.guard.privacy.log_initial_policy(self.operator.email)
             description = self.guard.privacy.describe()
         assets = [sy.Asset(name=k, data=private[k], mock=mocks[k]) for k in private]
         with quiet():
@@ -242,9 +259,52 @@ class Datasite:
             self._audit_failed_login(email, "syft login")
             raise
 
+    # ---- logged at once ---------------------------------------------------------------------
+    def start_watching(self, interval: float | None = None) -> None:
+        """Log each new request and account change within ``interval`` seconds of syft
+        storing it (``FEDSYFT_WATCH_SECONDS``, default 2; 0 turns it off), not only when an
+        owner happens to list requests: the audit trail must not depend on her habits."""
+        if self._watcher is None:  # once: what syft refuses a scientist is on record too
+            watch_refusals(self.server, self._audit_syft_refusal)
+        if interval is None:
+            interval = float(os.environ.get("FEDSYFT_WATCH_SECONDS", "2"))
+        if interval <= 0 or self._watcher is not None:
+            return
+        self._watcher = threading.Thread(target=self._watch, args=(interval,), daemon=True,
+                                         name=f"fedsyft-watch-{self.name}")
+        self._watcher.start()
+
+    def _audit_syft_refusal(self, verify_key: str, path: str, message: str) -> None:
+        """``call_refused`` for a syft call syft itself refused a scientist (best effort)."""
+        record = self._users.by_key(verify_key)
+        actor = record["email"] if record else "unknown-caller"
+        role = AuditRole.DATA_SCIENTIST if record else AuditRole.SYSTEM
+        try:
+            self.guard.audit.append(actor, role, Action.CALL_REFUSED,
+                                    params={"call": f"syft {path}", "reason": message[:500],
+                                            "actor_id": verify_key, "refused_by": "syft"})
+        except AuditError as exc:
+            log.error("site %s: syft refusal not recorded: %s", self.name, exc)
+
+    def _watch(self, interval: float) -> None:
+        client = None
+        while not self._watch_stop.wait(interval):
+            try:
+                if client is None:  # its own session: the owner's client stays hers
+                    client = self.login(self.operator.email, str(self.operator.password))
+                self.observe_accounts()
+                with quiet():
+                    reqs = list(client.api.services.request.get_all())
+                self._observe(reqs)
+            except Exception as exc:  # noqa: BLE001 - the next look retries; never crash
+                log.debug("site %s: request watcher: %s", self.name, exc)
+
     def close(self) -> None:
         """Stop the server and the guard, then make every file syft wrote while the site ran
         owner-only (its blob store follows the umask) before the lock is released."""
+        self._watch_stop.set()
+        if self._watcher is not None:
+            self._watcher.join(timeout=30)
         unregister_guard(self.guard)
         with quiet():
             self.server.stop()
@@ -258,7 +318,8 @@ class Datasite:
 
     # ---- restart --------------------------------------------------------------------------
     @classmethod
-    def open(cls, directory: str | Path, email: str, password: str) -> Datasite:
+    def open(cls, directory: str | Path, email: str, password: str, *,
+             repair: bool = False) -> Datasite:
         """Reopen a provisioned site from its directory (after a restart), as ``email``.
 
         The syft store, server key and uid, the guard's ledger and the audit chain are all
@@ -271,6 +332,12 @@ class Datasite:
         officer sees that the store may have been exposed. The audit signing key is the
         exception: if others could read it, the opening is refused (:class:`AuditKeyError`)
         because the operator must decide whether to rotate it.
+
+        The privacy ledger and the policy file are checked against the signed audit log: a
+        missing or disagreeing one refuses the opening (``SiteStateMismatch``, one line
+        naming the file and what differs) and nothing is written. ``repair=True`` (the data
+        owner only) rebuilds them from the log once the owner has logged in, logs
+        ``site_state_rebuilt``, and opens the site; :attr:`repaired` says what was fixed.
         """
         repaired = secure_directory(directory, keep=_SWEEP_KEEP)
         info = read_site_info(directory)
@@ -280,7 +347,8 @@ class Datasite:
         lock = SiteLock(info.directory, info.name)
         guard = server = None
         try:
-            guard = SiteGuard(info.name, info.directory)  # AuditLogCorrupt if tampered with
+            # AuditLogCorrupt if tampered with; SiteStateMismatch if ledger/policy disagree
+            guard = SiteGuard(info.name, info.directory, check_files=not repair)
             if repaired:
                 _audit_repair(guard, repaired)
             root_email = info.email(Role.ADMIN.value)
@@ -300,8 +368,11 @@ class Datasite:
                              f"site {info.name!r}", actor=Account(email, Role.DATA_SCIENTIST, ""))
             site.operator = Account(email, role, password)
             site._owner_client = client
+            if repair:
+                site._repair_files()
             site.observe_accounts()
             register_guard(guard)
+            site.start_watching()
             return site
         except BaseException:
             if server is not None:
@@ -311,6 +382,14 @@ class Datasite:
                 guard.close()
             lock.release()
             raise
+
+    def _repair_files(self) -> None:
+        """Rebuild the ledger and policy files from the verified audit log (owner only)."""
+        if self.guard.privacy.file_problems:
+            self._require_owner("rebuild its privacy ledger and policy from the audit log")
+        self.repaired = self.guard.privacy.repair(self.operator.email)
+        if self.repaired and self.holds_data:
+            self._refresh_description()  # the scientist reads the restored policy
 
     # ---- audit helpers ----------------------------------------------------------------------
     def _audit_failed_login(self, email: str, via: str) -> None:
@@ -433,6 +512,10 @@ class Datasite:
         (``actor_id``); an e-mail in the request that differs from the record (a rename
         between two looks at the user list) is logged as ``user_changed`` too.
         """
+        with self._observe_lock:
+            self._observe_locked(reqs)
+
+    def _observe_locked(self, reqs: list[Any]) -> None:
         if self._seen is None:
             self._seen = {str((e.get("objects") or {}).get("request_id"))
                           for e in self.guard.audit.entries(action=Action.REQUEST_SUBMITTED)}

@@ -69,7 +69,10 @@ def call_limits(spec: JobSpec) -> dict[str, int]:
 class SiteGuard:
     """Per-site approvals and usage counters, persisted as JSON (atomic replace)."""
 
-    def __init__(self, site: str, directory: str | Path) -> None:
+    def __init__(self, site: str, directory: str | Path, *, check_files: bool = True) -> None:
+        """``check_files=False``: the data owner's repair (see
+        :class:`datasites.site_privacy.SitePrivacy`); otherwise a ledger or policy file that
+        disagrees with the audit log raises ``SiteStateMismatch`` and nothing is written."""
         self.site = site
         self.directory = Path(directory)
         self.directory.mkdir(parents=True, exist_ok=True)
@@ -79,7 +82,12 @@ class SiteGuard:
         self.audit = AuditLog(self.directory, site)  # one log per site directory
         from datasites.site_privacy import SitePrivacy  # imports this module's CallRefused
 
-        self.privacy = SitePrivacy(self.directory, site, self.audit)  # policy, DP ledger
+        try:
+            self.privacy = SitePrivacy(self.directory, site, self.audit,  # policy, DP ledger
+                                       check_files=check_files)
+        except BaseException:
+            self.audit.close()  # a refused site keeps no descriptor or lock of its log
+            raise
 
     def _load(self) -> dict[str, Any]:
         if not self._path.exists():
@@ -210,6 +218,12 @@ class SiteGuard:
             return email, AuditRole.DATA_SCIENTIST
         return "unknown-caller", AuditRole.SYSTEM
 
+    @staticmethod
+    def _requester_id(job: dict[str, Any] | None) -> dict[str, str]:
+        """``{"actor_id": verify key}`` of the job's requester, when the approval has it."""
+        rid = str(((job or {}).get("request") or {}).get("requester") or "")
+        return {"actor_id": rid} if rid and "@" not in rid else {}
+
     def _objects(self, job_id: str, job: dict[str, Any] | None) -> dict[str, str]:
         req = (job or {}).get("request") or {}
         return {"job_id": job_id, **{k: str(req[k]) for k in ("request_id", "code_id")
@@ -219,7 +233,7 @@ class SiteGuard:
                          call_no: int) -> None:
         """``function_executed``, written before the call runs; no record, no run."""
         ctx = CALL_CONTEXT.get()
-        params: dict[str, Any] = {"action": action, "call": call_no,
+        params: dict[str, Any] = {**self._requester_id(job), "action": action, "call": call_no,
                                   "limit": job["limits"][action],
                                   "spec_fingerprint": spec.fingerprint}
         if ctx:
@@ -249,7 +263,8 @@ class SiteGuard:
         actor, role = (owner, AuditRole.DATA_OWNER) if "@" in owner else ("fedsyft",
                                                                           AuditRole.SYSTEM)
         data = reply.encode("utf-8")
-        params: dict[str, Any] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
+        params: dict[str, Any] = {**self._requester_id(job),
+                                  "sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data),
                                   "recipient": self._requester(job)[0], "action": action}
         if call_no is not None:
             params["call"] = call_no
@@ -268,7 +283,8 @@ class SiteGuard:
         what = Action.RESULT_WITHHELD if after_run else Action.CALL_REFUSED
         try:
             self.audit.append(actor, role, what, objects=self._objects(job_id, job),
-                              params={"call": f"{action} (job {job_id})",
+                              params={**self._requester_id(job),
+                                      "call": f"{action} (job {job_id})",
                                       "reason": reason[:2000]})
         except AuditError as exc:
             log.error("site %s: cannot audit a refused call: %s", self.site, exc)

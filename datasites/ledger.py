@@ -41,6 +41,31 @@ def write_json_atomic(path: Path, data: Any) -> None:
     write_private(path, json.dumps(data, indent=1, sort_keys=True))
 
 
+def _number(value: Any) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(
+        value)
+
+
+def _shape_problem(state: Any) -> str:
+    """What makes ``state`` not a ledger ("" if nothing): the numbers a charge reads must be
+    numbers, so that a hand-edited file fails at open, not in the middle of a round."""
+    if not isinstance(state, dict) or not isinstance(state.get("datasets"), dict):
+        return "no 'datasets' object"
+    for name, data in state["datasets"].items():
+        if not isinstance(data, dict) or not isinstance(data.get("jobs", {}), dict):
+            return f"dataset {name!r} is not an object with a 'jobs' object"
+        for key in ("epsilon_spent", "delta_spent"):
+            if not _number(data.get(key, 0.0)) or data.get(key, 0.0) < 0:
+                return f"dataset {name!r}: {key} is not a non-negative number"
+        for job_id, job in data.get("jobs", {}).items():
+            if not isinstance(job, dict) or not _number(job.get("epsilon")) or not isinstance(
+                    job.get("releases"), int) or not isinstance(job.get("charges"), list):
+                return f"dataset {name!r}: job {job_id!r} lacks epsilon, releases or charges"
+        if not isinstance(data.get("unaccounted", []), list):
+            return f"dataset {name!r}: 'unaccounted' is not a list"
+    return ""
+
+
 @dataclass(frozen=True)
 class Charge:
     """One recorded charge: the ``release``-th training release of ``job_id``."""
@@ -58,11 +83,18 @@ class Charge:
 class PrivacyLedger:
     """Per-dataset epsilon/delta spent at one site, persisted in its directory."""
 
-    def __init__(self, directory: str | Path, site: str) -> None:
+    def __init__(self, directory: str | Path, site: str,
+                 state: dict[str, Any] | None = None) -> None:
+        """Load the ledger file, or hold ``state`` (rebuilt from the audit log) unsaved until
+        :meth:`save`: a site repairs its files only once its data owner has logged in."""
         self.site = site
         self.path = Path(directory) / LEDGER_FILE
         self._lock = threading.Lock()
-        self._state = self._load()
+        self._state = self._load() if state is None else json.loads(json.dumps(state))
+
+    @property
+    def exists(self) -> bool:
+        return self.path.exists()
 
     def _load(self) -> dict[str, Any]:
         if not self.path.exists():
@@ -72,9 +104,16 @@ class PrivacyLedger:
         except (OSError, json.JSONDecodeError) as exc:
             raise LedgerCorrupt(f"site {self.site!r}: privacy ledger {self.path} is unreadable "
                                 f"({exc}); refusing to guess how much budget is left") from exc
-        if not isinstance(state, dict) or not isinstance(state.get("datasets"), dict):
-            raise LedgerCorrupt(f"site {self.site!r}: privacy ledger {self.path} is malformed")
+        problem = _shape_problem(state)
+        if problem:
+            raise LedgerCorrupt(f"site {self.site!r}: privacy ledger {self.path} is malformed "
+                                f"({problem}); refusing to guess how much budget is left")
         return state
+
+    def save(self) -> None:
+        """Write the ledger as held now (after a rebuild from the audit log)."""
+        with self._lock:
+            write_json_atomic(self.path, self._state)
 
     def _dataset(self, dataset: str) -> dict[str, Any]:
         return self._state["datasets"].setdefault(

@@ -183,22 +183,56 @@ class DatasetPolicy(BaseModel):
         return cls.model_validate_json(found[-1]) if found else None
 
 
+def _first_error(exc: ValidationError) -> str:
+    """One line of a pydantic error: where and what (no multi-line dump)."""
+    err = exc.errors()[0]
+    where = ".".join(str(x) for x in err.get("loc", ())) or "policy"
+    return f"{where}: {err.get('msg', 'invalid')}"
+
+
 class PolicyStore:
     """The policies of one site's datasets, on disk (and the base dataset descriptions)."""
 
-    def __init__(self, directory: str | Path, site: str) -> None:
+    def __init__(self, directory: str | Path, site: str,
+                 state: dict[str, Any] | None = None) -> None:
+        """Load the policy file, or hold ``state`` (rebuilt from the audit log) unsaved until
+        :meth:`save`. Any malformed file is a :class:`PolicyError` (one line, no dump)."""
         self.site = site
         self.path = Path(directory) / POLICY_FILE
         self._lock = threading.Lock()
         self._state: dict[str, Any] = {"version": 1, "datasets": {}, "descriptions": {}}
-        if self.path.exists():
+        if state is not None:
+            self._state = json.loads(json.dumps(state))
+        elif self.path.exists():
             try:
                 self._state = json.loads(self.path.read_text())
-                for raw in self._state.get("datasets", {}).values():
-                    DatasetPolicy.model_validate(raw)  # fail now, not at the first call
-            except (OSError, json.JSONDecodeError, ValidationError) as exc:
+                if not isinstance(self._state, dict) or not isinstance(
+                        self._state.get("datasets", {}), dict) or not isinstance(
+                        self._state.get("descriptions", {}), dict):
+                    raise ValueError("not an object with 'datasets' and 'descriptions' objects")
+                self._state.setdefault("datasets", {})
+                for name, raw in self._state["datasets"].items():
+                    try:  # fail now, not at the first call
+                        DatasetPolicy.model_validate(raw)
+                    except ValidationError as exc:
+                        raise ValueError(f"dataset {name!r}: {_first_error(exc)}") from None
+            except (OSError, ValueError) as exc:  # json.JSONDecodeError is a ValueError
                 raise PolicyError(f"site {site!r}: policy file {self.path} is unreadable "
-                                  f"({exc}); refusing to run on a guessed policy") from exc
+                                  f"({exc}); refusing to run on a guessed policy") from None
+
+    @property
+    def exists(self) -> bool:
+        return self.path.exists()
+
+    def raw(self) -> dict[str, Any]:
+        """A copy of what the store holds (policies as JSON, descriptions)."""
+        with self._lock:
+            return json.loads(json.dumps(self._state))
+
+    def save(self) -> None:
+        """Write the store as held now (after a rebuild from the audit log)."""
+        with self._lock:
+            write_json_atomic(self.path, self._state)
 
     def get(self, dataset: str = DATASET_NAME) -> DatasetPolicy:
         with self._lock:

@@ -23,17 +23,29 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from datasites import ledger_check
 from datasites.audit import Action, AuditError, AuditLog
 from datasites.audit import Role as AuditRole
 from datasites.guard import CallRefused
-from datasites.ledger import BudgetExceeded, Charge, PrivacyLedger, write_json_atomic
-from datasites.policy import DATASET_NAME, DatasetPolicy, PolicyStore
+from datasites.ledger import (
+    LEDGER_FILE,
+    BudgetExceeded,
+    Charge,
+    LedgerCorrupt,
+    PrivacyLedger,
+    write_json_atomic,
+)
+from datasites.ledger_check import SiteStateMismatch
+from datasites.policy import DATASET_NAME, POLICY_FILE, DatasetPolicy, PolicyError, PolicyStore
 from fed_tasks import dp_step, site_step
 from fed_tasks.spec import JobSpec
 
 PUBLIC_MOMENTS_FILE = "public_mock_moments.json"
 SYSTEM_ACTOR = "fedsyft"
 log = logging.getLogger(__name__)
+
+
+__all__ = ["PrivacyRefused", "SitePrivacy", "SiteStateMismatch"]
 
 
 class PrivacyRefused(CallRefused):
@@ -44,12 +56,102 @@ class PrivacyRefused(CallRefused):
 class SitePrivacy:
     """Policy store, privacy ledger and public mock statistics of one site directory."""
 
-    def __init__(self, directory: str | Path, site: str, audit: AuditLog) -> None:
+    def __init__(self, directory: str | Path, site: str, audit: AuditLog, *,
+                 check_files: bool = True) -> None:
+        """Load the policy and the ledger, checked against the signed audit log.
+
+        A missing, unreadable or disagreeing file raises :class:`SiteStateMismatch` naming
+        the file and what differs (see :mod:`datasites.ledger_check`), and nothing is
+        written. ``check_files=False`` is the data owner's repair: the files that disagree
+        are held rebuilt from the log, in memory, until :meth:`repair` writes them.
+        """
         self.site = site
         self.directory = Path(directory)
         self.audit = audit
-        self.policies = PolicyStore(self.directory, site)
-        self.ledger = PrivacyLedger(self.directory, site)
+        entries = audit.entries() if audit.count else []
+        self.policies, policy_problems = self._open_policies(entries)
+        self.ledger, ledger_problems = self._open_ledger(entries)
+        #: what disagrees with the audit log, per file name (empty: the files agree)
+        self.file_problems: dict[str, list[str]] = {
+            name: found for name, found in ((POLICY_FILE, policy_problems),
+                                            (LEDGER_FILE, ledger_problems)) if found}
+        if self.file_problems and check_files:
+            problems = "; ".join(p for found in self.file_problems.values() for p in found)
+            raise SiteStateMismatch(
+                f"site {site!r} refuses to open: {problems}; run `fedsyft site repair --site "
+                f"{self.directory}` (data owner) to rebuild it from the signed audit log")
+
+    def _open_policies(self, entries: list[dict[str, Any]]) -> tuple[PolicyStore, list[str]]:
+        """The policy store, or (if its file disagrees) one rebuilt from the log."""
+        path = self.directory / POLICY_FILE
+        try:
+            store = PolicyStore(self.directory, self.site)
+            found = ledger_check.policy_problems(store.raw() if store.exists else None, entries,
+                                               path)
+            descriptions = store.raw().get("descriptions", {})
+        except PolicyError as exc:
+            store, found, descriptions = None, [str(exc).removeprefix(f"site {self.site!r}: ")
+                                                ], {}
+        if not found and store is not None:
+            return store, []
+        rebuilt = {"version": 1, "datasets": ledger_check.policies_from_log(entries),
+                   "descriptions": descriptions or ledger_check.descriptions_from_log(entries)}
+        return PolicyStore(self.directory, self.site, state=rebuilt), found
+
+    def _open_ledger(self, entries: list[dict[str, Any]]) -> tuple[PrivacyLedger, list[str]]:
+        """The privacy ledger, or (if its file disagrees) one rebuilt from the log."""
+        path = self.directory / LEDGER_FILE
+        expected = ledger_check.ledger_from_log(entries,
+                                              ledger_check.specs_from_approvals(self.directory))
+        try:
+            ledger = PrivacyLedger(self.directory, self.site)
+            if ledger.exists:
+                found = ledger_check.ledger_problems(ledger.snapshot(), expected, path)
+            else:
+                found = [p for p in [ledger_check.missing_ledger_problem(expected, path)] if p]
+        except LedgerCorrupt as exc:
+            found = [str(exc).removeprefix(f"site {self.site!r}: ")]
+        if not found:
+            return ledger, []
+        return PrivacyLedger(self.directory, self.site, state=expected), found
+
+    def repair(self, by: str) -> dict[str, list[str]]:
+        """Write the files rebuilt from the audit log (see ``check_files``); returns what
+        was wrong, per file ({}: nothing to do).
+
+        Logged first (``site_state_rebuilt``, with the problems and the rebuilt totals), as
+        every change a site makes: if the entry cannot be written, nothing is rewritten.
+        """
+        if not self.file_problems:
+            return {}
+        fixed = dict(self.file_problems)
+        spent = {name: {"epsilon_spent": data["epsilon_spent"],
+                        "delta_spent": data["delta_spent"], "jobs": len(data["jobs"])}
+                 for name, data in self.ledger.snapshot()["datasets"].items()}
+        self.audit.append(by, AuditRole.DATA_OWNER, Action.SITE_STATE_REBUILT,
+                          objects={"site": self.site},
+                          params={"files": sorted(fixed),
+                                  "problems": [p[:500] for f in fixed.values() for p in f][:20],
+                                  "ledger": spent if LEDGER_FILE in fixed else None,
+                                  "policies": (self.policies.raw()["datasets"]
+                                               if POLICY_FILE in fixed else None)})
+        if POLICY_FILE in fixed:
+            self.policies.save()
+        if LEDGER_FILE in fixed:
+            self.ledger.save()
+        self.file_problems = {}
+        return fixed
+
+    def log_initial_policy(self, by: str, dataset: str = DATASET_NAME) -> None:
+        """Log the dataset's policy at publication (``policy_changed`` from nothing) and
+        write it, so that the policy file can always be checked against the log."""
+        policy = self.policy(dataset)
+        self.audit.append(by, AuditRole.DATA_OWNER, Action.POLICY_CHANGED,
+                          objects={"dataset_id": dataset},
+                          params={"policy": dataset, "old": None,
+                                  "new": json.loads(policy.model_dump_json()),
+                                  "reason": "initial policy, at publication"})
+        self.policies.put(policy, dataset)
 
     # ---- policy --------------------------------------------------------------------------
     def policy(self, dataset: str = DATASET_NAME) -> DatasetPolicy:

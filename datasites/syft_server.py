@@ -9,6 +9,7 @@ keep their store in the site's own directory.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +30,8 @@ from syft.store.blob_storage.on_disk import (  # noqa: E402
 from syft.types.errors import SyftException  # noqa: E402
 from syft.types.uid import UID  # noqa: E402
 
-__all__ = ["sy", "ServiceRole", "SyftException", "start_server", "login", "syft_message"]
+__all__ = ["sy", "ServiceRole", "SyftException", "start_server", "login", "syft_message",
+           "watch_refusals"]
 
 
 def _key(directory: Path) -> SyftSigningKey:
@@ -107,3 +109,39 @@ def syft_message(obj: Any) -> str:
     """The human part of a syft exception or SyftError."""
     text = getattr(obj, "public_message", None) or getattr(obj, "message", None) or str(obj)
     return str(text).strip()
+
+
+#: ``on_refused(verify_key_hex, path, message)``: a scientist's syft call syft refused
+RefusalHook = Callable[[str, str, str], None]
+
+
+def watch_refusals(server: Any, on_refused: RefusalHook) -> None:
+    """Report every API call of a user below data owner that syft refuses (an error result
+    or exception), so the site's audit log holds what syft itself turned away — e.g. a
+    scientist's ``.get()`` of a private asset or a call of code not yet approved.
+
+    Wraps this server instance's API entry point; reporting never changes the answer."""
+    original = server.handle_api_call_with_unsigned_result
+
+    def report(api_call: Any, message: str) -> None:
+        try:
+            key = api_call.credentials
+            if server.get_role_for_credentials(credentials=key).value >= \
+                    ServiceRole.DATA_OWNER.value:
+                return
+            path = str(getattr(api_call.message, "path", "?"))
+            on_refused(str(key), path, message)
+        except Exception:  # noqa: BLE001 - the audit of a refusal must not break syft
+            pass
+
+    def handle(api_call: Any, *args: Any, **kwargs: Any) -> Any:
+        try:
+            result = original(api_call, *args, **kwargs)
+        except SyftException as exc:
+            report(api_call, syft_message(exc))
+            raise
+        if isinstance(result, sy.SyftError):
+            report(api_call, syft_message(result))
+        return result
+
+    server.handle_api_call_with_unsigned_result = handle

@@ -7,6 +7,7 @@ before anything is uploaded, so a bad table never leaves a half-provisioned site
 from __future__ import annotations
 
 import secrets
+import zlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -50,6 +51,8 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise TableError(f"table {path} is empty") from exc
     except (pd.errors.ParserError, UnicodeDecodeError, OSError) as exc:
         raise TableError(f"table {path} is not a readable CSV: {exc}") from exc
+    except (EOFError, zlib.error) as exc:  # a truncated or corrupt .gz
+        raise TableError(f"table {path} is not a readable compressed CSV ({exc})") from exc
     if frame.empty:
         raise TableError(f"table {path} has no rows")
     return frame

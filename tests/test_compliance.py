@@ -201,8 +201,9 @@ def test_officer_reads_verifies_and_exports(federation, tmp_path):
     out = session.export("json", tmp_path / "audit.json")
     doc = json.loads(out.read_text())
     assert doc["verify"]["ok"] and doc["site"] == site.name
-    assert doc["entries"][-1]["action"] == "audit_exported"  # the read itself is on record
-    assert doc["entries"][-1]["actor"] == officer.email
+    exported = load_entries(site.directory)[-1]  # the read itself is on record, logged
+    assert exported["action"] == "audit_exported" and exported["actor"] == officer.email
+    assert exported["params"]["entries"] == len(doc["entries"])  # after the file was written
 
 
 def test_officer_cannot_approve_deny_submit_run_or_read_data(federation):

@@ -321,7 +321,11 @@ def test_cli_audit_export_and_officer_view(clinic, tmp_path):
         assert result.exit_code == 0, result.stderr
         assert (tmp_path / f"audit.{fmt}").stat().st_size > 0
     doc = json.loads((tmp_path / "audit.json").read_text())
-    assert doc["verify"]["ok"] and doc["entries"][-1]["action"] == "audit_exported"
+    assert doc["verify"]["ok"]
+    logged = load_entries(clinic.dir)[-3:]  # each export logged after its file was written
+    assert [(e["action"], e["params"]["format"]) for e in logged] == [
+        ("audit_exported", "json"), ("audit_exported", "csv"), ("audit_exported", "html")]
+    assert logged[0]["params"]["entries"] == len(doc["entries"])
     assert "Chain verified" in (tmp_path / "audit.html").read_text()
     view = _cli("audit", "requests", "--site", clinic.dir)
     assert view.exit_code == 0, view.stderr

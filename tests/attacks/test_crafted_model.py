@@ -88,6 +88,16 @@ def test_the_decoder_recovers_rows_from_a_crafted_models_gradient(partitions, sc
     assert _recovered(_decoded_rows(grad, spec), rows) >= len(rows) // 2
 
 
+def _assert_no_row_decodes(spec, encoded_sum: str, partitions) -> None:
+    """Nothing decodes to any site's training row from a released sum ``[n·Δ, n·loss, n]``."""
+    from fed_tasks.codec import decode_array
+
+    total = decode_array(encoded_sum, vector_length(spec, "fit"))
+    decoded = _decoded_rows(total[:-2] / total[-1], spec)
+    for train, _ in partitions:
+        assert _recovered(decoded, _standardized(spec, train)) == 0
+
+
 def _approved(federation, spec):
     federation.approve_all(federation.submit(spec))
     return federation.connections(spec)
@@ -167,13 +177,17 @@ def test_paillier_sites_accept_only_the_authoritys_signed_sum(federation, partit
     assert _used(federation, spec) == [0, 0, 0]
     # isolation: the authority decrypts no sum of one site, and each round only once
     replies = [c.call("fit", {"round": 1, "previous": stats}) for c in conns]
+    authority = federation.authority_session().connection(spec)
     with pytest.raises(SiteRefusedError, match="at least 2"):
-        federation.authority_session().connection(spec).call(
-            "decrypt", {"action": "fit", "round": 1, "contributions":
-                        [replies[1]["contribution"]]})
+        authority.call("decrypt", {"action": "fit", "round": 1, "contributions":
+                                   [replies[1]["contribution"]]})
+    # all the scientist gets is the sum of the honest round: no training row decodes from it
+    total = authority.call("decrypt", {"action": "fit", "round": 1, "contributions":
+                                       [r["contribution"] for r in replies]})
+    _assert_no_row_decodes(spec, total["sum"], partitions)
 
 
-def test_secure_sum_sites_refuse_a_sum_the_orchestrator_altered(federation, schema):
+def test_secure_sum_sites_refuse_a_sum_the_orchestrator_altered(federation, partitions, schema):
     spec = _spec(schema, aggregation="secagg")
     conns = _approved(federation, spec)
     agg = federation.secure_sum(spec)
@@ -202,6 +216,10 @@ def test_secure_sum_sites_refuse_a_sum_the_orchestrator_altered(federation, sche
     # the untouched relay still trains (the refusals spent nothing)
     agg.submit(conns, "fit", {"round": 1, "previous": stats}, vector_length(spec, "fit"))
     assert _used(federation, spec) == [1, 1, 1]
+    (released,) = agg.finish(conns)  # the sites open round 1: all the scientist ever sees
+    from fed_tasks.codec import encode_array
+
+    _assert_no_row_decodes(spec, encode_array(released.vector), partitions)
 
 
 def test_a_replayed_or_skipped_round_is_refused(federation, schema, drive):
