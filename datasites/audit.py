@@ -931,8 +931,8 @@ class AuditLog:
                 f"not {self.site!r}"
             )
         if not scan.report.ok and not (recover and self._recoverable(scan)):
-            hint = " (reopen with recover_unsigned_tail=True if the site crashed)" if (
-                self._recoverable(scan)) else ""
+            hint = (" (if the site crashed, its data owner can sign the tail with `fedsyft "
+                    "site repair --site DIR`)") if self._recoverable(scan) else ""
             raise AuditLogCorrupt(
                 f"refusing to append to the audit log of site {self.site!r} in "
                 f"{self.directory}: {scan.report.problem}{hint}",

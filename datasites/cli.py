@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import getpass
 import json
+import math
 import os
+import re
 import sys
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +22,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 from typer.core import TyperGroup
+
+from datasites import job_options as opts
 
 console = Console()
 err = Console(stderr=True)
@@ -43,14 +48,62 @@ def _known_failures() -> tuple[type[BaseException], ...]:
     return (OSError, EOFError, zlib.error, ValueError, LookupError, RuntimeError)
 
 
+def _allowed(kind: click.ParamType) -> str:
+    """What an option accepts, in words ("2 to 20", "plain, paillier, secagg")."""
+    if isinstance(kind, click.Choice):
+        return ", ".join(map(str, kind.choices))
+    if not isinstance(kind, (click.IntRange, click.FloatRange)):
+        return ""
+    if isinstance(kind, click.IntRange) and None not in (kind.min, kind.max) and not (
+            kind.min_open or kind.max_open):
+        return f"{kind.min} to {kind.max}"
+    low = None if kind.min is None else (f"{'above' if kind.min_open else 'at least'} "
+                                         f"{kind.min:g}")
+    high = None if kind.max is None else (f"{'below' if kind.max_open else 'at most'} "
+                                          f"{kind.max:g}")
+    return ", ".join(part for part in (low, high) if part)
+
+
+def _usage_line(exc: click.UsageError) -> str:
+    """A click usage error as ``--flag: problem (allowed: ...)`` on one line, instead of
+    typer's multi-line usage box."""
+    param = getattr(exc, "param", None)
+    command = exc.ctx.command_path if exc.ctx is not None else "fedsyft"
+    if isinstance(exc, click.NoSuchOption):
+        maybe = f" (did you mean {' or '.join(exc.possibilities)}?)" if exc.possibilities else ""
+        return f"no such option {exc.option_name}{maybe}; see '{command} --help'"
+    if param is None:
+        message = _one_line(click.ClickException(exc.format_message())).rstrip(".")
+        return f"{message}; see '{command} --help'"
+    flag = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+    if isinstance(exc, click.MissingParameter):
+        return f"missing {exc.param_type or 'option'} {flag}; see '{command} --help'"
+    message = re.sub(r" is not in the range .*", " is out of range", exc.message)
+    message = re.sub(r" is not (one of )?'.*", " is not a choice", message).rstrip(".")
+    message = message.replace("valid integer range", "valid integer").replace(
+        "valid float range", "valid number")
+    allowed = _allowed(param.type)
+    return f"{flag}: {message}" + (f" (allowed: {allowed})" if allowed else "")
+
+
 class _OneLineErrors(TyperGroup):
     """The root command group: a known failure anywhere below is one line on stderr and
     exit code 2, never a traceback (and so never a dump of local variables that could hold
-    a password). Anything else is a bug and keeps its plain traceback (no locals)."""
+    a password); so is a bad option, never typer's usage box. Anything else is a bug and
+    keeps its plain traceback (no locals)."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:  # the root's own options are parsed here, outside invoke
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            raise _fail(_usage_line(exc)) from None
 
     def invoke(self, ctx: click.Context) -> Any:
         try:
             return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _fail(_usage_line(exc)) from None
         except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
             raise
         except _known_failures() as exc:
@@ -93,10 +146,17 @@ def results_table(report: dict[str, Any]) -> Table:
     return table
 
 
-def _kept_site_passwords(keep_sites: Path | None, sites: int) -> dict[str, dict[str, str]]:
-    """Owner/officer passwords of kept sites: from the environment, else random."""
+def _kept_site_passwords(keep_sites: Path | None, sites: int, authority: bool = False
+                         ) -> dict[str, dict[str, str]]:
+    """Owner/officer passwords of kept sites (and of the key authority, whose directory is
+    kept too): from the environment, else random (and printed once)."""
     if keep_sites is None:
         return {}
+    from datasites.site_files import leftover_message, leftovers
+
+    found = leftovers(keep_sites)
+    if found:
+        raise _fail(leftover_message(found))
     if keep_sites.exists() and (not keep_sites.is_dir() or any(keep_sites.iterdir())):
         raise _fail(f"--keep-sites {keep_sites} must be an empty or new directory")
     from datasites.accounts import (
@@ -114,8 +174,9 @@ def _kept_site_passwords(keep_sites: Path | None, sites: int) -> dict[str, dict[
         except WeakPasswordError as exc:
             raise _fail(exc) from None
     owner, officer = chosen["FEDSYFT_OWNER_PASSWORD"], chosen["FEDSYFT_OFFICER_PASSWORD"]
-    return {f"site-{i + 1}": {"owner": owner or new_password(),
-                              "officer": officer or new_password()} for i in range(sites)}
+    names = [f"site-{i + 1}" for i in range(sites)] + (["key-authority"] if authority else [])
+    return {name: {"owner": owner or new_password(), "officer": officer or new_password()}
+            for name in names}
 
 
 def _print_kept_sites(cfg: Any) -> None:
@@ -145,27 +206,53 @@ def _print_kept_sites(cfg: Any) -> None:
         _say(f"try: fedsyft requests list --site {cfg.keep_sites / next(iter(cfg.passwords))}")
 
 
+class _PositiveFinite(click.FloatRange):
+    """A finite float above 0: typer's own min/max can neither exclude the bound itself nor
+    refuse NaN (which passes every comparison and reached the job as a vaguer error)."""
+
+    def __init__(self, at_most: float | None = None) -> None:
+        super().__init__(min=0.0, min_open=True, max=at_most)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return number
+
+
+def _positive(at_most: float | None = None) -> click.FloatRange:
+    return _PositiveFinite(at_most)
+
+
 @app.command()
 def demo(
     data: Path = typer.Option(None, help="CSV with numeric features and a 0/1 label column "
                                          "[default: bundled ODDS shuttle table]"),
     label_column: str = typer.Option("anomaly", help="Name of the 0/1 label column."),
-    sites: int = typer.Option(3, min=1, max=20, help="Number of institutions."),
-    rounds: int = typer.Option(10, min=1, max=1000, help="Federated rounds."),
-    model: str = typer.Option("ae", help="Model kind: ae (dense autoencoder)."),
-    aggregation: str = typer.Option("plain", help="How updates are combined: plain | "
-                                    "paillier (key authority decrypts sums only) | secagg."),
-    seed: int = typer.Option(0, help="Seed for the split and the model."),
+    sites: int = typer.Option(3, min=opts.SITES_MIN, max=opts.SITES_MAX,
+                              help="Number of institutions."),
+    rounds: int = typer.Option(10, min=opts.ROUNDS_MIN, max=opts.ROUNDS_MAX,
+                               help="Federated rounds."),
+    model: str = typer.Option("ae", click_type=click.Choice(["ae"]),
+                              help="Model kind: ae (dense autoencoder)."),
+    aggregation: str = typer.Option("plain", click_type=click.Choice(
+        ["plain", "paillier", "secagg"]), help="How updates are combined: plain | paillier "
+        "(key authority decrypts sums only) | secagg."),
+    seed: int = typer.Option(0, min=0, max=opts.SEED_MAX,
+                             help="Seed for the split and the model."),
     report: Path = typer.Option(None, help="Write the JSON report here."),
     keep_sites: Path = typer.Option(None, "--keep-sites", help=(
         "Keep the site directories here (for `fedsyft requests` / `fedsyft audit`). Owner and "
         "officer passwords: FEDSYFT_OWNER_PASSWORD / FEDSYFT_OFFICER_PASSWORD, else random "
         "and printed once.")),
-    epsilon: float = typer.Option(None, "--epsilon", min=0.0, help=(
+    epsilon: float = typer.Option(None, "--epsilon", click_type=_positive(opts.EPSILON_MAX),
+                                  help=(
         "Differential privacy: the job's epsilon, charged to each site's privacy ledger "
         "round by round [default: no DP]. Sites refuse a job above their remaining budget.")),
-    delta: float = typer.Option(1e-5, "--delta", help="DP delta (with --epsilon)."),
-    clip: float = typer.Option(1.0, "--clip", help=(
+    delta: float = typer.Option(1e-5, "--delta", click_type=_positive(opts.DELTA_MAX),
+                                help="DP delta (with --epsilon)."),
+    clip: float = typer.Option(1.0, "--clip", click_type=_positive(), help=(
         "DP clipping bound: L2 norm of a site's update (DP-FedAvg), or of a row's gradient "
         "with --dp-sgd.")),
     dp_sgd: bool = typer.Option(False, "--dp-sgd", help=(
@@ -174,11 +261,20 @@ def demo(
 ) -> None:
     """Split a table across non-IID sites, provision datasites, train, evaluate, report."""
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
+    if (dp_sgd or clip != 1.0 or delta != 1e-5) and epsilon is None:
+        raise _fail("--delta, --clip and --dp-sgd need --epsilon")
+    try:  # every option against the job it becomes, before any file is read or written
+        opts.check_job_options(sites=sites, rounds=rounds, model=model, aggregation=aggregation,
+                               seed=seed, epsilon=epsilon, delta=delta, clip=clip,
+                               dp_sgd=dp_sgd)
+    except opts.JobOptionError as exc:
+        raise _fail(exc) from None
     if report is not None:
         _check_output(report, "--report", create_parents=True)
     if keep_sites is not None:  # syft's store URL needs an absolute path
         keep_sites = keep_sites.expanduser().resolve()
-    passwords = _kept_site_passwords(keep_sites, sites)  # checks --keep-sites first
+    passwords = _kept_site_passwords(keep_sites, sites,  # checks --keep-sites first
+                                     authority=aggregation == "paillier")
     from datasites.demo import BUNDLED_TABLE, DemoConfig, run_demo
     from datasites.errors import AuthenticationError, ProvisioningError
     from datasites.tables import TableError
@@ -188,13 +284,14 @@ def demo(
                      rounds=rounds, model=model, seed=seed, aggregation=aggregation,
                      keep_sites=keep_sites, passwords=passwords,
                      epsilon=epsilon, delta=delta, clip=clip, dp_sgd=dp_sgd)
-    if (dp_sgd or clip != 1.0 or delta != 1e-5) and epsilon is None:
-        raise _fail("--delta, --clip and --dp-sgd need --epsilon")
     try:
         result = run_demo(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
     except (TableError, ProvisioningError, AuthenticationError, SiteRefusedError,
             ValueError, PermissionError) as exc:
-        raise _fail(_one_line(exc)) from None
+        from pydantic import ValidationError
+
+        why = opts.spec_error_line(exc) if isinstance(exc, ValidationError) else _one_line(exc)
+        raise _fail(why) from None
     finally:
         _print_kept_sites(cfg)
     console.print(results_table(result))
@@ -291,6 +388,7 @@ def _password(env_var: str, who: str) -> str:
 def _site_info(site: Path) -> Any:
     from datasites.site_files import SiteDirectoryError, read_site_info
 
+    _not_a_file(site)
     try:
         return read_site_info(site)
     except SiteDirectoryError as exc:
@@ -416,7 +514,14 @@ def site_repair(site: Path = SITE, owner: str = OWNER) -> None:
 
 
 # ---- compliance officers: the audit log ------------------------------------------------------
+def _not_a_file(site: Path) -> None:
+    """A --site that is a file is named as such, not as a directory that does not exist."""
+    if site.exists() and not site.is_dir():
+        raise _fail(f"--site {site} is a file, not a site directory")
+
+
 def _audit_dir(site: Path) -> Path:
+    _not_a_file(site)
     if not site.is_dir():
         raise _fail(f"site directory {site} does not exist")
     if not (site / "audit.jsonl").exists() and not (site / "audit.head.json").exists():
@@ -522,6 +627,24 @@ def audit_export(site: Path = SITE,
     _say(f"exported {report.entries} verified entries of site {session.site} to {path}")
 
 
+def _period(since: str | None, until: str | None) -> None:
+    """Refuse, before the officer logs in, a time that is not ISO-8601 with a zone, and a
+    --since that is not before --until (an empty period would list nothing, silently)."""
+    times = {}
+    for flag, value in (("--since", since), ("--until", until)):
+        if value is None:
+            continue
+        try:
+            times[flag] = datetime.fromisoformat(value)
+        except ValueError:
+            raise _fail(f"{flag} {value!r} is not an ISO-8601 time (e.g. "
+                        "2025-01-01T00:00:00+00:00)") from None
+        if times[flag].tzinfo is None:
+            raise _fail(f"{flag} {value} has no timezone (add +00:00 for UTC)")
+    if len(times) == 2 and times["--since"] >= times["--until"]:
+        raise _fail(f"--since {since} is not before --until {until}: the period is empty")
+
+
 @audit_app.command("requests")
 def audit_requests(site: Path = SITE, officer: str = OFFICER,
                    since: str = typer.Option(None, help="ISO time with zone, e.g. "
@@ -531,16 +654,18 @@ def audit_requests(site: Path = SITE, officer: str = OFFICER,
     """Who asked for what, who decided and why, what ran and what left (officer only)."""
     from datasites.audit import AuditError
 
+    _period(since, until)
     _audit_dir(site)
     session = _officer_session(site, officer, public_key)
     try:
-        records = session.requests(since=since, until=until)
         report = session.verify()
+        if not report.ok:  # a tampered log's records are not evidence: list nothing
+            where = "" if report.first_bad_seq is None else f" at entry {report.first_bad_seq}"
+            raise _fail(f"audit log in {site} is BROKEN{where}: {report.problem}; nothing "
+                        "listed (`fedsyft audit export` still keeps the evidence)", code=1)
+        records = session.requests(since=since, until=until)
     except AuditError as exc:
         raise _fail(exc) from None
-    if not report.ok:
-        err.print(f"warning: the audit log is BROKEN: {report.problem}", markup=False,
-                  soft_wrap=True)
     for rec in records:
         _say(rec.describe())
     if not records:

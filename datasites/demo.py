@@ -134,6 +134,45 @@ def privacy_report(spec: JobSpec, sites: list[Any], rounds_run: int) -> dict[str
     }
 
 
+class JobRefusedError(ValueError):
+    """The job would fail at the sites (policy, encoding, seed): found before provisioning."""
+
+
+def preflight(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFrame]],
+              names: list[str]) -> None:
+    """Check the whole job against the tables and a new site's policy before any site is
+    provisioned, so that a job the sites must refuse costs seconds, not a federation.
+
+    Checked: the default :class:`DatasetPolicy` (rounds, model, DP, delta, and an epsilon
+    above a fresh dataset's budget), the seeds torch is given (site model and training), and
+    that each site's statistics fit the fixed-point encoding they are summed in.
+    """
+    import torch
+
+    from datasites.policy import DatasetPolicy
+    from fed_tasks.encoding import STATS_CODEC
+    from fed_tasks.site_step import new_model, stats
+
+    policy = DatasetPolicy()
+    problems = policy.violations(spec, remaining=policy.epsilon_budget)
+    if problems:
+        raise JobRefusedError("the sites' default policy would refuse the job: "
+                              + "; ".join(problems))
+    try:
+        new_model(spec)
+        torch.Generator().manual_seed(spec.seed * 100_003 + spec.rounds)
+    except (RuntimeError, OverflowError, ValueError):
+        raise JobRefusedError(f"--seed {spec.seed} is out of range (0 to "
+                              f"{(2**64 - 1 - spec.rounds) // 100_003})") from None
+    for name, (train, _) in zip(names, splits, strict=True):
+        try:
+            STATS_CODEC.encode(stats(spec, train)["vector"])
+        except ValueError:
+            raise JobRefusedError(
+                f"{name}'s values are too large for the secure sum of the column statistics "
+                f"(a sum of squares above {STATS_CODEC.bound:g}); rescale the table") from None
+
+
 def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
     """Run the whole job; returns the report (see the README for its fields)."""
     started = time.perf_counter()
@@ -153,6 +192,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
                    min_sites=min(2, cfg.sites), **dp)
     log(f"{len(frame):,} rows, {schema.describe()}; {cfg.sites} sites "
         f"(rows {[len(tr) + len(te) for tr, te in splits]})")
+    preflight(spec, splits, names)  # what would fail after provisioning fails here instead
     from datasites.federation import Federation  # imports syft (~10 s): after input checks
 
     t0 = time.perf_counter()

@@ -11,13 +11,17 @@ import pandas as pd
 
 from datasites.accounts import Account, Role, new_password
 from datasites.datasite import Datasite
+from datasites.errors import ProvisioningError
 from datasites.federation_config import ensure_signing_key, write_config
 from datasites.key_authority_site import KeyAuthoritySite
 from datasites.scientist import ScientistSession
+from datasites.site_files import leftover_message, leftovers
 from datasites.tables import FederationSchema
 from fed_tasks.aggregation import KeyAuthoritySum, MaskedSum, PlainSum, SecureSum
 from fed_tasks.orchestrator import FederatedTrainer
 from fed_tasks.spec import JobSpec
+
+KEY_AUTHORITY = "key-authority"  # the authority's site name (and directory) in a federation
 
 
 def _configure(sites: list[Datasite], authority: KeyAuthoritySite | None,
@@ -56,7 +60,7 @@ class Federation:
     def start(cls, partitions: Sequence[tuple[pd.DataFrame, pd.DataFrame]],
               schema: FederationSchema, root: str | Path | None = None,
               names: Sequence[str] | None = None, key_authority: bool = True,
-              min_sites: int = 2, key_bits: int = 2048,
+              min_sites: int = 2, key_bits: int = 2048, authority_name: str = KEY_AUTHORITY,
               passwords: Mapping[str, Mapping[str, str]] | None = None) -> Federation:
         """Provision the sites (and a key authority for Paillier jobs), then configure
         every member with the federation's public facts (see ``federation_config``).
@@ -69,6 +73,9 @@ class Federation:
             raise ValueError("one name per partition")
         owns_root = root is None
         root_path = Path(root or tempfile.mkdtemp(prefix="fedsyft-"))
+        found = leftovers(root_path)
+        if found:
+            raise ProvisioningError(leftover_message(found))
         scientist = Account("scientist@federation.org", Role.DATA_SCIENTIST, new_password(),
                             "Data scientist")
         sites: list[Datasite] = []
@@ -79,14 +86,21 @@ class Federation:
                 sites.append(Datasite.provision(name, root_path / name, train=train, test=test,
                                                 schema=schema, scientist=scientist,
                                                 owner_password=chosen.get("owner"),
-                                                officer_password=chosen.get("officer")))
+                                                officer_password=chosen.get("officer"),
+                                                commit=False))
             if key_authority:
+                chosen = (passwords or {}).get(authority_name, {})
                 authority = KeyAuthoritySite.provision_authority(
-                    "key-authority", root_path / "key-authority", scientist, key_bits)
+                    authority_name, root_path / authority_name, scientist, key_bits,
+                    owner_password=chosen.get("owner"), officer_password=chosen.get("officer"),
+                    commit=False)
             _configure(sites, authority, min_sites)
+            # every member is complete (config included): only now do they move into place
+            sites = [site.commit() for site in sites]
+            authority = authority.commit() if authority else None
         except BaseException:
             for site in [*sites, *([authority] if authority else [])]:
-                site.close()
+                site.discard()
             if owns_root:
                 shutil.rmtree(root_path, ignore_errors=True)
             raise

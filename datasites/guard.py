@@ -79,7 +79,9 @@ class SiteGuard:
         self._path = self.directory / "approvals.json"
         self._lock = threading.Lock()
         self._state: dict[str, Any] = self._load()
-        self.audit = AuditLog(self.directory, site)  # one log per site directory
+        # one log per site directory; the owner's repair also signs a tail a crash left
+        # unsigned (entries written, head not yet re-signed)
+        self.audit = AuditLog(self.directory, site, recover_unsigned_tail=not check_files)
         from datasites.site_privacy import SitePrivacy  # imports this module's CallRefused
 
         try:

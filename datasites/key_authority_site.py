@@ -50,15 +50,31 @@ class KeyAuthoritySite(Datasite):
 
     @classmethod
     def provision_authority(cls, name: str, directory: str | Path, scientist: Account,
-                            key_bits: int = 2048) -> KeyAuthoritySite:
+                            key_bits: int = 2048, *, owner_password: str | None = None,
+                            officer_password: str | None = None,
+                            commit: bool = True) -> KeyAuthoritySite:
+        """Provision the authority; its private key is stored before it is moved into place
+        (``commit=False``: the caller commits, e.g. after writing the federation config)."""
         public, private_key = generate_keypair(key_bits)
         fp = fingerprint(public)
         private = {KEYRING: pd.DataFrame({"key_fingerprint": [fp]})}
         mocks = {KEYRING: pd.DataFrame({"key_fingerprint": ["mock"]})}
         site = cls._provision(name, directory, scientist, None, private, mocks,
-                              f"Key authority {name}: decrypts only checked sums.")
-        store_paillier_key(site.directory, private_key)
+                              f"Key authority {name}: decrypts only checked sums.",
+                              owner_password=owner_password, officer_password=officer_password,
+                              commit=False)
+        try:
+            store_paillier_key(site.directory, private_key)
+        except BaseException:
+            site.discard()
+            raise
         site.public_key = public_key_to_str(public)
+        return site.commit() if commit else site
+
+    def commit(self) -> KeyAuthoritySite:
+        """As :meth:`Datasite.commit`; the public key carries over."""
+        site = super().commit()
+        site.public_key = self.public_key
         return site
 
     def parse_request(self, source: str) -> JobSpec:

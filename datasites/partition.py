@@ -7,6 +7,10 @@ import pandas as pd
 
 from datasites.tables import TableError
 
+# Each site keeps a train split and a stratified test split with both classes: with fewer
+# rows per site the split fails later with a vaguer message, or a site trains on nothing.
+MIN_ROWS_PER_SITE = 10
+
 
 def dirichlet_split(frame: pd.DataFrame, n_sites: int, by: str, alpha: float = 0.5,
                     bins: int = 10, seed: int = 0, min_rows: int = 20) -> list[pd.DataFrame]:
@@ -18,8 +22,9 @@ def dirichlet_split(frame: pd.DataFrame, n_sites: int, by: str, alpha: float = 0
     """
     if n_sites < 1:
         raise TableError("need at least one site")
-    if len(frame) < n_sites:
-        raise TableError(f"table has {len(frame)} rows, fewer than the {n_sites} sites")
+    if len(frame) < n_sites * MIN_ROWS_PER_SITE:
+        raise TableError(f"table has {len(frame)} rows, fewer than the {n_sites} sites need "
+                         f"({MIN_ROWS_PER_SITE} per site, {n_sites * MIN_ROWS_PER_SITE} in all)")
     if by not in frame.columns:
         raise TableError(f"split column {by!r} not in table")
     min_rows = min(min_rows, len(frame) // n_sites)

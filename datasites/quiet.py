@@ -23,6 +23,8 @@ def silence_syft_logging() -> None:
     warnings.filterwarnings("ignore", module="syft")
 
 
+#: threads named so (``Datasite.start_watching``) leave the process's streams alone
+WATCHER_THREAD_PREFIX = "fedsyft-watch-"
 _lock = threading.Lock()
 _depth = 0
 _saved: tuple[object, object] | None = None
@@ -36,6 +38,11 @@ def quiet() -> Iterator[None]:
     concurrently) restore the real streams exactly once, when the last block ends.
     """
     global _depth, _saved
+    if threading.current_thread().name.startswith(WATCHER_THREAD_PREFIX):
+        # a site's background watcher runs across CLI invocations that swap the streams
+        # themselves: it must never swap them (it reads syft's store only, which is silent)
+        yield
+        return
     with _lock:
         if _depth == 0:
             _saved = (sys.stdout, sys.stderr)

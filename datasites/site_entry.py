@@ -146,6 +146,10 @@ def run_approved(*, site: str, job_id: str, spec: str, train: pd.DataFrame, test
             # syft's twin execution: nothing private, nothing counted, nothing computed
             return dumps({"status": "mock"})
         guard.require_approved(job, action)  # approved, not revoked: before anything else
+        missing = [c for c in job.features if c not in train.columns]  # the public schema
+        if missing:
+            raise CallRefused(f"job {job.job_id!r} names columns {missing} that are not in "
+                              f"the published schema of site {site!r}")
         approval = guard.approval(job.job_id)
         # the dataset's policy and privacy budget: a call they forbid is refused uncounted
         guard.privacy.admit(job, action, len(train), approval)

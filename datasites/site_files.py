@@ -33,6 +33,10 @@ from typing import Any
 SITE_FILE = "site.json"
 OFFICER_FILE = "officer.json"
 LOCK_FILE = "site.lock"
+COMPLETE_FILE = "provisioned.json"  # written last, just before the site is moved into place
+STORE_FILE = "syft.db"
+STAGING_INFIX = ".provisioning-"  # DIR/.NAME.provisioning-<random>: a site being built
+_SQLITE_MAGIC = b"SQLite format 3\x00"
 SITE_FORMAT = "fedsyft-site/1"
 OFFICER_FORMAT = "fedsyft-officer/1"
 # scrypt at n=2**14, r=8: ~16 MiB and ~50 ms per check, salted, so a copied officer.json
@@ -181,6 +185,9 @@ def read_site_info(directory: str | Path) -> SiteInfo:
     directory = Path(directory)
     if not directory.is_dir():
         raise SiteDirectoryError(f"site directory {directory} does not exist")
+    if is_staging(directory):
+        raise SiteDirectoryError(f"{directory} is the temporary directory of an interrupted "
+                                 "provisioning, not a site; remove it")
     path = directory / SITE_FILE
     try:
         doc = json.loads(path.read_text())
@@ -192,8 +199,86 @@ def read_site_info(directory: str | Path) -> SiteInfo:
     if not isinstance(doc, dict) or doc.get("format") != SITE_FORMAT or not isinstance(
             doc.get("name"), str) or not isinstance(doc.get("accounts"), dict):
         raise SiteDirectoryError(f"{path} is not a {SITE_FORMAT} file")
+    if not (directory / COMPLETE_FILE).is_file():
+        raise SiteDirectoryError(f"{directory} is a half-built site (no {COMPLETE_FILE}: its "
+                                 "provisioning never finished); remove it and provision again")
     return SiteInfo(doc["name"], directory, {str(k): str(v) for k, v in doc["accounts"].items()},
                     str(doc.get("created", "")), str(doc.get("syft_version", "")))
+
+
+# ---- all-or-nothing provisioning ---------------------------------------------------------
+def staging_path(target: Path) -> Path:
+    """Where ``target`` is built: beside it (same filesystem, so the final move is one atomic
+    rename), hidden, and named so a leftover says what it was."""
+    return target.parent / f".{target.name}{STAGING_INFIX}{secrets.token_hex(4)}"
+
+
+def is_staging(path: Path) -> bool:
+    return path.name.startswith(".") and STAGING_INFIX in path.name
+
+
+def leftovers(parent: Path, name: str | None = None) -> list[Path]:
+    """Temporary directories an interrupted provisioning left in ``parent`` (of site ``name``
+    only, if given)."""
+    prefix = f".{name}{STAGING_INFIX}" if name else "."
+    try:
+        return sorted(p for p in Path(parent).iterdir()
+                      if p.name.startswith(prefix) and is_staging(p))
+    except OSError:  # parent missing or unreadable: nothing of ours is there
+        return []
+
+
+def leftover_message(found: list[Path]) -> str:
+    return (f"an interrupted provisioning left {', '.join(map(str, found))}; "
+            f"remove {'it' if len(found) == 1 else 'them'}")
+
+
+def mark_complete(directory: Path) -> None:
+    """The completion marker: a site directory without it is refused (read_site_info)."""
+    doc = {"format": SITE_FORMAT, "completed": datetime.now(UTC).isoformat(timespec="seconds")}
+    write_private(Path(directory) / COMPLETE_FILE, json.dumps(doc) + "\n")
+
+
+def check_store(directory: Path) -> None:
+    """Refuse a missing or damaged syft store, reading only (nothing is created or written).
+
+    Why: syft silently creates a fresh empty store where its file is missing or unreadable,
+    and the next login then fails as "wrong email or password". Checked: the file exists,
+    has sqlite's header, is as long as the header says, and passes ``PRAGMA quick_check``
+    opened immutable (read-only, no ``-shm``; the main file is a consistent snapshot even
+    while newer pages sit in the ``-wal`` file).
+    """
+    import sqlite3
+
+    path = Path(directory) / STORE_FILE
+    try:
+        with open(path, "rb") as fh:
+            header = fh.read(100)
+        size = path.stat().st_size
+    except FileNotFoundError:
+        raise SiteDirectoryError(f"the site's store {path} is missing; restore it from a "
+                                 "backup (a new empty store would lose the site)") from None
+    except OSError as exc:
+        raise SiteDirectoryError(f"the site's store {path} is unreadable: {exc}") from None
+    damaged = f"the site's store {path} is damaged"
+    if len(header) < 100 or not header.startswith(_SQLITE_MAGIC):
+        raise SiteDirectoryError(f"{damaged} (no sqlite header); restore it from a backup")
+    page = int.from_bytes(header[16:18], "big")
+    page = 65536 if page == 1 else page
+    pages = int.from_bytes(header[28:32], "big")
+    if size % page or size < pages * page:
+        raise SiteDirectoryError(f"{damaged} (truncated: {size} bytes, its header says "
+                                 f"{pages * page}); restore it from a backup")
+    try:
+        con = sqlite3.connect(f"{path.resolve().as_uri()}?immutable=1", uri=True)
+        try:
+            verdict = con.execute("PRAGMA quick_check").fetchone()[0]
+        finally:
+            con.close()
+    except sqlite3.Error as exc:
+        raise SiteDirectoryError(f"{damaged} ({exc}); restore it from a backup") from None
+    if verdict != "ok":
+        raise SiteDirectoryError(f"{damaged} ({verdict}); restore it from a backup")
 
 
 # ---- the compliance officer's credentials --------------------------------------------------

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import secrets
 import zlib
+from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +16,12 @@ import numpy as np
 import pandas as pd
 
 MOCK_ROWS = 500  # a mock's row count: a public constant, not derived from the private table
+# A table wider than this is refused up front: the model and the column statistics grow
+# with the width, and a very wide table stalled for minutes before failing.
+MAX_COLUMNS = 10_000
+# Standardisation squares every value: above this magnitude the sum of squares overflows
+# float64 (1e308) and the model trains on inf/NaN.
+MAX_ABS_VALUE = 1e150
 
 
 class TableError(ValueError):
@@ -43,9 +50,13 @@ class FederationSchema:
 def read_table(path: str | Path) -> pd.DataFrame:
     """Read a CSV (optionally gzip-compressed) with a header row."""
     path = Path(path)
+    if path.is_dir():
+        raise TableError(f"table {path} is a directory, not a CSV file")
     if not path.is_file():
         raise TableError(f"table file not found: {path}")
     try:
+        _check_header(path, pd.read_csv(path, header=None, nrows=1, dtype=str,
+                                        keep_default_na=False).iloc[0].tolist())
         frame = pd.read_csv(path)
     except pd.errors.EmptyDataError as exc:
         raise TableError(f"table {path} is empty") from exc
@@ -56,6 +67,18 @@ def read_table(path: str | Path) -> pd.DataFrame:
     if frame.empty:
         raise TableError(f"table {path} has no rows")
     return frame
+
+
+def _check_header(path: Path, header: list[str]) -> None:
+    """Refuse duplicate and too many column names, from the raw header: pandas would
+    silently rename a second ``x`` to ``x.1`` and then train on both."""
+    if len(header) > MAX_COLUMNS:
+        raise TableError(f"table {path} has {len(header):,} columns, more than the limit of "
+                         f"{MAX_COLUMNS:,}; select the feature columns first")
+    duplicates = sorted(name for name, n in Counter(header).items() if n > 1)
+    if duplicates:
+        raise TableError(f"table {path} has duplicate column names {duplicates}: give each "
+                         "column its own name")
 
 
 def infer_schema(frame: pd.DataFrame, label: str | None) -> FederationSchema:
@@ -70,6 +93,10 @@ def infer_schema(frame: pd.DataFrame, label: str | None) -> FederationSchema:
     constant = [c for c in features if frame[c].nunique(dropna=False) <= 1]
     if constant:
         raise TableError(f"feature columns {constant} are constant: they carry no information")
+    if label is not None and frame[label].nunique() < 2:
+        only = frame[label].iloc[0]
+        raise TableError(f"label column {label!r} holds only {only} (one class): evaluation "
+                         "needs both normal (0) and anomalous (1) rows")
     return schema
 
 
@@ -94,6 +121,12 @@ def validate(frame: pd.DataFrame, schema: FederationSchema, where: str = "table"
         row, col = np.argwhere(bad)[0]
         raise TableError(f"{where}: {int(bad.sum())} NaN or infinite values, first in column "
                          f"{schema.features[col]!r} at row {row}")
+    huge = np.abs(values).max(axis=0) > MAX_ABS_VALUE
+    if huge.any():
+        names = [schema.features[i] for i in np.flatnonzero(huge)]
+        raise TableError(f"{where}: feature columns {names} hold values above "
+                         f"{MAX_ABS_VALUE:g} in magnitude, whose squares overflow the "
+                         "standardisation; rescale them")
     if schema.label:
         labels = frame[schema.label]
         if labels.isna().any() or not set(pd.unique(labels)).issubset({0, 1}):

@@ -345,7 +345,7 @@ def test_crash_between_entry_and_head_needs_explicit_recovery(site_dir: Path) ->
 
     report = verify(site_dir)
     assert not report.ok and report.first_bad_seq == N + 1 and "torn write" in report.problem
-    with pytest.raises(AuditLogCorrupt, match="recover_unsigned_tail=True"):
+    with pytest.raises(AuditLogCorrupt, match="fedsyft site repair"):
         AuditLog(site_dir, SITE)
 
     with AuditLog(site_dir, SITE, recover_unsigned_tail=True) as log:

@@ -343,6 +343,7 @@ def test_cli_audit_export_and_officer_view(clinic, tmp_path):
     broken = _audit_copy(clinic, tmp_path / "broken")
     _delete(broken)
     shutil.copy2(clinic.dir / "site.json", broken / "site.json")
+    shutil.copy2(clinic.dir / "provisioned.json", broken / "provisioned.json")
     shutil.copy2(clinic.dir / "officer.json", broken / "officer.json")
     result = _cli("audit", "export", "--site", broken, "--format", "html",
                   "--out", tmp_path / "broken.html")

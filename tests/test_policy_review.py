@@ -63,11 +63,14 @@ POLICY_CASES = [
     ({"max_clip": 0.5}, {"dp_epsilon": 1.0, "dp_clip": 2.0}, "dp_clip=2 exceeds"),
     ({"epsilon_budget": 2.0}, {"dp_epsilon": 3.0}, "remaining privacy budget 2"),
     ({"allowed_submitters": ("pi@hospital.org",)}, {}, "may not submit jobs"),
+    ({"max_params": 1000}, {}, "1,837 parameters, more than the maximum of 1,000"),
+    ({"min_batch": 512}, {"batch_size": 32}, "batch size 32 is below the minimum of 512"),
 ]
 
 
 @pytest.mark.parametrize(("policy", "job", "reason"), POLICY_CASES,
-                         ids=["rounds", "model", "dp", "sites", "clip", "budget", "submitter"])
+                         ids=["rounds", "model", "dp", "sites", "clip", "budget", "submitter",
+                              "params", "batch"])
 def test_job_breaking_the_policy_is_refused_at_request_time(federation, schema, policy, job,
                                                             reason):
     site, session = federation.sites[1], federation.sessions()[1]
@@ -153,3 +156,28 @@ def test_non_template_code_is_flagged_and_approved_only_by_a_recorded_override(f
     assert unaccounted[-1]["request_id"] == ids[1]
     for rid in (ids[0], ids[2]):
         site.deny(rid, "not the fedsyft template")
+
+
+def test_review_states_the_model_shape_against_the_sites_rows(federation, schema, partitions):
+    """A first layer nearly as wide as the table is the shape of a model built to memorize
+    rows: the owner reads the parameter count, the width against her row count, the batch
+    and the trim before she approves."""
+    site, session = federation.sites[0], federation.sessions()[0]
+    rows = len(partitions[0][0])
+    wide = _spec(schema, hidden=(rows, 8), batch_size=8, trim=0.0)
+    text = site.review(session.submit(wide)).plain_words()
+    assert f"first layer {rows} units for {rows:,} private training rows (WIDE" in text
+    assert "batch 8, trim 0" in text
+    normal = site.review(session.submit(_spec(schema))).plain_words()
+    assert "model shape: 1,837 parameters; first layer 32 units" in normal
+    assert "WIDE" not in normal
+
+
+def test_a_job_naming_columns_outside_the_published_schema_is_refused(federation, schema):
+    site, session = federation.sites[0], federation.sessions()[0]
+    spec = JobSpec(features=(*schema.features[:-1], "ssn"), label_column=schema.label)
+    rid = session.submit(spec)
+    assert "columns ['ssn'] are not in the published table's schema" in \
+        site.review(rid).plain_words()
+    with pytest.raises(PermissionError, match="not in the published table's schema"):
+        site.approve(rid)

@@ -1,0 +1,439 @@
+"""Bad input, table-driven: tables, options, configs and damaged site directories.
+
+Each case runs the real CLI (typer's runner in-process, a few as a real subprocess) and
+must give exit code 2 (1 where a log's chain is broken, as ``audit verify`` does), exactly
+one line on stderr naming the problem, no traceback and no password; a damaged site
+directory must be left byte for byte as it was. ``demo`` cases fail before any site is
+provisioned: they run with ``--keep-sites`` and no site directory may appear. ONE small
+site is provisioned for the module and copied per damaged case.
+"""
+
+from __future__ import annotations
+
+import gzip
+import hashlib
+import json
+import shutil
+import subprocess
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from types import SimpleNamespace
+
+import numpy as np
+import pandas as pd
+import pytest
+from typer.testing import CliRunner
+
+from datasites.cli import app
+
+BIN = Path(sys.executable).parent / "fedsyft"
+NAME = "bad-input-clinic"
+OWNER_PW = "owner-pass-5521"
+OFFICER_PW = "officer-pass-7730"
+ENV = {"FEDSYFT_OWNER_PASSWORD": OWNER_PW, "FEDSYFT_OFFICER_PASSWORD": OFFICER_PW}
+
+
+def _cli(args: list[str], env: dict[str, str | None] | None = None, input: str | None = None):
+    return CliRunner(mix_stderr=False).invoke(app, [str(a) for a in args],
+                                              env={**ENV, **(env or {})}, input=input)
+
+
+def _assert_one_line(code: int, stdout: str, stderr: str, expected: int, needle: str,
+                     secrets: tuple[str, ...] = ()) -> str:
+    assert code == expected, (code, stdout, stderr)
+    lines = stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), stderr
+    assert needle in lines[0], lines[0]
+    assert "Traceback" not in stdout + stderr
+    for secret in (OWNER_PW, OFFICER_PW, *secrets):
+        assert secret not in stdout + stderr
+    return lines[0]
+
+
+# ---- tables: `fedsyft demo --data FILE` ------------------------------------------------------
+def _frame(rows: int = 300, seed: int = 0) -> pd.DataFrame:
+    rng = np.random.default_rng(seed)
+    return pd.DataFrame({"f1": rng.normal(size=rows), "f2": rng.normal(size=rows),
+                         "f3": rng.normal(size=rows),
+                         "anomaly": (np.arange(rows) % 10 == 0).astype(int)})
+
+
+def _csv(frame: pd.DataFrame) -> Callable[[Path], Path]:
+    def write(tmp: Path) -> Path:
+        frame.to_csv(tmp / "t.csv", index=False)
+        return tmp / "t.csv"
+    return write
+
+
+def _text(text: str | bytes, name: str = "t.csv") -> Callable[[Path], Path]:
+    def write(tmp: Path) -> Path:
+        data = text.encode() if isinstance(text, str) else text
+        (tmp / name).write_bytes(data)
+        return tmp / name
+    return write
+
+
+def _with(**changes: object) -> pd.DataFrame:
+    frame = _frame()
+    for column, value in changes.items():
+        frame[column] = value
+    return frame
+
+
+def _one(column: str, value: object) -> pd.DataFrame:
+    frame = _frame().astype({column: object})
+    frame.loc[7, column] = value
+    return frame
+
+
+def _huge() -> pd.DataFrame:
+    frame = _frame()
+    frame.loc[3, "f2"] = 3e200
+    return frame
+
+
+def _wide(tmp: Path) -> Path:
+    cols = [f"c{i}" for i in range(10_001)]
+    pd.DataFrame(np.arange(3 * len(cols)).reshape(3, -1), columns=cols).to_csv(
+        tmp / "t.csv", index=False)
+    return tmp / "t.csv"
+
+
+def _gzip_truncated(tmp: Path) -> Path:
+    data = gzip.compress(_frame().to_csv(index=False).encode())
+    (tmp / "t.csv.gz").write_bytes(data[: len(data) // 2])
+    return tmp / "t.csv.gz"
+
+
+def _missing(tmp: Path) -> Path:
+    return tmp / "nowhere.csv"
+
+
+def _directory(tmp: Path) -> Path:
+    (tmp / "table.csv").mkdir()
+    return tmp / "table.csv"
+
+
+DUPLICATE = "f1,f2,f1,anomaly\n" + "".join(f"{i},{i % 7},{-i},{int(i % 10 == 0)}\n"
+                                           for i in range(300))
+
+# id -> (write the table, extra demo args, what the one line must say)
+TABLES: dict[str, tuple[Callable[[Path], Path], list[str], str]] = {
+    "missing-file": (_missing, [], "table file not found"),
+    "directory": (_directory, [], "is a directory, not a CSV file"),
+    "empty-file": (_text(""), [], "is empty"),
+    "header-only": (_text("f1,f2,anomaly\n"), [], "has no rows"),
+    "binary-garbage": (_text(bytes(range(256)) * 8), [], "not a readable CSV"),
+    "corrupt-gzip": (_text(b"\x1f\x8b\x08\x00garbage" * 50, "t.csv.gz"), [],
+                     "not a readable compressed CSV"),
+    "truncated-gzip": (_gzip_truncated, [], "not a readable compressed CSV"),
+    "non-numeric": (_csv(_with(f2=["a", "b", "c"] * 100)), [],
+                    "feature columns ['f2'] are not numeric"),
+    "constant": (_csv(_with(f3=1.5)), [], "feature columns ['f3'] are constant"),
+    "nan": (_csv(_one("f1", np.nan)), [], "first in column 'f1' at row 7"),
+    "inf": (_csv(_one("f3", np.inf)), [], "first in column 'f3' at row 7"),
+    "duplicate-columns": (_text(DUPLICATE), [], "duplicate column names ['f1']"),
+    "one-class-label": (_csv(_with(anomaly=0)), [], "label column 'anomaly' holds only 0"),
+    "label-not-binary": (_csv(_with(anomaly=[0, 2] * 150)), [], "must hold only 0 and 1"),
+    "label-nan": (_csv(_one("anomaly", np.nan)), [], "must hold only 0 and 1"),
+    "too-few-rows": (_csv(_frame(25)), [], "25 rows, fewer than the 3 sites need"),
+    "too-few-for-sites": (_csv(_frame(150)), ["--sites", "20"],
+                          "150 rows, fewer than the 20 sites need"),
+    "huge-values": (_csv(_huge()), [], "feature columns ['f2'] hold values above 1e+150"),
+    "very-wide": (_wide, [], "10,001 columns, more than the limit of 10,000"),
+    "wrong-label-name": (_csv(_frame()), ["--label-column", "target"],
+                         "label column 'target' not in"),
+    "semicolons": (_text("f1;f2;anomaly\n1;2;0\n3;4;1\n"), [], "label column 'anomaly' not in"),
+    "label-only": (_csv(_frame()[["anomaly"]]), [], "no feature columns besides the label"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(TABLES))
+def test_bad_table_is_one_line_before_any_site(case, tmp_path):
+    write, extra, needle = TABLES[case]
+    data, kept = write(tmp_path), tmp_path / "kept"
+    result = _cli(["demo", "--data", data, "--keep-sites", kept, "--rounds", "1", *extra])
+    _assert_one_line(result.exit_code, result.stdout, result.stderr, 2, needle)
+    assert not kept.exists() or not any(kept.iterdir()), "a site was provisioned"
+
+
+# ---- options: `fedsyft demo`, `fedsyft` ------------------------------------------------------
+def _options_cases() -> dict[str, tuple[list[str], str]]:
+    eps = ["--epsilon", "1"]
+    return {
+        "sites-0": (["--sites", "0"], "--sites: 0 is out of range (allowed: 2 to 20)"),
+        "sites-1": (["--sites", "1"], "--sites: 1 is out of range (allowed: 2 to 20)"),
+        "sites-negative": (["--sites", "-1"], "--sites: -1 is out of range"),
+        "sites-10000": (["--sites", "10000"], "--sites: 10000 is out of range"),
+        "sites-text": (["--sites", "three"], "--sites: 'three' is not a valid integer"),
+        "rounds-0": (["--rounds", "0"], "--rounds: 0 is out of range (allowed: 1 to 100)"),
+        "rounds-negative": (["--rounds", "-1"], "--rounds: -1 is out of range"),
+        "rounds-101": (["--rounds", "101"], "--rounds: 101 is out of range"),
+        "rounds-100000": (["--rounds", "100000"], "--rounds: 100000 is out of range"),
+        "epsilon-0": (["--epsilon", "0"], "--epsilon: 0.0 is out of range (allowed: above 0"),
+        "epsilon-negative": (["--epsilon", "-1"], "--epsilon: -1.0 is out of range"),
+        "epsilon-nan": (["--epsilon", "nan"], "--epsilon: nan is not a finite number (allowed"),
+        "epsilon-inf": (["--epsilon", "inf"], "--epsilon: inf is out of range"),
+        "epsilon-above-budget": (["--epsilon", "11"], "at most 10)"),
+        "delta-0": ([*eps, "--delta", "0"], "--delta: 0.0 is out of range"),
+        "delta-1": ([*eps, "--delta", "1"], "--delta: 1.0 is out of range"),
+        "delta-2": ([*eps, "--delta", "2"], "(allowed: above 0, at most 1e-05)"),
+        "delta-nan": ([*eps, "--delta", "nan"], "--delta: nan is not a finite number"),
+        "delta-without-epsilon": (["--delta", "1e-6"], "need --epsilon"),
+        "clip-0": ([*eps, "--clip", "0"], "--clip: 0.0 is out of range (allowed: above 0)"),
+        "clip-negative": ([*eps, "--clip", "-1"], "--clip: -1.0 is out of range"),
+        "clip-nan": ([*eps, "--clip", "nan"], "--clip: nan is not a finite number"),
+        "dp-sgd-without-epsilon": (["--dp-sgd"], "need --epsilon"),
+        "seed-negative": (["--seed", "-1"], "--seed: -1 is out of range (allowed: 0 to"),
+        "seed-2**70": (["--seed", str(2**70)], f"--seed: {2**70} is out of range"),
+        "aggregation-bogus": (["--aggregation", "bogus"],
+                              "--aggregation: 'bogus' is not a choice (allowed: plain, "
+                              "paillier, secagg)"),
+        "model-bogus": (["--model", "gan"], "--model: 'gan' is not a choice (allowed: ae)"),
+        "unknown-flag": (["--sitez", "3"], "no such option --sitez (did you mean --sites"),
+        "extra-argument": (["surplus"], "unexpected extra argument (surplus)"),
+        "report-is-directory": (["--report", "{tmp}"], "is a directory; give a file name"),
+        "report-under-a-file": (["--report", "{tmp}/file.txt/r.json"], "is not a directory"),
+        "keep-sites-not-empty": (["--keep-sites", "{tmp}"], "must be an empty or new directory"),
+        "keep-sites-a-file": (["--keep-sites", "{tmp}/file.txt"],
+                              "must be an empty or new directory"),
+        "label-column-missing": (["--data", "{tmp}/good.csv", "--label-column", "label"],
+                                 "label column 'label' not in"),
+        "label-column-no-value": (["--label-column"], "'--label-column' requires an argument"),
+    }
+
+
+OPTIONS = _options_cases()
+
+
+@pytest.mark.parametrize("case", sorted(OPTIONS))
+def test_bad_demo_option_names_the_flag_and_range(case, tmp_path):
+    args, needle = OPTIONS[case]
+    (tmp_path / "file.txt").write_text("x")
+    _frame().to_csv(tmp_path / "good.csv", index=False)
+    args = [a.replace("{tmp}", str(tmp_path)) for a in args]
+    result = _cli(["demo", *args])
+    _assert_one_line(result.exit_code, result.stdout, result.stderr, 2, needle)
+
+
+def test_root_errors_are_one_line():
+    for args, needle in ((["--bogus"], "no such option --bogus"),
+                         (["frobnicate"], "No such command 'frobnicate'")):
+        result = _cli(args)
+        _assert_one_line(result.exit_code, result.stdout, result.stderr, 2, needle)
+
+
+def test_a_weak_password_is_refused_and_never_shown(tmp_path):
+    weak = "abc"
+    result = _cli(["demo", "--keep-sites", tmp_path / "kept"],
+                  env={"FEDSYFT_OWNER_PASSWORD": weak})
+    line = _assert_one_line(result.exit_code, result.stdout, result.stderr, 2,
+                            "FEDSYFT_OWNER_PASSWORD")
+    assert f" {weak} " not in f" {line} " and not (tmp_path / "kept").exists()
+
+
+def test_cli_ranges_match_what_the_job_and_the_policy_accept():
+    from datasites import job_options as opts
+    from datasites.policy import DatasetPolicy
+    from fed_tasks.spec import JobSpec
+
+    policy = DatasetPolicy()
+    assert opts.SITES_MIN == policy.min_sites
+    assert opts.ROUNDS_MAX == policy.max_rounds <= _bound(JobSpec, "rounds", "le")
+    assert opts.ROUNDS_MIN == _bound(JobSpec, "rounds", "ge")
+    assert opts.EPSILON_MAX == policy.epsilon_budget and opts.DELTA_MAX == policy.max_delta
+    # the largest seed the CLI takes still seeds torch for the longest job
+    import torch
+
+    torch.Generator().manual_seed(opts.SEED_MAX * 100_003 + opts.ROUNDS_MAX)
+    np.random.default_rng(opts.SEED_MAX)
+
+
+def _bound(model: type, field: str, kind: str) -> object:
+    return next(getattr(m, kind) for m in model.model_fields[field].metadata if hasattr(m, kind))
+
+
+# ---- damaged site directories and bad owner / officer input ---------------------------------
+@pytest.fixture(scope="module")
+def clinic(partitions, schema, tmp_path_factory):
+    """One provisioned, then closed, site with one pending request."""
+    from datasites.accounts import Account, Role
+    from datasites.datasite import Datasite
+    from datasites.federation_config import ensure_signing_key, write_config
+    from datasites.scientist import ScientistSession
+    from fed_tasks.spec import JobSpec
+
+    directory = tmp_path_factory.mktemp("bad-input") / NAME
+    scientist = Account("ds@uni.org", Role.DATA_SCIENTIST, "scientist-pass-17")
+    train, test = partitions[0]
+    site = Datasite.provision(NAME, directory, train=train, test=test, schema=schema,
+                              scientist=scientist, owner_password=OWNER_PW,
+                              officer_password=OFFICER_PW)
+    admin_pw = site.accounts[Role.ADMIN].password
+    write_config(directory, {"sites": {NAME: ensure_signing_key(directory)}, "max_sites": 1,
+                             "min_sites": 2, "paillier_public_key": None,
+                             "key_authority": None})
+    session = ScientistSession(site.login(scientist.email, scientist.password))
+    session.submit(JobSpec(features=schema.features, label_column=schema.label, rounds=1))
+    site.requests()
+    site.close()
+    return SimpleNamespace(dir=directory, secrets=(admin_pw, scientist.password))
+
+
+def _digests(root: Path) -> dict[str, str]:
+    """sha256 of every file under ``root`` (the lock file is the OS's, not the site's)."""
+    if not root.is_dir():
+        return {"": hashlib.sha256(root.read_bytes()).hexdigest()} if root.is_file() else {}
+    return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in sorted(root.rglob("*")) if p.is_file() and p.name != "site.lock"}
+
+
+def _edit_entry(d: Path) -> None:
+    lines = (d / "audit.jsonl").read_bytes().splitlines(keepends=True)
+    entry = json.loads(lines[2])
+    entry["actor"] = "mallory@evil.org"
+    lines[2] = (json.dumps(entry, sort_keys=True, separators=(",", ":")) + "\n").encode()
+    (d / "audit.jsonl").write_bytes(b"".join(lines))
+
+
+def _truncate_log(d: Path) -> None:
+    data = (d / "audit.jsonl").read_bytes()
+    (d / "audit.jsonl").write_bytes(data[: len(data) - 40])
+
+
+def _write(name: str, data: str) -> Callable[[Path], None]:
+    return lambda d: (d / name).write_text(data)
+
+
+def _delete(name: str) -> Callable[[Path], None]:
+    return lambda d: (d / name).unlink()
+
+
+def _empty(d: Path) -> None:
+    shutil.rmtree(d)
+    d.mkdir()
+
+
+def _to_file(d: Path) -> None:
+    shutil.rmtree(d)
+    d.write_text("not a directory")
+
+
+def _gone(d: Path) -> None:
+    shutil.rmtree(d)
+
+
+@dataclass(frozen=True)
+class SiteCase:
+    args: list[str]  # {site} is the damaged copy, {tmp} the test's directory
+    needle: str
+    damage: Callable[[Path], None] | None = None
+    code: int = 2
+    env: dict[str, str | None] | None = None
+    unchanged: bool = True  # False: a wrong password is logged in the audit log, by design
+
+
+LIST = ["requests", "list", "--site", "{site}"]
+AUDIT_REQ = ["audit", "requests", "--site", "{site}"]
+VERIFY = ["audit", "verify", "--site", "{site}"]
+EXPORT = ["audit", "export", "--site", "{site}", "--format", "json"]
+SITES: dict[str, SiteCase] = {
+    "site-missing": SiteCase(LIST, "does not exist", _gone),
+    "site-empty-dir": SiteCase(LIST, "not a fedsyft site directory", _empty),
+    "site-is-a-file": SiteCase(LIST, "is a file, not a site directory", _to_file),
+    "site-is-a-file-officer": SiteCase(VERIFY, "is a file, not a site directory", _to_file),
+    "site-json-missing": SiteCase(LIST, "not a fedsyft site directory", _delete("site.json")),
+    "site-json-corrupt": SiteCase(LIST, "site.json is unreadable",
+                                  _write("site.json", "{not json")),
+    "site-json-wrong-format": SiteCase(LIST, "site.json is not a fedsyft-site/1 file",
+                                       _write("site.json", '{"format": "other/9"}')),
+    "site-json-a-list": SiteCase(LIST, "site.json is not a fedsyft-site/1 file",
+                                 _write("site.json", "[1, 2]")),
+    "officer-json-corrupt": SiteCase(AUDIT_REQ, "officer.json",
+                                     _write("officer.json", "{broken")),
+    "officer-json-missing": SiteCase(AUDIT_REQ, "has no compliance officer",
+                                     _delete("officer.json")),
+    "log-edited-owner": SiteCase(LIST, "audit log is corrupt, refusing to open the site",
+                                 _edit_entry),
+    "log-edited-officer": SiteCase(AUDIT_REQ, "is BROKEN at entry", _edit_entry, code=1),
+    "log-truncated-owner": SiteCase(LIST, "audit log is corrupt", _truncate_log),
+    "log-truncated-officer": SiteCase(AUDIT_REQ, "torn write at the end of the log",
+                                      _truncate_log, code=1),
+    "head-deleted-owner": SiteCase(LIST, "audit log is corrupt", _delete("audit.head.json")),
+    "head-deleted-officer": SiteCase(AUDIT_REQ, "is BROKEN", _delete("audit.head.json"),
+                                     code=1),
+    "log-deleted-verify": SiteCase(VERIFY, "audit.jsonl does not exist", _delete("audit.jsonl"),
+                                   code=1),
+    "no-audit-log-verify": SiteCase(VERIFY, "holds no fedsyft audit log", _empty),
+    "public-key-not-a-key": SiteCase([*VERIFY, "--public-key", "{tmp}/file.txt"],
+                                     "not a valid Ed25519 public key"),
+    "public-key-missing": SiteCase([*VERIFY, "--public-key", "{tmp}/none.pem"],
+                                   "cannot read public key file"),
+    "officer-public-key-not-a-key": SiteCase([*AUDIT_REQ, "--public-key", "{tmp}/file.txt"],
+                                             "not a valid Ed25519 public key"),
+    "receipts-garbage": SiteCase([*VERIFY, "--receipts", "{tmp}/file.txt"],
+                                 "file.txt line 1 is not valid JSON"),
+    "wrong-owner-password": SiteCase(LIST, "wrong email or password",
+                                     env={"FEDSYFT_OWNER_PASSWORD": "not-the-owner-pass-1"},
+                                     unchanged=False),
+    "wrong-officer-password": SiteCase(AUDIT_REQ, "wrong email or password",
+                                       env={"FEDSYFT_OFFICER_PASSWORD": "not-the-officer-2"},
+                                       unchanged=False),
+    "no-owner-password": SiteCase(LIST, "no password for data owner",
+                                  env={"FEDSYFT_OWNER_PASSWORD": None}),
+    "unknown-request": SiteCase(["requests", "show", "ffff0000", "--site", "{site}"],
+                                "no request 'ffff0000'", unchanged=False),
+    "deny-without-reason": SiteCase(["requests", "deny", "ffff0000", "--site", "{site}"],
+                                    "missing option --reason"),
+    "list-without-site": SiteCase(["requests", "list"], "missing option --site"),
+    "since-after-until": SiteCase([*AUDIT_REQ, "--since", "2025-02-01T00:00:00+00:00",
+                                   "--until", "2025-01-01T00:00:00+00:00"],
+                                  "--since 2025-02-01T00:00:00+00:00 is not before --until"),
+    "since-not-a-time": SiteCase([*AUDIT_REQ, "--since", "yesterday"],
+                                 "--since 'yesterday' is not an ISO-8601 time"),
+    "until-no-timezone": SiteCase([*AUDIT_REQ, "--until", "2025-01-01T00:00:00"],
+                                  "--until 2025-01-01T00:00:00 has no timezone"),
+    "export-bad-format": SiteCase(["audit", "export", "--site", "{site}", "--format", "xml",
+                                   "--out", "{tmp}/a.xml"], "unknown format 'xml'"),
+    "export-out-missing-dir": SiteCase([*EXPORT, "--out", "{tmp}/no/such/a.json"],
+                                       "does not exist"),
+    "export-out-a-directory": SiteCase([*EXPORT, "--out", "{tmp}"], "is a directory"),
+    "export-out-under-a-file": SiteCase([*EXPORT, "--out", "{tmp}/file.txt/a.json"],
+                                        "is not a directory"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SITES))
+def test_damaged_site_or_bad_owner_input_is_one_line(case, clinic, tmp_path):
+    spec = SITES[case]
+    site = tmp_path / "site"
+    shutil.copytree(clinic.dir, site, ignore=shutil.ignore_patterns("site.lock"))
+    (tmp_path / "file.txt").write_text("not a key, not a receipt\n")
+    if spec.damage is not None:
+        spec.damage(site)
+    before = _digests(site)
+    args = [a.replace("{site}", str(site)).replace("{tmp}", str(tmp_path)) for a in spec.args]
+    result = _cli(args, env=spec.env, input="")
+    _assert_one_line(result.exit_code, result.stdout, result.stderr, spec.code, spec.needle,
+                     clinic.secrets)
+    if spec.unchanged:
+        assert _digests(site) == before, "the command changed the site directory"
+
+
+# ---- the same, as a user runs it: a real subprocess ------------------------------------------
+PROCESS = {
+    "sites-1": (["demo", "--sites", "1"], "--sites: 1 is out of range (allowed: 2 to 20)"),
+    "epsilon-nan": (["demo", "--epsilon", "nan"], "--epsilon: nan is not a finite number"),
+    "root-unknown-flag": (["--bogus"], "no such option --bogus"),
+    "since-after-until": (["audit", "requests", "--site", "x", "--since", "2025-02-01T00:00Z",
+                           "--until", "2025-01-01T00:00Z"], "is not before --until"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(PROCESS))
+def test_bad_input_in_a_real_process(case):
+    args, needle = PROCESS[case]
+    proc = subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=120)
+    _assert_one_line(proc.returncode, proc.stdout, proc.stderr, 2, needle)
