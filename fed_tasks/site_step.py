@@ -8,6 +8,7 @@ count) under key ``"vector"``, or metrics. The site wrapper in ``datasites`` dec
 
 from __future__ import annotations
 
+import functools
 from dataclasses import dataclass
 from typing import Any
 
@@ -96,8 +97,12 @@ def evaluate(spec: JobSpec, test: pd.DataFrame, given: StepInput) -> dict[str, A
     return {**metrics, "n_test": int(len(test))}
 
 
+@functools.lru_cache(maxsize=256)
 def vector_length(spec: JobSpec, action: str) -> int:
-    """Length of the summed vector of ``action`` (for checks on every side)."""
+    """Length of the summed vector of ``action`` (for checks on every side).
+
+    Cached per (frozen) spec: sites, orchestrator and policy ask on every call, and the
+    answer otherwise builds a whole torch model each time."""
     if action == "stats":
         return 1 + 2 * len(spec.features)
     return new_model(spec).n_params + 2
