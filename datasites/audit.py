@@ -140,6 +140,10 @@ class Action(StrEnum):
     - site_state_rebuilt  params: {"files", "problems", "ledger", "policies"} (the data owner
                           rebuilt privacy_ledger.json / policy.json from this log, see
                           `datasites.ledger_check`)
+    - server_started      params: {"url", "pid", "previous_stop": "first" | "clean" |
+                          "unclean" (the last server process died without stopping, e.g. a
+                          kill -9 or a power cut)} (a hosted site, `fedsyft up`)
+    - server_stopped      params: {"url", "pid"} (a clean stop, `fedsyft down`)
     """
 
     SITE_PROVISIONED = "site_provisioned"
@@ -166,6 +170,8 @@ class Action(StrEnum):
     AUDIT_RECOVERED = "audit_recovered"
     FILE_MODES_REPAIRED = "file_modes_repaired"
     SITE_STATE_REBUILT = "site_state_rebuilt"
+    SERVER_STARTED = "server_started"
+    SERVER_STOPPED = "server_stopped"
 
 
 ROLES: frozenset[str] = frozenset(r.value for r in Role)

@@ -6,6 +6,8 @@ import logging
 import os
 import shutil
 import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -73,6 +75,8 @@ _AUDIT_ROLES = {Role.ADMIN: AuditRole.SYSTEM, Role.DATA_OWNER: AuditRole.DATA_OW
                 Role.DATA_SCIENTIST: AuditRole.DATA_SCIENTIST,
                 Role.COMPLIANCE_OFFICER: AuditRole.COMPLIANCE_OFFICER}
 SYSTEM_ACTOR = "fedsyft"  # the site software itself, in audit entries
+#: the operator of a hosted site between owner actions: it may decide nothing
+HOST_OPERATOR = Account(SYSTEM_ACTOR, Role.ADMIN, "")
 # The file-mode sweep leaves the audit signing key alone: AuditLog creates it 0600 and
 # refuses to sign with it if others could read it (a human must decide about rotation).
 _SWEEP_KEEP = frozenset({AUDIT_KEY_NAME})
@@ -120,6 +124,7 @@ class Datasite:
         self._users = UserRegistry(directory)  # the syft accounts as last seen (users.json)
         self._users_lock = threading.Lock()
         self._observe_lock = threading.Lock()  # the watcher and the owner both observe
+        self._acting_lock = threading.RLock()  # one owner action at a time (hosted sites)
         self._watch_stop = threading.Event()
         self._watcher: threading.Thread | None = None
         #: what ``open(..., repair=True)`` rebuilt, per file name (empty: nothing)
@@ -393,7 +398,44 @@ class Datasite:
 
     # ---- restart --------------------------------------------------------------------------
     @classmethod
-    def open(cls, directory: str | Path, email: str, password: str, *,
+    def host(cls, directory: str | Path) -> Datasite:
+        """Open a provisioned site to serve it (``fedsyft up``): no operator is logged in.
+
+        Every owner action on a hosted site goes through :meth:`acting_as` with the owner's
+        own credentials; until then, the site only answers syft's users and runs approved
+        calls. Damaged ledger or policy files refuse the start (``fedsyft site repair``).
+        """
+        return cls.open(directory, None, None)
+
+    @contextmanager
+    def acting_as(self, email: str, password: str, what: str) -> Iterator[Datasite]:
+        """This site with ``email`` as its operator for one owner action (hosted sites).
+
+        The credentials are checked against syft's own accounts (a failure is logged as
+        ``login_failed``); only the data owner or admin may act, and one action runs at a
+        time."""
+        with self._acting_lock:
+            previous = self.operator, self._owner_client
+            try:
+                self.operator, self._owner_client = self._authenticate(email, password, what)
+                yield self
+            finally:
+                self.operator, self._owner_client = previous
+
+    def _authenticate(self, email: str, password: str, what: str) -> tuple[Account, Any]:
+        """(operator account, syft client) for a data owner or admin of this site."""
+        client = self.login(email, password)
+        with quiet():
+            syft_role = client.account.role
+        role = {ServiceRole.DATA_OWNER: Role.DATA_OWNER,
+                ServiceRole.ADMIN: Role.ADMIN}.get(syft_role)
+        if role is None:
+            self._refuse(what, f"{email!r} is not a data owner or admin of site {self.name!r}",
+                         actor=Account(email, Role.DATA_SCIENTIST, ""))
+        return Account(email, role, password), client
+
+    @classmethod
+    def open(cls, directory: str | Path, email: str | None, password: str | None, *,
              repair: bool = False) -> Datasite:
         """Reopen a provisioned site from its directory (after a restart), as ``email``.
 
@@ -439,18 +481,14 @@ class Datasite:
                                   reset=False)
             accounts = {Role(r): Account(e, Role(r), "", "") for r, e in info.accounts.items()
                         if r in Role.__members__.values()}
-            site = cls(info.name, info.directory, server, accounts, guard,
-                       operator=Account(email, Role.DATA_OWNER, password), lock=lock)
-            client = site.login(email, password)
-            with quiet():
-                syft_role = client.account.role
-            role = {ServiceRole.DATA_OWNER: Role.DATA_OWNER,
-                    ServiceRole.ADMIN: Role.ADMIN}.get(syft_role)
-            if role is None:
-                site._refuse("open the site", f"{email!r} is not a data owner or admin of "
-                             f"site {info.name!r}", actor=Account(email, Role.DATA_SCIENTIST, ""))
-            site.operator = Account(email, role, password)
-            site._owner_client = client
+            if email is None:  # hosted: owner actions arrive later, each with its login
+                site = cls(info.name, info.directory, server, accounts, guard,
+                           operator=HOST_OPERATOR, lock=lock)
+            else:
+                site = cls(info.name, info.directory, server, accounts, guard,
+                           operator=Account(email, Role.DATA_OWNER, password), lock=lock)
+                site.operator, site._owner_client = site._authenticate(email, password,
+                                                                       "open the site")
             if repair:
                 site._repair_files()
             site.observe_accounts()

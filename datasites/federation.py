@@ -24,7 +24,7 @@ from fed_tasks.spec import JobSpec
 KEY_AUTHORITY = "key-authority"  # the authority's site name (and directory) in a federation
 
 
-def _configure(sites: list[Datasite], authority: KeyAuthoritySite | None,
+def configure_members(sites: list[Datasite], authority: KeyAuthoritySite | None,
                min_sites: int) -> None:
     """What the owners agree on out of band: members, their signing keys, the authority's
     public key, and the smallest aggregate the authority will ever decrypt."""
@@ -94,7 +94,7 @@ class Federation:
                     authority_name, root_path / authority_name, scientist, key_bits,
                     owner_password=chosen.get("owner"), officer_password=chosen.get("officer"),
                     commit=False)
-            _configure(sites, authority, min_sites)
+            configure_members(sites, authority, min_sites)
             # every member is complete (config included): only now do they move into place
             sites = [site.commit() for site in sites]
             authority = authority.commit() if authority else None

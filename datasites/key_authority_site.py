@@ -52,6 +52,7 @@ class KeyAuthoritySite(Datasite):
     def provision_authority(cls, name: str, directory: str | Path, scientist: Account,
                             key_bits: int = 2048, *, owner_password: str | None = None,
                             officer_password: str | None = None,
+                            owner_email: str | None = None, officer_email: str | None = None,
                             commit: bool = True) -> KeyAuthoritySite:
         """Provision the authority; its private key is stored before it is moved into place
         (``commit=False``: the caller commits, e.g. after writing the federation config)."""
@@ -59,10 +60,10 @@ class KeyAuthoritySite(Datasite):
         fp = fingerprint(public)
         private = {KEYRING: pd.DataFrame({"key_fingerprint": [fp]})}
         mocks = {KEYRING: pd.DataFrame({"key_fingerprint": ["mock"]})}
-        site = cls._provision(name, directory, scientist, None, private, mocks,
+        site = cls._provision(name, directory, scientist, owner_email, private, mocks,
                               f"Key authority {name}: decrypts only checked sums.",
                               owner_password=owner_password, officer_password=officer_password,
-                              commit=False)
+                              officer_email=officer_email, commit=False)
         try:
             store_paillier_key(site.directory, private_key)
         except BaseException:

@@ -99,6 +99,18 @@ class ScientistSession:
                                f"{syft_message(req)}")
         return req.id.no_dash
 
+    def request_status(self, spec: JobSpec) -> str:
+        """This site's decision on the scientist's request for ``spec``: ``approved``,
+        ``pending``, ``denied``, or ``missing`` (never submitted here)."""
+        name = job_code.function_name(spec.job_id, self.kind)
+        with quiet():
+            found = [r for r in self.client.requests
+                     if getattr(r.code, "service_func_name", None) == name]
+            if not found:
+                return "missing"
+            status = str(found[-1].status.name).lower()
+        return {"rejected": "denied"}.get(status, status)
+
     def connection(self, spec: JobSpec) -> SyftJobConnection:
         return SyftJobConnection(self, spec)
 

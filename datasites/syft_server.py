@@ -30,8 +30,8 @@ from syft.store.blob_storage.on_disk import (  # noqa: E402
 from syft.types.errors import SyftException  # noqa: E402
 from syft.types.uid import UID  # noqa: E402
 
-__all__ = ["sy", "ServiceRole", "SyftException", "start_server", "login", "syft_message",
-           "watch_refusals"]
+__all__ = ["sy", "ServiceRole", "SyftException", "start_server", "login", "login_http",
+           "http_app", "syft_message", "watch_refusals"]
 
 
 def _key(directory: Path) -> SyftSigningKey:
@@ -97,6 +97,49 @@ def login(server: Any, email: str, password: str, site: str) -> Any:
             detail = "wrong email or password"
         raise AuthenticationError(
             f"cannot log in to site {site!r} as {email!r}: {detail}") from None
+
+
+def login_http(host: str, port: int, email: str, password: str, site: str) -> Any:
+    """A client of a datasite served over HTTP (``fedsyft up``), logged in with syft's own
+    ``sy.login``; :class:`AuthenticationError` for wrong credentials or a site that does not
+    answer, naming the site and its URL."""
+    url = f"http://{host}"
+    try:
+        with quiet():
+            return sy.login(url=url, port=port, email=email, password=_plain(password),
+                            cache=False)
+    except SyftException as exc:
+        detail = syft_message(exc)
+        if detail in ("Item not found.", "Invalid credentials."):
+            detail = "wrong email or password"
+        raise AuthenticationError(f"cannot log in to site {site!r} at {url}:{port} as "
+                                  f"{email!r}: {detail}") from None
+    except Exception as exc:  # noqa: BLE001 - requests' errors: the site is not answering
+        raise AuthenticationError(f"site {site!r} at {url}:{port} does not answer "
+                                  f"({type(exc).__name__}); is it up? (fedsyft status)"
+                                  ) from None
+
+
+def http_app(server: Any, routers: dict[str, Any], on_shutdown: Callable[[], None]) -> Any:
+    """The FastAPI app a hosted datasite serves: syft's own routes under ``/api/v2`` (what
+    ``sy.login`` speaks) plus fedsyft's ``routers`` (prefix → APIRouter)."""
+    from contextlib import asynccontextmanager
+
+    from fastapi import FastAPI
+    from syft.server.routes import make_routes
+
+    @asynccontextmanager
+    async def lifespan(app: Any) -> Any:
+        try:
+            yield
+        finally:
+            on_shutdown()
+
+    app = FastAPI(title=str(server.name), lifespan=lifespan)
+    app.include_router(make_routes(worker=server), prefix="/api/v2")
+    for prefix, router in routers.items():
+        app.include_router(router, prefix=prefix)
+    return app
 
 
 def _plain(password: str) -> str:

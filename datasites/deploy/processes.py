@@ -1,0 +1,184 @@
+"""Starting, stopping and asking after the hosted datasites' server processes.
+
+Each server is detached (its own session, so closing the terminal does not stop it) and
+keeps its pid file and log in its own directory; the log is appended to, never reset.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from datasites.deploy.config import MemberConfig
+from datasites.deploy.serve import LOG_FILE, PID_FILE
+from datasites.site_files import open_private
+
+START_TIMEOUT_S = 180.0  # importing syft and opening the store: ~10-20 s on 2 cores
+STOP_TIMEOUT_S = 30.0
+
+
+class ServerError(RuntimeError):
+    """A server that cannot be started, reached or stopped; one line naming the site."""
+
+
+@dataclass(frozen=True)
+class ServerState:
+    name: str
+    url: str
+    pid: int | None
+    up: bool
+    health: dict[str, Any] | None = None
+    problem: str = ""
+
+
+def get_json(url: str, timeout: float = 5.0) -> dict[str, Any]:
+    with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 - loopback
+        return json.loads(resp.read())
+
+
+def post_json(url: str, body: dict[str, Any], timeout: float = 120.0) -> dict[str, Any]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), method="POST",
+                                     headers={"Content-Type": "application/json"})
+    with urllib.request.urlopen(request, timeout=timeout) as resp:  # noqa: S310 - loopback
+        return json.loads(resp.read())
+
+
+def health(member: MemberConfig, timeout: float = 5.0) -> dict[str, Any] | None:
+    """The server's health answer, or None if nothing (or something else) answers."""
+    try:
+        doc = get_json(f"{member.url}/fedsyft/v1/health", timeout)
+    except (OSError, urllib.error.URLError, ValueError):
+        return None
+    return doc if isinstance(doc, dict) and doc.get("site") == member.name else None
+
+
+def _pid(directory: Path) -> int | None:
+    try:
+        return int((directory / PID_FILE).read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int | None) -> bool:
+    if pid is None:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def port_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+def state(member: MemberConfig) -> ServerState:
+    pid = _pid(member.directory)
+    answer = health(member)
+    if answer is not None:
+        return ServerState(member.name, member.url, int(answer.get("pid") or 0) or pid, True,
+                           answer)
+    problem = "not running" if not _alive(pid) else f"process {pid} does not answer"
+    return ServerState(member.name, member.url, pid if _alive(pid) else None, False,
+                       problem=problem)
+
+
+def _log_tail(directory: Path, since: int) -> str:
+    """The last meaningful line the server logged since byte ``since``."""
+    try:
+        with open(directory / LOG_FILE, "rb") as fh:
+            fh.seek(since)
+            lines = [ln.strip() for ln in fh.read().decode(errors="replace").splitlines()
+                     if ln.strip()]
+    except OSError:
+        return "no log"
+    errors = [ln for ln in lines if "Error" in ln or "error" in ln]
+    return (errors or lines or ["no output"])[-1][:400]
+
+
+def start(member: MemberConfig, timeout: float = START_TIMEOUT_S) -> ServerState:
+    """Start the member's server unless it already answers; returns once it answers."""
+    current = state(member)
+    if current.up:
+        return current
+    if current.pid is not None:
+        raise ServerError(f"site {member.name!r}: process {current.pid} holds its directory "
+                          f"but does not answer at {member.url}; stop it first "
+                          "(fedsyft down)")
+    if not port_free(member.host, member.port):
+        raise ServerError(f"site {member.name!r}: port {member.port} on {member.host} is "
+                          "already in use by another program (choose another port in the "
+                          "config)")
+    log_path = member.directory / LOG_FILE
+    log_fd = open_private(log_path, os.O_WRONLY | os.O_CREAT | os.O_APPEND)
+    since = os.lseek(log_fd, 0, os.SEEK_END)
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    for name in [n for n in env if n.startswith("FEDSYFT_") and "PASSWORD" in n]:
+        del env[name]  # the server never holds anyone's password
+    try:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "datasites.deploy.serve", str(member.directory),
+             "--host", member.host, "--port", str(member.port)],
+            stdin=subprocess.DEVNULL, stdout=log_fd, stderr=log_fd, env=env,
+            start_new_session=True, cwd=member.directory)
+    finally:
+        os.close(log_fd)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise ServerError(f"site {member.name!r} did not start: "
+                              f"{_log_tail(member.directory, since)} (see {log_path})")
+        answer = health(member, timeout=2.0)
+        if answer is not None:
+            return ServerState(member.name, member.url, proc.pid, True, answer)
+        time.sleep(0.3)
+    proc.terminate()
+    raise ServerError(f"site {member.name!r} did not answer at {member.url} within "
+                      f"{timeout:.0f} s (see {log_path})")
+
+
+def stop(member: MemberConfig, timeout: float = STOP_TIMEOUT_S) -> bool:
+    """Stop the member's server cleanly (SIGTERM, then SIGKILL after ``timeout``); returns
+    whether one was running."""
+    pid = _pid(member.directory)
+    if not _alive(pid):
+        (member.directory / PID_FILE).unlink(missing_ok=True) if pid else None
+        return False
+    assert pid is not None
+    os.kill(pid, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if not _alive(pid):
+            return True
+        _reap(pid)
+        time.sleep(0.2)
+    os.kill(pid, signal.SIGKILL)
+    raise ServerError(f"site {member.name!r}: process {pid} did not stop within "
+                      f"{timeout:.0f} s and was killed")
+
+
+def _reap(pid: int) -> None:
+    """Collect a server that was this process's child (tests start and stop them)."""
+    try:
+        os.waitpid(pid, os.WNOHANG)
+    except ChildProcessError:
+        pass

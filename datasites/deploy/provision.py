@@ -1,0 +1,130 @@
+"""First start of a federation from its ``federation.toml``: every member provisioned.
+
+Members are provisioned together because each site's ``federation.json`` names every
+member's signing key (what the owners agree on out of band, see ``federation.py``). The
+build is all-or-nothing, as for the demo: staging directories, moved into place only when
+every member is complete.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import pandas as pd
+
+from datasites.accounts import Account, Role
+from datasites.datasite import Datasite
+from datasites.deploy.config import ConfigError, FederationFile, SiteConfig, password_for
+from datasites.errors import ProvisioningError
+from datasites.federation import configure_members
+from datasites.key_authority_site import KeyAuthoritySite
+from datasites.partition import train_test_split
+from datasites.site_files import SiteDirectoryError, read_site_info
+from datasites.tables import FederationSchema, TableError, read_table, validate
+
+
+def is_provisioned(directory: Path) -> bool:
+    try:
+        read_site_info(directory)
+    except SiteDirectoryError:
+        return False
+    return True
+
+
+def site_tables(cfg: FederationFile) -> tuple[FederationSchema, dict[str, tuple[pd.DataFrame,
+                                                                             pd.DataFrame]]]:
+    """Each site's table, checked against the federation's schema (the first site's header),
+    then split into train and test with the federation's seed."""
+    schema: FederationSchema | None = None
+    splits = {}
+    for i, site in enumerate(cfg.site):
+        frame = _read(site)
+        if schema is None:
+            schema = FederationSchema(tuple(str(c) for c in frame.columns
+                                            if c != site.label_column), site.label_column)
+        elif [c for c in frame.columns if c != site.label_column] != list(schema.features):
+            raise ConfigError(f"site {site.name!r}: data file {site.data} has columns "
+                              f"{list(frame.columns)}, not those of site "
+                              f"{cfg.site[0].name!r} ({[*schema.features, schema.label]})")
+        validate(frame, schema, where=f"site {site.name!r} data file {site.data}", min_rows=3)
+        splits[site.name] = train_test_split(frame, site.test_fraction,
+                                             seed=cfg.federation.seed + i,
+                                             label=site.label_column)
+    assert schema is not None
+    return schema, splits
+
+
+def _read(site: SiteConfig) -> pd.DataFrame:
+    try:
+        frame = read_table(site.data)
+    except TableError as exc:
+        raise ConfigError(f"site {site.name!r}: {exc}") from None
+    if site.label_column not in frame.columns:
+        raise ConfigError(f"site {site.name!r}: data file {site.data} has no label column "
+                          f"{site.label_column!r} (label_column in the config)")
+    return frame
+
+
+def provision(cfg: FederationFile) -> list[str]:
+    """Provision every member of ``cfg`` that has no site yet; returns their names.
+
+    Either no member is provisioned yet (first start: all are), or all are (nothing to do).
+    A federation half-provisioned by hand is refused: joining a new member to running ones
+    would change every member's federation facts, which this version does not do."""
+    done = {m.name: is_provisioned(m.directory) for m in cfg.members}
+    if all(done.values()):
+        return []
+    if any(done.values()):
+        missing = [n for n, ok in done.items() if not ok]
+        raise ProvisioningError(
+            f"{cfg.path}: members {missing} have no site yet while the others do; a member "
+            "cannot join a provisioned federation (start a new federation, or restore its "
+            "directory)")
+    for m in cfg.members:
+        if m.store != "sqlite":
+            raise ConfigError(f"{cfg.path}: site {m.name!r}: store {m.store.split('://')[0]}:// "
+                              "is not supported yet")
+        if m.directory.exists() and any(m.directory.iterdir()):
+            raise ConfigError(f"{cfg.path}: site {m.name!r}: directory {m.directory} is not "
+                              "empty and holds no fedsyft site")
+    schema, splits = site_tables(cfg)
+    scientist = Account(cfg.federation.scientist, Role.DATA_SCIENTIST,
+                        password_for("scientist"), "Data scientist")
+    passwords = {m.name: (password_for("owner", m.name), password_for("officer", m.name))
+                 for m in cfg.members}
+    sites: list[Datasite] = []
+    authority: KeyAuthoritySite | None = None
+    try:
+        for s in cfg.site:
+            train, test = splits[s.name]
+            s.directory.parent.mkdir(parents=True, exist_ok=True)
+            owner, officer = passwords[s.name]
+            sites.append(Datasite.provision(
+                s.name, s.directory, train=train, test=test, schema=schema,
+                scientist=scientist, owner_email=s.owner, owner_password=owner,
+                officer_email=s.officer, officer_password=officer, commit=False))
+        ka = cfg.key_authority
+        if ka is not None:
+            ka.directory.parent.mkdir(parents=True, exist_ok=True)
+            owner, officer = passwords[ka.name]
+            authority = KeyAuthoritySite.provision_authority(
+                ka.name, ka.directory, scientist, ka.key_bits, owner_email=ka.owner,
+                owner_password=owner, officer_email=ka.officer, officer_password=officer,
+                commit=False)
+        configure_members(sites, authority, cfg.federation.min_sites)
+        committed = [site.commit() for site in sites]
+        sites = []
+        for site in committed:
+            site.close()
+        if authority is not None:
+            authority.commit().close()
+            authority = None
+    except BaseException:
+        for site in [*sites, *([authority] if authority else [])]:
+            site.discard()
+        for m in cfg.members:  # a member committed before the failure is removed too
+            if m.directory.exists() and not done[m.name]:
+                shutil.rmtree(m.directory, ignore_errors=True)
+        raise
+    return [m.name for m in cfg.members]
