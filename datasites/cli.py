@@ -345,7 +345,10 @@ app.add_typer(requests_app, name="requests")
 app.add_typer(audit_app, name="audit")
 app.add_typer(site_app, name="site")
 
-SITE = typer.Option(..., "--site", help="The site's directory (e.g. from demo --keep-sites).")
+SITE = typer.Option(..., "--site", help="The site's directory (e.g. from demo --keep-sites), "
+                                        "or with --config the site's name.")
+CONFIG_OPT = typer.Option(None, "--config", help="A running federation's federation.toml: "
+                                                 "act on the site's server.")
 OWNER = typer.Option(None, "--owner", help="Data owner's email [default: from site.json].")
 OFFICER = typer.Option(None, "--officer", help="Officer's email [default: from officer.json].")
 PUBLIC_KEY = typer.Option(None, "--public-key", help="The site's audit public key (PEM), "
@@ -424,8 +427,19 @@ class _OpenSite:
             self.site.close()
 
 
-def _owner_action(site_dir: Path, owner: str | None, action: Any) -> None:
-    """Run ``action(site)`` on the reopened site; owner-side errors exit 2 in one line."""
+def _owner_action(site_dir: Path, owner: str | None, action: Any,
+                  config: Path | None = None) -> None:
+    """Run ``action(site)`` on the reopened site, or with ``config`` on the site's running
+    server (``--site`` is then the site's name); owner-side errors exit 2 in one line."""
+    if config is not None:
+        from datasites.deploy.commands import owner_client
+
+        site = owner_client(config, str(site_dir), owner)
+        try:
+            action(site)
+        except (PermissionError, LookupError, ValueError, RuntimeError) as exc:
+            raise _fail(exc) from None
+        return
     with _OpenSite(site_dir, owner) as site:
         try:
             action(site)
@@ -434,7 +448,7 @@ def _owner_action(site_dir: Path, owner: str | None, action: Any) -> None:
 
 
 @requests_app.command("list")
-def requests_list(site: Path = SITE, owner: str = OWNER) -> None:
+def requests_list(site: Path = SITE, owner: str = OWNER, config: Path = CONFIG_OPT) -> None:
     """Every request at the site: id, job, requester, status."""
     def show(ds: Any) -> None:
         rows = ds.requests()
@@ -447,12 +461,12 @@ def requests_list(site: Path = SITE, owner: str = OWNER) -> None:
             job = r.job_id or f"(not a fedsyft job: {r.function})"
             _say(f"{r.request_id:<32}  {r.status:<8}  {job:<8}  {r.requester}")
 
-    _owner_action(site, owner, show)
+    _owner_action(site, owner, show, config)
 
 
 @requests_app.command("show")
 def requests_show(request_id: str = typer.Argument(..., help="Request id (or a prefix)."),
-                  site: Path = SITE, owner: str = OWNER) -> None:
+                  site: Path = SITE, owner: str = OWNER, config: Path = CONFIG_OPT) -> None:
     """A request in plain words, then its code."""
     def show(ds: Any) -> None:
         review = ds.review(request_id)
@@ -460,12 +474,12 @@ def requests_show(request_id: str = typer.Argument(..., help="Request id (or a p
         _say("\n--- code ---")
         _say(review.code)
 
-    _owner_action(site, owner, show)
+    _owner_action(site, owner, show, config)
 
 
 @requests_app.command("approve")
 def requests_approve(request_id: str = typer.Argument(..., help="Request id (or a prefix)."),
-                     site: Path = SITE, owner: str = OWNER,
+                     site: Path = SITE, owner: str = OWNER, config: Path = CONFIG_OPT,
                      reason: str = typer.Option("", "--reason", help="Why (for the record).")
                      ) -> None:
     """Approve a request (only the exact fedsyft template can be approved)."""
@@ -474,12 +488,12 @@ def requests_approve(request_id: str = typer.Argument(..., help="Request id (or 
         _say(review.plain_words().splitlines()[0])
         _say(f"approved at {ds.name} by {ds.operator.email}")
 
-    _owner_action(site, owner, act)
+    _owner_action(site, owner, act, config)
 
 
 @requests_app.command("deny")
 def requests_deny(request_id: str = typer.Argument(..., help="Request id (or a prefix)."),
-                  site: Path = SITE, owner: str = OWNER,
+                  site: Path = SITE, owner: str = OWNER, config: Path = CONFIG_OPT,
                   reason: str = typer.Option(..., "--reason",
                                              help="Why; the data scientist reads it.")) -> None:
     """Deny a request, or revoke an approved one."""
@@ -487,7 +501,7 @@ def requests_deny(request_id: str = typer.Argument(..., help="Request id (or a p
         ds.deny(request_id, reason)
         _say(f"request {request_id} denied at {ds.name} by {ds.operator.email}: {reason}")
 
-    _owner_action(site, owner, act)
+    _owner_action(site, owner, act, config)
 
 
 @site_app.command("repair")
@@ -670,6 +684,9 @@ def audit_requests(site: Path = SITE, officer: str = OFFICER,
         _say(rec.describe())
     if not records:
         _say(f"no requests recorded at {session.site} in that period")
+
+
+import datasites.deploy.commands  # noqa: E402,F401 - registers init/up/down/status/...
 
 
 def main() -> None:

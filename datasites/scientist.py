@@ -16,7 +16,7 @@ from datasites.quiet import quiet
 from datasites.receipts import append_receipt
 from datasites.syft_server import SyftException, sy, syft_message
 from fed_tasks.codec import PayloadError, dumps, loads
-from fed_tasks.interface import SiteRefusedError
+from fed_tasks.interface import SiteRefusedError, SiteUnreachableError
 from fed_tasks.spec import JobSpec
 
 
@@ -30,6 +30,16 @@ def _function_from_source(source: str, name: str) -> Any:
 
 
 RECEIPTS_ENV = "FEDSYFT_RECEIPTS"
+
+
+def _first_words(exc: BaseException) -> str:
+    """A connection error in a few words ("Connection refused"), not requests' nested repr."""
+    text = str(exc)
+    for known in ("Connection refused", "Connection aborted", "Read timed out",
+                  "Remote end closed connection"):
+        if known in text:
+            return known
+    return type(exc).__name__
 
 
 class ScientistSession:
@@ -136,6 +146,8 @@ class SyftJobConnection:
         except AttributeError:
             raise SiteRefusedError(self.name, f"no job code {self._func_name} is visible "
                                               "(not submitted, or not yet approved)") from None
+        except OSError as exc:  # requests' ConnectionError: the server is gone
+            raise SiteUnreachableError(self.name, _first_words(exc)) from None
         if isinstance(value, sy.SyftError):
             raise SiteRefusedError(self.name, syft_message(value))
         try:

@@ -57,6 +57,10 @@ class SecureSum(Protocol):
         """Release any sum still pending (after the last round, or an early stop)."""
         ...
 
+    def restore(self, evidence: dict[str, Any] | None) -> None:
+        """Continue after a checkpoint whose last aggregate had ``evidence``."""
+        ...
+
 
 class _Immediate:
     """A sum visible as soon as the call returns."""
@@ -78,6 +82,9 @@ class _Immediate:
 
     def finish(self, sites: list[SiteConnection]) -> list[Released]:
         return []
+
+    def restore(self, evidence: dict[str, Any] | None) -> None:
+        self._evidence = evidence
 
 
 def _heads(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -248,6 +255,12 @@ class MaskedSum:
                               if SignedContribution.from_str(m).site_id in request.survivors]
         evidence["recovery"] = revealed
         return evidence
+
+    def restore(self, evidence: dict[str, Any] | None) -> None:
+        """Not yet: the session's keys, survivors and pending masked sum live in this
+        object only, so a secure-sum job cannot continue in a new process."""
+        raise ValueError("a secagg job cannot be resumed yet (its secure-sum session lives "
+                         "in the trainer that started it); start a new job")
 
     def finish(self, sites: list[SiteConnection]) -> list[Released]:
         """Have the last round's survivors open its sum (one call each)."""

@@ -18,6 +18,16 @@ class SiteRefusedError(RuntimeError):
         self.reason = reason
 
 
+class SiteUnreachableError(ConnectionError):
+    """A site that did not answer at all (its server is down, or the network is)."""
+
+    def __init__(self, site: str, detail: str) -> None:
+        super().__init__(f"site {site!r} did not answer ({detail}); is its server up? "
+                         "(fedsyft status) A job with a checkpoint continues with "
+                         "fedsyft train --resume")
+        self.site = site
+
+
 #: How a site's refusal starts when a round would overspend a dataset's privacy budget; the
 #: orchestrator then stops the job cleanly instead of failing (see FederatedTrainer.fit).
 BUDGET_EXHAUSTED = "privacy budget exhausted"

@@ -7,12 +7,14 @@ import math
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 from tqdm.auto import tqdm
 
-from fed_tasks.aggregation import PlainSum, Released, SecureSum, TooFewSitesError
+from fed_tasks.aggregation import MaskedSum, PlainSum, Released, SecureSum, TooFewSitesError
+from fed_tasks.checkpoint import Checkpoint, CheckpointError
 from fed_tasks.global_state import GlobalState
 from fed_tasks.interface import SiteConnection, SiteRefusedError, call_all, is_budget_refusal
 from fed_tasks.preprocessing import Standardizer
@@ -90,8 +92,13 @@ class FederatedTrainer:
             raise TooFewSitesError("no site released its feature statistics")
         return state.norm
 
-    def fit(self) -> TrainingResult:
+    def fit(self, checkpoint: Path | None = None, resume: bool = False) -> TrainingResult:
         """Run the rounds; returns the released model.
+
+        With ``checkpoint``, the released sums and the last aggregate's evidence are saved
+        there after every round; ``resume=True`` replays a saved checkpoint (the model is
+        rebuilt exactly from its sums) and continues with the next round. The sites keep
+        their own state, and answer a retried round with the reply they already gave.
 
         If a site refuses a round because it would overspend a dataset's privacy budget, the
         job stops cleanly: the result holds the model of the last completed round, with
@@ -99,24 +106,44 @@ class FederatedTrainer:
         or failure raises.
         """
         state = GlobalState(new_model(self.spec).get_weights())
+        saved = Checkpoint.new(self.spec)
+        if resume:
+            if checkpoint is None or not checkpoint.exists():
+                raise CheckpointError(f"job {self.spec.job_id} has no checkpoint to resume "
+                                      f"from ({checkpoint})")
+            saved = Checkpoint.load(checkpoint, self.spec)
+            self.secure_sum.restore(saved.evidence)
         losses: list[float] = []
-        seconds: list[float] = []
+        seconds: list[float] = list(saved.round_seconds)
         stop_reason = ""
-        bar = tqdm(range(1, self.spec.rounds + 1), desc=f"job {self.spec.job_id}", unit="round",
-                   disable=not self.progress)
+        first = saved.rounds_done + 1
+        bar = tqdm(range(first, self.spec.rounds + 1), desc=f"job {self.spec.job_id}",
+                   unit="round", disable=not self.progress, initial=first - 1,
+                   total=self.spec.rounds)
 
-        def take(released: list[Released]) -> None:
+        def take(released: list[Released], record: bool = True) -> None:
             for rel in released:  # a secure sum releases each round's sum one call later
                 state.advance(rel.action, rel.vector, self.strategy)
+                if record:
+                    saved.released.append((rel.action, rel.round, rel.vector))
                 if rel.action != "fit":
                     continue
                 loss = math.nan if self.spec.dp_enabled else state.loss  # DP: loss withheld
                 losses.append(loss)
                 bar.set_postfix(loss=f"{loss:.4f}")
-                if self.on_round:
+                if self.on_round and record:
                     self.on_round(rel.round, loss)
 
-        take(self._submit("stats", {}))
+        def save() -> None:
+            if checkpoint is not None and not isinstance(self.secure_sum, MaskedSum):
+                saved.evidence = self.secure_sum.evidence()
+                saved.round_seconds = seconds
+                saved.save(checkpoint)
+
+        take([Released(a, r, v) for a, r, v in saved.released], record=False)
+        if not saved.has_stats:
+            take(self._submit("stats", {}))
+            save()
         for rnd in bar:
             started = time.perf_counter()
             try:
@@ -130,6 +157,7 @@ class FederatedTrainer:
                 break
             finally:
                 seconds.append(time.perf_counter() - started)
+            save()
         started = time.perf_counter()
         try:
             take(self.secure_sum.finish(self.sites))

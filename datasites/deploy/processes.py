@@ -117,9 +117,48 @@ def _log_tail(directory: Path, since: int) -> str:
 
 def start(member: MemberConfig, timeout: float = START_TIMEOUT_S) -> ServerState:
     """Start the member's server unless it already answers; returns once it answers."""
-    current = state(member)
-    if current.up:
-        return current
+    return start_all([member], timeout)[0]
+
+
+def start_all(members: list[MemberConfig], timeout: float = START_TIMEOUT_S
+              ) -> list[ServerState]:
+    """Start every member's server that does not answer yet, all at once; returns once each
+    answers (or raises :class:`ServerError` naming the first that did not start)."""
+    states: dict[str, ServerState] = {}
+    launched: dict[str, tuple[MemberConfig, subprocess.Popen, int]] = {}
+    try:
+        for m in members:
+            current = state(m)
+            if current.up:
+                states[m.name] = current
+                continue
+            launched[m.name] = (m, *_launch(m, current))
+        deadline = time.monotonic() + timeout
+        while len(states) < len(members):
+            for name, (m, proc, since) in launched.items():
+                if name in states:
+                    continue
+                if proc.poll() is not None:
+                    raise ServerError(f"site {m.name!r} did not start: "
+                                      f"{_log_tail(m.directory, since)} (see "
+                                      f"{m.directory / LOG_FILE})")
+                answer = health(m, timeout=2.0)
+                if answer is not None:
+                    states[name] = ServerState(m.name, m.url, proc.pid, True, answer)
+            if time.monotonic() > deadline:
+                late = [n for n in launched if n not in states]
+                raise ServerError(f"sites {late} did not answer within {timeout:.0f} s (see "
+                                  "their server.log)")
+            time.sleep(0.3)
+    except BaseException:
+        for name, (_, proc, _) in launched.items():
+            if name not in states and proc.poll() is None:
+                proc.terminate()
+        raise
+    return [states[m.name] for m in members]
+
+
+def _launch(member: MemberConfig, current: ServerState) -> tuple[subprocess.Popen, int]:
     if current.pid is not None:
         raise ServerError(f"site {member.name!r}: process {current.pid} holds its directory "
                           f"but does not answer at {member.url}; stop it first "
@@ -142,18 +181,7 @@ def start(member: MemberConfig, timeout: float = START_TIMEOUT_S) -> ServerState
             start_new_session=True, cwd=member.directory)
     finally:
         os.close(log_fd)
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise ServerError(f"site {member.name!r} did not start: "
-                              f"{_log_tail(member.directory, since)} (see {log_path})")
-        answer = health(member, timeout=2.0)
-        if answer is not None:
-            return ServerState(member.name, member.url, proc.pid, True, answer)
-        time.sleep(0.3)
-    proc.terminate()
-    raise ServerError(f"site {member.name!r} did not answer at {member.url} within "
-                      f"{timeout:.0f} s (see {log_path})")
+    return proc, since
 
 
 def stop(member: MemberConfig, timeout: float = STOP_TIMEOUT_S) -> bool:
