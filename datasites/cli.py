@@ -693,5 +693,7 @@ def main() -> None:
     app()
 
 
-if __name__ == "__main__":
-    main()
+if __name__ == "__main__":  # `python -m datasites.cli`: the commands live on the module
+    from datasites.cli import main as installed_main  # the deploy commands registered on
+
+    installed_main()

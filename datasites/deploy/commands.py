@@ -58,7 +58,6 @@ def init(directory: Path = typer.Argument(..., help="Where to write federation.t
 def up(config: Path = CONFIG, site: str = ONE_SITE) -> None:
     """Provision (the first time) and start every site's server; returns once all answer."""
     from datasites.deploy import processes
-    from datasites.deploy.provision import provision
 
     cfg = _load(config)
     members = cfg.selected(site)
@@ -66,6 +65,8 @@ def up(config: Path = CONFIG, site: str = ONE_SITE) -> None:
         if not processes.port_free(m.host, m.port) and processes.health(m) is None:
             raise _fail(f"site {m.name!r}: port {m.port} on {m.host} is already in use by "
                         "another program (choose another port in the config)")
+    from datasites.deploy.provision import provision  # imports syft: after the checks
+
     started = time.perf_counter()
     made = provision(cfg)
     if made:

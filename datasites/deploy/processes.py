@@ -70,8 +70,17 @@ def _pid(directory: Path) -> int | None:
 
 
 def _alive(pid: int | None) -> bool:
+    """Whether ``pid`` is a live fedsyft site server (not a zombie, not a reused pid)."""
     if pid is None:
         return False
+    proc = Path(f"/proc/{pid}")
+    if Path("/proc/self").exists():
+        try:
+            state = (proc / "stat").read_text().rsplit(")", 1)[1].split()[0]
+            cmdline = (proc / "cmdline").read_bytes()
+        except (OSError, IndexError):
+            return False
+        return state not in ("Z", "X") and b"datasites.deploy.serve" in cmdline
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
