@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import shutil
 import sys
 import tempfile
 import time
@@ -115,6 +116,7 @@ def main() -> None:
         close_site(server)
     finally:
         pg.stop()
+        shutil.rmtree(tmp, ignore_errors=True)
     print("OK")
 
 

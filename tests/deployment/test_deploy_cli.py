@@ -1,0 +1,112 @@
+"""The deployment commands as users type them: bad input is one line and exit code 2."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from .conftest import free_ports, run_cli, write_config
+
+NAMES = ["clinic-a", "clinic-b"]
+
+
+@pytest.fixture
+def small_parts(site_parts):
+    return [p.iloc[:300] for p in site_parts[:2]]
+
+
+def _one_line_error(proc, *needles: str) -> None:
+    assert proc.returncode == 2, (proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for needle in needles:
+        assert needle in lines[0], lines[0]
+
+
+BAD_CONFIGS = {
+    "unknown key": ("[federation]\n", "[federation]\ncolour = \"blue\"\n", "colour"),
+    "duplicate port": (None, None, "port"),
+    "not loopback": ('port = {p0}\n', 'port = {p0}\nhost = "0.0.0.0"\n', "host"),
+    "missing data": ('data = "data/clinic-a.csv"', 'data = "data/nowhere.csv"', "nowhere.csv"),
+    "one site": (None, None, "site"),
+    "not toml": ("[federation]", "[federation", "not valid TOML"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_CONFIGS))
+def test_a_bad_federation_toml_is_one_line_naming_the_key(case, small_parts, tmp_path):
+    ports = free_ports(3)
+    config = write_config(tmp_path, small_parts, NAMES, ports, authority=False)
+    text = config.read_text()
+    old, new, needle = BAD_CONFIGS[case]
+    if case == "duplicate port":
+        text = text.replace(f"port = {ports[1]}", f"port = {ports[0]}")
+    elif case == "one site":
+        text = text[:text.index("[[site]]", text.index("[[site]]") + 1)]
+    else:
+        text = text.replace(old.format(p0=ports[0]), new.format(p0=ports[0]), 1)
+    config.write_text(text)
+    proc = run_cli("up", "--config", str(config))
+    _one_line_error(proc, str(config.name), needle)
+    assert not (tmp_path / "sites").exists()  # nothing provisioned
+
+
+def test_up_on_a_port_in_use_names_it_and_provisions_nothing(small_parts, tmp_path):
+    ports = free_ports(3)
+    config = write_config(tmp_path, small_parts, NAMES, ports, authority=False)
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", ports[1]))
+        busy.listen()
+        proc = run_cli("up", "--config", str(config))
+    _one_line_error(proc, f"port {ports[1]}", "clinic-b", "in use")
+    assert not (tmp_path / "sites").exists()
+
+
+def test_status_of_a_federation_that_is_down_exits_1(small_parts, tmp_path):
+    config = write_config(tmp_path, small_parts, NAMES, free_ports(3), authority=False)
+    proc = run_cli("status", "--config", str(config))
+    assert proc.returncode == 1
+    assert proc.stdout.count(" down ") == 2
+
+
+def test_resume_of_an_unknown_job_is_one_line(small_parts, tmp_path):
+    config = write_config(tmp_path, small_parts, NAMES, free_ports(3), authority=False)
+    proc = run_cli("train", "--config", str(config), "--job", "0badc0de", "--resume",
+                   env={"FEDSYFT_HOME": str(tmp_path / "home")})
+    _one_line_error(proc, "--job 0badc0de", "no such job")
+
+
+def test_the_scientist_and_owners_over_the_cli(deployed, tmp_path):
+    """status, submit, train before approval (refused), owners approve with the CLI on
+    their running servers, train with a report."""
+    config = str(deployed.path)
+    env = {"FEDSYFT_HOME": str(tmp_path / "home")}
+    status = run_cli("status", "--config", config)
+    assert status.returncode == 0 and status.stdout.count(" up ") == 4, status.stdout
+    sub = run_cli("submit", "--config", config, "--rounds", "2", "--seed", "21", env=env)
+    assert sub.returncode == 0, sub.stderr
+    job = sub.stdout.split()[1]
+    request = {line.split()[0]: line.split()[2] for line in sub.stdout.splitlines()
+               if " request " in line}
+    assert set(request) == {s.name for s in deployed.site}
+    early = run_cli("train", "--config", config, "--job", job, env=env)
+    _one_line_error(early, "not approved yet", "hospital-a")
+    wrong = run_cli("requests", "list", "--config", config, "--site", "hospital-a",
+                    env={"FEDSYFT_OWNER_PASSWORD": "Wrong-password-0000"})
+    _one_line_error(wrong, "wrong email or password")
+    for name, rid in request.items():
+        ok = run_cli("requests", "approve", rid, "--config", config, "--site", name)
+        assert ok.returncode == 0 and f"approved at {name}" in ok.stdout, ok.stderr
+    report = tmp_path / "report.json"
+    done = run_cli("train", "--config", config, "--job", job, "--report", str(report), env=env)
+    assert done.returncode == 0, done.stderr
+    import json
+
+    doc = json.loads(report.read_text())
+    assert doc["rounds_completed"] == 2 and len(doc["per_site"]) == 3
+    losses = doc["federated"]["losses"]
+    assert len(losses) == 2 and losses[1] < losses[0]  # it trained, at every site's rows
+    again = run_cli("train", "--config", config, "--job", job, env=env)
+    _one_line_error(again, "already ran", "--resume")
