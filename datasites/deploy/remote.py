@@ -160,6 +160,15 @@ class OwnerClient:
         self.operator = _Operator(email)
         self._password = password
 
+    @classmethod
+    def connect(cls, config: str | Path | FederationFile, site: str,
+                email: str | None = None, password: str | None = None) -> OwnerClient:
+        """The owner of ``site`` (e-mail from the config; password from
+        ``FEDSYFT_OWNER_PASSWORD[_SITE]`` or a prompt)."""
+        cfg = config if isinstance(config, FederationFile) else load(config)
+        member = cfg.member(site)
+        return cls(member, email or member.owner, password or password_for("owner", site))
+
     def _call(self, op: str, **args: Any) -> Any:
         try:
             answer = post_json(f"{self.member.url}/fedsyft/v1/owner",
