@@ -55,12 +55,15 @@ from datasites.site_files import (
     secure_directory,
     staging_path,
     store_officer,
+    write_private,
     write_site_info,
 )
 from datasites.syft_server import (
+    STORE_URL_FILE,
     ServiceRole,
     login,
     start_server,
+    stop_server,
     sy,
     syft_message,
     watch_refusals,
@@ -139,7 +142,8 @@ class Datasite:
                   owner_email: str | None = None, mock_rows: int = MOCK_ROWS,
                   owner_password: str | None = None,
                   officer_email: str | None = None,
-                  officer_password: str | None = None, commit: bool = True) -> Datasite:
+                  officer_password: str | None = None, commit: bool = True,
+                  store: str | None = None) -> Datasite:
         """Start a datasite with fresh credentials, accounts and a published dataset.
 
         Tables are validated first; the site is built in a temporary directory and moved
@@ -159,14 +163,15 @@ class Datasite:
         return cls._provision(name, directory, scientist, owner_email, private, mocks,
                               description, owner_password=owner_password,
                               officer_email=officer_email, officer_password=officer_password,
-                              commit=commit)
+                              commit=commit, store=store)
 
     @classmethod
     def _provision(cls, name: str, directory: str | Path, scientist: Account,
                    owner_email: str | None, private: dict[str, pd.DataFrame],
                    mocks: dict[str, pd.DataFrame], description: str, *,
                    owner_password: str | None = None, officer_email: str | None = None,
-                   officer_password: str | None = None, commit: bool = True) -> Datasite:
+                   officer_password: str | None = None, commit: bool = True,
+                   store: str | None = None) -> Datasite:
         """Build the site in a temporary directory beside ``directory``; with ``commit``
         move it into place at once (:meth:`commit`), else the caller adds what else the
         site needs (federation config, keys) and commits it.
@@ -205,6 +210,8 @@ class Datasite:
         server = guard = lock = None
         try:
             make_private_directory(directory)  # 0700 before anything is written in it
+            if store is not None:  # a postgresql:// URL with its password (0600, as keys)
+                write_private(directory / STORE_URL_FILE, store)
             lock = SiteLock(directory, name)
             guard = SiteGuard(name, directory)  # starts the audit log (and its signing key)
             write_site_info(directory, name, {r.value: a.email for r, a in accounts.items()},
@@ -239,8 +246,7 @@ class Datasite:
             site.start_watching()
         except BaseException as exc:  # Ctrl-C too: stop the server, remove the half-built dir
             if server is not None:
-                with quiet():
-                    server.stop()
+                stop_server(server)
             if guard is not None:
                 guard.close()
             if lock is not None:
@@ -386,8 +392,7 @@ class Datasite:
         if self._watcher is not None:
             self._watcher.join(timeout=30)
         unregister_guard(self.guard)
-        with quiet():
-            self.server.stop()
+        stop_server(self.server)
         self.guard.close()
         try:
             secure_directory(self.directory, keep=_SWEEP_KEEP)
@@ -462,7 +467,8 @@ class Datasite:
             raise SiteDirectoryError(f"site directory {directory} does not exist; "
                                      f"{leftover_message(found)}")
         info = read_site_info(directory)  # refuses a staging or half-built directory
-        check_store(info.directory)  # before anything starts: syft would make a new one
+        if not (info.directory / STORE_URL_FILE).exists():  # a PostgreSQL store: syft's
+            check_store(info.directory)  # before anything starts: syft would make a new one
         if found:
             log.warning("site %s: %s", info.name, leftover_message(found))
         repaired = secure_directory(directory, keep=_SWEEP_KEEP)
@@ -497,8 +503,7 @@ class Datasite:
             return site
         except BaseException:
             if server is not None:
-                with quiet():
-                    server.stop()
+                stop_server(server)
             if guard is not None:
                 guard.close()
             lock.release()

@@ -53,7 +53,8 @@ class KeyAuthoritySite(Datasite):
                             key_bits: int = 2048, *, owner_password: str | None = None,
                             officer_password: str | None = None,
                             owner_email: str | None = None, officer_email: str | None = None,
-                            commit: bool = True) -> KeyAuthoritySite:
+                            commit: bool = True, store: str | None = None
+                            ) -> KeyAuthoritySite:
         """Provision the authority; its private key is stored before it is moved into place
         (``commit=False``: the caller commits, e.g. after writing the federation config)."""
         public, private_key = generate_keypair(key_bits)
@@ -63,7 +64,7 @@ class KeyAuthoritySite(Datasite):
         site = cls._provision(name, directory, scientist, owner_email, private, mocks,
                               f"Key authority {name}: decrypts only checked sums.",
                               owner_password=owner_password, officer_password=officer_password,
-                              officer_email=officer_email, commit=False)
+                              officer_email=officer_email, commit=False, store=store)
         try:
             store_paillier_key(site.directory, private_key)
         except BaseException:

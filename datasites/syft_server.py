@@ -30,8 +30,25 @@ from syft.store.blob_storage.on_disk import (  # noqa: E402
 from syft.types.errors import SyftException  # noqa: E402
 from syft.types.uid import UID  # noqa: E402
 
-__all__ = ["sy", "ServiceRole", "SyftException", "start_server", "login", "login_http",
+__all__ = ["sy", "ServiceRole", "SyftException", "start_server", "stop_server", "login",
+           "login_http", "STORE_URL_FILE",
            "http_app", "syft_message", "watch_refusals"]
+
+
+STORE_URL_FILE = "store_url"  # a PostgreSQL store's URL, with its password: 0600, like the keys
+
+
+def store_url(directory: Path) -> str | None:
+    """The site's PostgreSQL store URL (None: the sqlite store in the directory)."""
+    path = Path(directory) / STORE_URL_FILE
+    return path.read_text().strip() if path.exists() else None
+
+
+def _without_password(url: str) -> str:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    return f"{parts.scheme}://{parts.username or ''}@{parts.hostname}:{parts.port}{parts.path}"
 
 
 def _key(directory: Path) -> SyftSigningKey:
@@ -72,17 +89,41 @@ def start_server(name: str, directory: Path, root_email: str, root_password: str
     """
     make_private_directory(directory)
     make_private_directory(directory / "blob")  # syft writes blobs with the umask's mode
-    _precreate_store(directory / "syft.db")
+    postgres = store_url(directory)
+    if postgres is None:
+        _precreate_store(directory / "syft.db")
     blobs = OnDiskBlobStorageConfig(
         client_config=OnDiskBlobStorageClientConfig(base_directory=directory / "blob"),
         min_blob_size=1)  # MB, syft's default: larger objects go to the blob store
+    try:
+        with quiet():  # syft prints (and logs) the store URL, password included
+            return SyftDatasite(
+                name=name, id=_uid(directory), signing_key=_key(directory),
+                root_email=root_email, root_password=_plain(root_password),
+                db_url=postgres or f"sqlite:///{directory / 'syft.db'}", reset=reset,
+                deployment_type="python", in_memory_workers=True, blob_storage_config=blobs,
+            )
+    except Exception as exc:
+        if postgres is None:
+            raise
+        reason = str(getattr(exc, "orig", exc)).strip().splitlines()[0][:300]
+        reason = reason.replace(postgres, _without_password(postgres))
+        raise StoreError(f"site {name!r}: cannot open its PostgreSQL store "
+                         f"{_without_password(postgres)}: {reason}") from None
+
+
+class StoreError(RuntimeError):
+    """A site store that cannot be opened (the message never holds its password)."""
+
+
+def stop_server(server: Any) -> None:
+    """Stop a datasite and close its store's connections (syft's ``stop`` leaves the
+    database pool open: one idle PostgreSQL connection per stop)."""
     with quiet():
-        return SyftDatasite(
-            name=name, id=_uid(directory), signing_key=_key(directory),
-            root_email=root_email, root_password=_plain(root_password),
-            db_url=f"sqlite:///{directory / 'syft.db'}", reset=reset,
-            deployment_type="python", in_memory_workers=True, blob_storage_config=blobs,
-        )
+        server.stop()
+    engine = getattr(getattr(server, "db", None), "engine", None)
+    if engine is not None:
+        engine.dispose()
 
 
 def login(server: Any, email: str, password: str, site: str) -> Any:

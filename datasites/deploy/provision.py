@@ -10,12 +10,20 @@ from __future__ import annotations
 
 import shutil
 from pathlib import Path
+from urllib.parse import urlsplit
 
 import pandas as pd
 
 from datasites.accounts import Account, Role
 from datasites.datasite import Datasite
-from datasites.deploy.config import ConfigError, FederationFile, SiteConfig, password_for
+from datasites.deploy.config import (
+    ConfigError,
+    FederationFile,
+    MemberConfig,
+    SiteConfig,
+    password_env,
+    password_for,
+)
 from datasites.errors import ProvisioningError
 from datasites.federation import configure_members
 from datasites.key_authority_site import KeyAuthoritySite
@@ -66,6 +74,32 @@ def _read(site: SiteConfig) -> pd.DataFrame:
     return frame
 
 
+def store_with_password(cfg: FederationFile, member: MemberConfig) -> str | None:
+    """A PostgreSQL store's URL with its password (from ``FEDSYFT_STORE_PASSWORD[_SITE]``
+    or a prompt; never in the config), or None for the sqlite store. Kept in the site's
+    directory (0600), like its keys, so its server can reopen the store on every start."""
+    if member.store == "sqlite":
+        return None
+    parts = urlsplit(member.store)
+    where = f"{cfg.path}: site {member.name!r}: store"
+    if parts.password:
+        raise ConfigError(f"{where} holds a password; remove it and set "
+                          f"{password_env('store', member.name)[0]} instead")
+    if not parts.username or not parts.hostname or not parts.port or len(parts.path) < 2:
+        raise ConfigError(f"{where} must be postgresql://USER@HOST:PORT/DATABASE")
+    if parts.hostname not in ("127.0.0.1", "localhost"):
+        raise ConfigError(f"{where}: the database must be on this host (127.0.0.1)")
+    password = password_for("store", member.name)
+    if not set(str(password)) <= _URL_SAFE:  # syft never percent-decodes its db_url
+        raise ConfigError(f"the store password of site {member.name!r} may hold only letters, "
+                          "digits and -._~ (syft does not decode its database URL)")
+    return (f"postgresql://{parts.username}:{password}@{parts.hostname}:{parts.port}"
+            f"{parts.path}")
+
+
+_URL_SAFE = frozenset("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789-._~")
+
+
 def provision(cfg: FederationFile) -> list[str]:
     """Provision every member of ``cfg`` that has no site yet; returns their names.
 
@@ -81,10 +115,8 @@ def provision(cfg: FederationFile) -> list[str]:
             f"{cfg.path}: members {missing} have no site yet while the others do; a member "
             "cannot join a provisioned federation (start a new federation, or restore its "
             "directory)")
+    stores = {m.name: store_with_password(cfg, m) for m in cfg.members}
     for m in cfg.members:
-        if m.store != "sqlite":
-            raise ConfigError(f"{cfg.path}: site {m.name!r}: store {m.store.split('://')[0]}:// "
-                              "is not supported yet")
         if m.directory.exists() and any(m.directory.iterdir()):
             raise ConfigError(f"{cfg.path}: site {m.name!r}: directory {m.directory} is not "
                               "empty and holds no fedsyft site")
@@ -103,7 +135,8 @@ def provision(cfg: FederationFile) -> list[str]:
             sites.append(Datasite.provision(
                 s.name, s.directory, train=train, test=test, schema=schema,
                 scientist=scientist, owner_email=s.owner, owner_password=owner,
-                officer_email=s.officer, officer_password=officer, commit=False))
+                officer_email=s.officer, officer_password=officer, commit=False,
+                store=stores[s.name]))
         ka = cfg.key_authority
         if ka is not None:
             ka.directory.parent.mkdir(parents=True, exist_ok=True)
@@ -111,7 +144,7 @@ def provision(cfg: FederationFile) -> list[str]:
             authority = KeyAuthoritySite.provision_authority(
                 ka.name, ka.directory, scientist, ka.key_bits, owner_email=ka.owner,
                 owner_password=owner, officer_email=ka.officer, officer_password=officer,
-                commit=False)
+                commit=False, store=stores[ka.name])
         configure_members(sites, authority, cfg.federation.min_sites)
         committed = [site.commit() for site in sites]
         sites = []
