@@ -17,8 +17,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from datasites.audit import Action, AuditLog, Role, canonical_json, verify
-from datasites.site_files import check_officer, store_officer
+from datasites.governance.audit import Action, AuditLog, Role, canonical_json, verify
+from datasites.runtime.site_files import check_officer, store_officer
 
 RESULTS = Path(__file__).parent / "results" / "audit.json"
 PARAMS = {"action": "fit", "call": 3, "round": 3, "limit": 10, "spec_fingerprint": "ab" * 8,

@@ -18,8 +18,8 @@ RESULTS = Path(__file__).parent / "results" / "demo.json"
 
 
 def _variant(name: str, rounds: int, sites: int) -> dict:
-    from datasites.demo import BUNDLED_TABLE, DemoConfig, partition
-    from datasites.tables import infer_schema, read_table
+    from datasites.harness.demo import BUNDLED_TABLE, DemoConfig, partition
+    from datasites.runtime.tables import infer_schema, read_table
     from fed_tasks.local import LocalSite
     from fed_tasks.orchestrator import FederatedTrainer
     from fed_tasks.spec import JobSpec
@@ -33,7 +33,7 @@ def _variant(name: str, rounds: int, sites: int) -> dict:
     names = [f"site-{i + 1}" for i in range(sites)]
     setup = time.perf_counter()
     if name == "syft":
-        from datasites.federation import Federation
+        from datasites.harness.federation import Federation
 
         fed = Federation.start(splits, schema, names=names)
         fed.approve_all(fed.submit(spec))

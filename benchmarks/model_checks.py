@@ -117,9 +117,9 @@ def demo_rounds(rounds: int) -> dict[str, float]:
     """Median round of the demo job with the real site code (checks on), per mode."""
     import tempfile
 
-    from datasites.demo import BUNDLED_TABLE, DemoConfig, partition
-    from datasites.direct import direct_federation
-    from datasites.tables import infer_schema, read_table
+    from datasites.harness.demo import BUNDLED_TABLE, DemoConfig, partition
+    from datasites.runtime.direct import direct_federation
+    from datasites.runtime.tables import infer_schema, read_table
     from fed_tasks.aggregation import MaskedSum, PlainSum
     from fed_tasks.orchestrator import FederatedTrainer
     from fed_tasks.spec import JobSpec

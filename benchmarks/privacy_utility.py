@@ -39,8 +39,8 @@ SGD_CLIP = 1.0
 
 
 def _setup():
-    from datasites.demo import BUNDLED_LABEL, BUNDLED_TABLE, DemoConfig, partition
-    from datasites.tables import infer_schema, make_mock, read_table
+    from datasites.harness.demo import BUNDLED_LABEL, BUNDLED_TABLE, DemoConfig, partition
+    from datasites.runtime.tables import infer_schema, make_mock, read_table
 
     frame = read_table(BUNDLED_TABLE)
     schema = infer_schema(frame, BUNDLED_LABEL)
@@ -72,7 +72,7 @@ def _sites(spec, splits, mocks):
 
 
 def _pooled(result, splits, schema) -> dict[str, float]:
-    from datasites.demo import _pooled
+    from datasites.harness.demo import _pooled
 
     return _pooled(result, [te for _, te in splits], schema)
 
@@ -113,7 +113,7 @@ def _row(mode: str, epsilon: float | None, runs: list[dict], **info) -> dict[str
 
 def _syft_dp_sgd(schema, splits, epsilon: float) -> dict[str, Any]:
     """One DP-SGD job through real datasites: the model, and what the ledgers charged."""
-    from datasites.federation import Federation
+    from datasites.harness.federation import Federation
     from fed_tasks.spec import JobSpec
 
     spec = JobSpec(features=schema.features, label_column=schema.label, dp_epsilon=epsilon,

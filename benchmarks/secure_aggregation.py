@@ -117,8 +117,8 @@ def protocol_level(sizes, site_counts, public, private) -> list[dict]:
 
 def _demo_splits():
     """The demo's bundled table, schema and non-IID site splits."""
-    from datasites.demo import BUNDLED_TABLE, DemoConfig, partition
-    from datasites.tables import infer_schema, read_table
+    from datasites.harness.demo import BUNDLED_TABLE, DemoConfig, partition
+    from datasites.runtime.tables import infer_schema, read_table
 
     frame = read_table(BUNDLED_TABLE)
     schema = infer_schema(frame, "anomaly")
@@ -138,7 +138,7 @@ def _summarize(runs: dict[str, list]) -> dict:
 
 def round_level(rounds: int, repeats: int) -> dict:
     """The demo autoencoder through real datasites, modes interleaved ``repeats`` times."""
-    from datasites.federation import Federation
+    from datasites.harness.federation import Federation
     from fed_tasks.spec import JobSpec
 
     schema, splits = _demo_splits()
@@ -159,7 +159,7 @@ def direct_level(rounds: int, repeats: int) -> dict:
     """The same job with the real site code but no syft transport: what the protocols cost."""
     import tempfile
 
-    from datasites.direct import direct_federation
+    from datasites.runtime.direct import direct_federation
     from fed_tasks.aggregation import MaskedSum, PlainSum
     from fed_tasks.orchestrator import FederatedTrainer
     from fed_tasks.spec import JobSpec

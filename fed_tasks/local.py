@@ -4,7 +4,7 @@ syft-free baseline that measures what the datasites cost.
 A :class:`LocalSite` follows the same protocol as a real site — it derives its model from
 the aggregates it is shown and answers in the plain-mode format — but it is a trusted
 simulation: it signs nothing and checks no signature (the datasites do; see
-``datasites.aggregate_check``).
+``datasites.runtime.aggregate_check``).
 """
 
 from __future__ import annotations

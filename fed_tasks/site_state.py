@@ -4,7 +4,7 @@ Why: a data scientist who chooses the weights a site trains from can build a fir
 whose update holds training rows verbatim, even inside a secure sum (Fowl et al., ICLR 2022),
 or hand one site a null model so that a "sum" is one site alone (Pasquini et al., CCS 2022).
 So a site builds the initial model from the approved spec itself and, from then on, moves
-it only by aggregates it has checked (:mod:`datasites.aggregate_check`), with the same rule
+it only by aggregates it has checked (:mod:`datasites.runtime.aggregate_check`), with the same rule
 the orchestrator uses (:class:`fed_tasks.global_state.GlobalState`).
 
 Each state carries a chain digest ``H(previous digest, action, round, sha256(sum))`` that

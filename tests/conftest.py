@@ -5,9 +5,9 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from datasites.demo import BUNDLED_LABEL, BUNDLED_TABLE
-from datasites.partition import dirichlet_split, train_test_split
-from datasites.tables import FederationSchema, infer_schema, read_table
+from datasites.harness.demo import BUNDLED_LABEL, BUNDLED_TABLE
+from datasites.harness.partition import dirichlet_split, train_test_split
+from datasites.runtime.tables import FederationSchema, infer_schema, read_table
 
 SITE_NAMES = ("hospital-a", "hospital-b", "hospital-c")
 
@@ -40,7 +40,7 @@ def partitions(shuttle_small, schema):
 @pytest.fixture(scope="session")
 def federation(partitions, schema, tmp_path_factory):
     """Three real in-process PySyft datasites, started once for the whole session."""
-    from datasites.federation import Federation
+    from datasites.harness.federation import Federation
 
     fed = Federation.start(partitions, schema, root=tmp_path_factory.mktemp("federation"),
                            names=SITE_NAMES)

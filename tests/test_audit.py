@@ -19,8 +19,8 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
-from datasites import audit_report
-from datasites.audit import (
+from datasites.governance import audit_report
+from datasites.governance.audit import (
     ACTIONS,
     GENESIS_HASH,
     Action,

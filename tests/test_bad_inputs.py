@@ -26,7 +26,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from datasites.cli import app
+from datasites.cli.main import app
 
 BIN = Path(sys.executable).parent / "fedsyft"
 NAME = "bad-input-clinic"
@@ -235,8 +235,8 @@ def test_a_weak_password_is_refused_and_never_shown(tmp_path):
 
 
 def test_cli_ranges_match_what_the_job_and_the_policy_accept():
-    from datasites import job_options as opts
-    from datasites.policy import DatasetPolicy
+    from datasites.cli import job_options as opts
+    from datasites.governance.policy import DatasetPolicy
     from fed_tasks.spec import JobSpec
 
     policy = DatasetPolicy()
@@ -259,10 +259,10 @@ def _bound(model: type, field: str, kind: str) -> object:
 @pytest.fixture(scope="module")
 def clinic(partitions, schema, tmp_path_factory):
     """One provisioned, then closed, site with one pending request."""
-    from datasites.accounts import Account, Role
-    from datasites.datasite import Datasite
-    from datasites.federation_config import ensure_signing_key, write_config
-    from datasites.scientist import ScientistSession
+    from datasites.adapter.scientist import ScientistSession
+    from datasites.governance.accounts import Account, Role
+    from datasites.runtime.datasite import Datasite
+    from datasites.runtime.federation_config import ensure_signing_key, write_config
     from fed_tasks.spec import JobSpec
 
     directory = tmp_path_factory.mktemp("bad-input") / NAME

@@ -49,7 +49,7 @@ def test_demo_on_any_labelled_csv_writes_the_report(demo_run):
 
 def test_demo_keeps_sites_for_the_owner_and_officer_cli(demo_run):
     """--keep-sites: passwords from the environment or printed once, never in a file."""
-    from datasites.compliance import AuditorSession
+    from datasites.governance.compliance import AuditorSession
 
     proc, site_dir = demo_run.proc, demo_run.kept / "site-1"
     assert proc.returncode == 0, proc.stderr[-2000:]

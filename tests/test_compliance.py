@@ -9,13 +9,13 @@ import stat
 
 import pytest
 
-from datasites import job_code
-from datasites.accounts import Role
-from datasites.audit import load_entries, verify
-from datasites.compliance import AuditorSession
+from datasites.adapter import job_code
 from datasites.errors import AuthenticationError
-from datasites.guard import frame_fingerprint
-from datasites.site_files import OFFICER_FILE, check_officer, store_officer
+from datasites.governance.accounts import Role
+from datasites.governance.audit import load_entries, verify
+from datasites.governance.compliance import AuditorSession
+from datasites.governance.guard import frame_fingerprint
+from datasites.runtime.site_files import OFFICER_FILE, check_officer, store_officer
 from fed_tasks.codec import dumps, loads
 from fed_tasks.interface import SiteRefusedError
 from fed_tasks.spec import JobSpec

@@ -5,10 +5,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datasites.accounts import Account, Role
+from datasites.adapter.syft_server import sy
 from datasites.errors import AuthenticationError, ProvisioningError
-from datasites.syft_server import sy
-from datasites.tables import TableError
+from datasites.governance.accounts import Account, Role
+from datasites.runtime.tables import TableError
 from fed_tasks.interface import SiteRefusedError
 from fed_tasks.local import LocalSite
 from fed_tasks.orchestrator import FederatedTrainer
@@ -140,7 +140,7 @@ def test_syft_training_equals_in_memory_training(federation, partitions, schema)
 
 
 def test_bad_site_table_leaves_nothing_behind(tmp_path, partitions, schema):
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     train, test = partitions[0]
     scientist = Account("ds@x.org", Role.DATA_SCIENTIST, "pw-123456789")
@@ -151,8 +151,8 @@ def test_bad_site_table_leaves_nothing_behind(tmp_path, partitions, schema):
 
 
 def test_failed_provisioning_stops_and_removes_the_site(tmp_path, partitions, schema):
-    from datasites.datasite import Datasite
-    from datasites.guard import is_registered
+    from datasites.governance.guard import is_registered
+    from datasites.runtime.datasite import Datasite
 
     train, test = partitions[0]
     bad = Account("not-an-email", Role.DATA_SCIENTIST, "pw-123456789")

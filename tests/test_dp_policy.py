@@ -9,8 +9,8 @@ import numpy as np
 import pytest
 from dp_accounting.rdp import RdpAccountant
 
-from datasites.ledger import BudgetExceeded, PrivacyLedger
-from datasites.policy import DatasetPolicy, PolicyStore, Requester, Submitter
+from datasites.governance.ledger import BudgetExceeded, PrivacyLedger
+from datasites.governance.policy import DatasetPolicy, PolicyStore, Requester, Submitter
 from fed_tasks import dp_step, site_step
 from fed_tasks.global_state import GlobalState
 from fed_tasks.interface import BUDGET_EXHAUSTED

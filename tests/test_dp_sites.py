@@ -12,11 +12,11 @@ import math
 import numpy as np
 import pytest
 
-from datasites.accounts import Role
-from datasites.audit import Action
-from datasites.direct import direct_federation
-from datasites.policy import DatasetPolicy
-from datasites.tables import make_mock
+from datasites.governance.accounts import Role
+from datasites.governance.audit import Action
+from datasites.governance.policy import DatasetPolicy
+from datasites.runtime.direct import direct_federation
+from datasites.runtime.tables import make_mock
 from fed_tasks import dp_step
 from fed_tasks.codec import decode_array
 from fed_tasks.global_state import GlobalState
@@ -33,7 +33,7 @@ NAMES = ("ward-a", "ward-b")
 
 @pytest.fixture(scope="module")
 def small_fed(partitions, schema, tmp_path_factory):
-    from datasites.federation import Federation
+    from datasites.harness.federation import Federation
 
     fed = Federation.start(partitions[:2], schema, root=tmp_path_factory.mktemp("dp-fed"),
                            names=NAMES, key_authority=False)
@@ -108,8 +108,8 @@ class _Recording(FedAvg):
 
 def test_budget_runs_out_the_job_stops_cleanly_and_the_ledger_survives_a_restart(
         small_fed, schema):
-    from datasites.datasite import Datasite
-    from datasites.scientist import ScientistSession
+    from datasites.adapter.scientist import ScientistSession
+    from datasites.runtime.datasite import Datasite
 
     site = small_fed.sites[0]
     spec = _spec(schema, rounds=4, dp_epsilon=3.0, dp_clip=0.5)
@@ -134,7 +134,7 @@ def test_budget_runs_out_the_job_stops_cleanly_and_the_ledger_survives_a_restart
     assert ledger.job("records", spec.job_id)["epsilon"] == pytest.approx(cum[2])
     assert ledger.spent("records") - spent_before == pytest.approx(cum[2])
     assert ledger.spent("records") <= site.policy().epsilon_budget
-    from datasites.demo import privacy_report  # what `fedsyft demo --report` says
+    from datasites.harness.demo import privacy_report  # what `fedsyft demo --report` says
 
     report = privacy_report(spec, small_fed.sites, result.rounds_completed)
     per_site = report["epsilon_spent_per_site"]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from datasites.job_code import NotATemplateError, parse_request, render
+from datasites.adapter.job_code import NotATemplateError, parse_request, render
 from fed_tasks.spec import JobSpec
 
 SPEC = JobSpec(job_id="abcd1234", features=("f1", "f2"), label_column="y", rounds=3)

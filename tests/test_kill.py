@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from datasites.site_files import SiteDirectoryError, is_staging, read_site_info
+from datasites.runtime.site_files import SiteDirectoryError, is_staging, read_site_info
 
 BIN = Path(sys.executable).parent / "fedsyft"
 OWNER_PW = "owner-pass-7731"
@@ -92,8 +92,8 @@ def runs(shuttle_small, tmp_path_factory):
 
 
 def _assert_complete_site(directory: Path) -> None:
-    from datasites.audit import AuditLogCorrupt, verify
-    from datasites.datasite import Datasite
+    from datasites.governance.audit import AuditLogCorrupt, verify
+    from datasites.runtime.datasite import Datasite
 
     info = read_site_info(directory)
     try:
@@ -116,7 +116,7 @@ def _cases() -> list:
 
 @pytest.mark.parametrize("case", _cases())
 def test_kill_leaves_nothing_or_a_complete_site(runs, case):
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     root, result = runs[case]
     assert result["reached"], f"the run never reached {case[0]}: {result['output'][-2000:]}"

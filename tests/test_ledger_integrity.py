@@ -21,10 +21,10 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from datasites.accounts import Account, Role
-from datasites.audit import load_entries, verify
-from datasites.cli import app
-from datasites.ledger_check import SiteStateMismatch
+from datasites.cli.main import app
+from datasites.governance.accounts import Account, Role
+from datasites.governance.audit import load_entries, verify
+from datasites.governance.ledger_check import SiteStateMismatch
 from fed_tasks.spec import JobSpec
 
 NAME = "ledger-clinic"
@@ -35,7 +35,7 @@ OFFICER_PW = "ledger-officer-pass-78"
 @pytest.fixture(scope="module")
 def clinic(partitions, schema, tmp_path_factory):
     """A provisioned site that has spent epsilon on two DP jobs and changed its policy."""
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     directory = tmp_path_factory.mktemp("ledger") / NAME
     scientist = Account("ds@uni.org", Role.DATA_SCIENTIST, "scientist-pass-1")
@@ -62,7 +62,7 @@ def clinic(partitions, schema, tmp_path_factory):
 
 
 def _open(clinic):
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     return Datasite.open(clinic.dir, clinic.owner, OWNER_PW)
 

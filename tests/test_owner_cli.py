@@ -18,11 +18,17 @@ from types import SimpleNamespace
 import pytest
 from typer.testing import CliRunner
 
-from datasites.accounts import Account, Role
-from datasites.audit import AuditLogCorrupt, canonical_json, entry_hash, load_entries, verify
-from datasites.cli import app
+from datasites.cli.main import app
 from datasites.errors import AuthenticationError
-from datasites.site_files import SiteBusyError
+from datasites.governance.accounts import Account, Role
+from datasites.governance.audit import (
+    AuditLogCorrupt,
+    canonical_json,
+    entry_hash,
+    load_entries,
+    verify,
+)
+from datasites.runtime.site_files import SiteBusyError
 from fed_tasks.interface import SiteRefusedError
 from fed_tasks.spec import JobSpec
 
@@ -36,8 +42,8 @@ PASSWORDS = ("FEDSYFT_OWNER_PASSWORD", "FEDSYFT_OFFICER_PASSWORD")
 @pytest.fixture(scope="module")
 def clinic(partitions, schema, tmp_path_factory):
     """A provisioned, then closed, site with three pending requests."""
-    from datasites.datasite import Datasite
-    from datasites.scientist import ScientistSession
+    from datasites.adapter.scientist import ScientistSession
+    from datasites.runtime.datasite import Datasite
 
     directory = tmp_path_factory.mktemp("kept") / NAME
     scientist = Account("ds@uni.org", Role.DATA_SCIENTIST, "scientist-pass-1")
@@ -46,7 +52,7 @@ def clinic(partitions, schema, tmp_path_factory):
                               scientist=scientist, owner_password=OWNER_PW,
                               officer_password=OFFICER_PW)
     admin_pw = site.accounts[Role.ADMIN].password
-    from datasites.federation_config import ensure_signing_key, write_config
+    from datasites.runtime.federation_config import ensure_signing_key, write_config
 
     write_config(directory, {"sites": {NAME: ensure_signing_key(directory)}, "max_sites": 1,
                              "min_sites": 2, "paillier_public_key": None,
@@ -63,7 +69,7 @@ def clinic(partitions, schema, tmp_path_factory):
 
 
 def _open(clinic, email=None, password=OWNER_PW):
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     return Datasite.open(clinic.dir, email or clinic.owner, password)
 
@@ -103,7 +109,7 @@ def test_restart_resumes_the_audit_chain_and_the_ledger(clinic):
         assert {r.request_id for r in site.requests()} == set(clinic.rids)
         assert len(load_entries(clinic.dir)) == len(before)  # requests already on record
         site.approve(clinic.rids[2], reason="restart test")
-        from datasites.scientist import ScientistSession
+        from datasites.adapter.scientist import ScientistSession
 
         session = ScientistSession(site.login(clinic.scientist.email, clinic.scientist.password))
         session.connection(clinic.specs[2]).call("stats", {})  # guard re-registered
@@ -205,7 +211,7 @@ def test_cli_bad_input_is_one_line_and_exit_2(clinic, tmp_path):
     (copy / "audit.jsonl").write_bytes(b"".join(lines[:3] + [b"{garbage\n"] + lines[4:]))
     line = _one_line_error(_cli("requests", "list", "--site", copy))
     assert "audit log is corrupt, refusing to open the site: line 4 is not valid JSON" in line
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     with pytest.raises(AuditLogCorrupt):
         Datasite.open(copy, clinic.owner, OWNER_PW)
@@ -223,7 +229,7 @@ def test_cli_password_prompt_hides_input(clinic):
 
 def test_nothing_happens_when_the_log_cannot_record_it(clinic):
     """Write-ahead: with the log broken behind the site's back, no decision and no call."""
-    from datasites.scientist import ScientistSession
+    from datasites.adapter.scientist import ScientistSession
 
     spec = clinic.specs[2]  # approved, stats used, one fit left
     site = _open(clinic)
@@ -369,7 +375,7 @@ def test_officer_reads_never_open_the_signing_key(clinic):
     _KEY_OPENS.clear()
     _WATCHING.append(True)
     try:
-        from datasites.compliance import AuditorSession
+        from datasites.governance.compliance import AuditorSession
 
         session = AuditorSession.login(clinic.dir, clinic.officer, OFFICER_PW)
         assert session.verify().ok and session.entries() and session.requests()

@@ -10,9 +10,9 @@ import contextlib
 
 import pytest
 
-from datasites.audit import Action
-from datasites.policy import DatasetPolicy
-from datasites.syft_server import sy
+from datasites.adapter.syft_server import sy
+from datasites.governance.audit import Action
+from datasites.governance.policy import DatasetPolicy
 from fed_tasks.interface import SiteRefusedError
 from fed_tasks.spec import JobSpec
 
@@ -45,7 +45,7 @@ def test_scientist_reads_the_policy_the_owner_sets(federation):
 
 
 def test_scientist_cannot_change_the_policy(federation):
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     site = federation.sites[1]
     as_scientist = Datasite(site.name, site.directory, site.server, site.accounts, site.guard,

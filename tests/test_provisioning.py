@@ -14,9 +14,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from datasites.cli import app
+from datasites.cli.main import app
 from datasites.errors import ProvisioningError
-from datasites.site_files import COMPLETE_FILE, SiteDirectoryError
+from datasites.runtime.site_files import COMPLETE_FILE, SiteDirectoryError
 
 OWNER_PW = "owner-pass-3306"
 OFFICER_PW = "officer-pass-8814"
@@ -29,7 +29,7 @@ AUTHORITY = "authority-kept"  # not the session federation's running "key-author
 @pytest.fixture(scope="module")
 def kept(partitions, schema, tmp_path_factory):
     """A closed federation in ``root``: site-a, site-b and the key authority."""
-    from datasites.federation import Federation
+    from datasites.harness.federation import Federation
 
     root = tmp_path_factory.mktemp("kept")
     passwords = {n: {"owner": OWNER_PW, "officer": OFFICER_PW} for n in ("site-a", "site-b")}
@@ -53,7 +53,7 @@ def _copy(kept: Path, tmp_path: Path, name: str = "site-a") -> Path:
 
 
 def test_provisioned_sites_are_complete_and_nothing_temporary_is_left(kept):
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     assert sorted(p.name for p in kept.iterdir()) == [AUTHORITY, "site-a", "site-b"]
     for name in ("site-a", "site-b"):
@@ -64,8 +64,8 @@ def test_provisioned_sites_are_complete_and_nothing_temporary_is_left(kept):
 
 def test_key_authority_opens_with_the_chosen_password(kept):
     """Item 4: the authority's directory is usable by its owner (password set or printed)."""
-    from datasites.cli import _kept_site_passwords
-    from datasites.key_authority_site import KeyAuthoritySite
+    from datasites.cli.main import _kept_site_passwords
+    from datasites.runtime.key_authority_site import KeyAuthoritySite
 
     KeyAuthoritySite.open(kept / AUTHORITY, f"owner@{AUTHORITY}.site", AUTH_OWNER_PW).close()
     chosen = _kept_site_passwords(kept.parent / "fresh-dir", 2, authority=True)
@@ -73,7 +73,7 @@ def test_key_authority_opens_with_the_chosen_password(kept):
 
 
 def test_half_built_site_is_refused(kept, tmp_path):
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     site = _copy(kept, tmp_path)
     (site / COMPLETE_FILE).unlink()
@@ -84,7 +84,7 @@ def test_half_built_site_is_refused(kept, tmp_path):
 
 
 def test_leftover_is_named_and_never_a_site(kept, tmp_path):
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     leftover = tmp_path / ".site-a.provisioning-0badc0de"
     shutil.copytree(kept / "site-a", leftover)
@@ -103,7 +103,7 @@ def test_leftover_is_named_and_never_a_site(kept, tmp_path):
 @pytest.mark.parametrize("damage", ["deleted", "emptied", "truncated", "garbage"])
 def test_missing_or_damaged_store_is_refused_and_nothing_written(kept, tmp_path, damage,
                                                                  monkeypatch):
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     site = _copy(kept, tmp_path)
     store = site / "syft.db"

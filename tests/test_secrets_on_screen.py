@@ -21,8 +21,8 @@ from types import SimpleNamespace
 
 import pytest
 
-from datasites.accounts import Account, Role, Secret, new_password
-from datasites.audit import load_entries
+from datasites.governance.accounts import Account, Role, Secret, new_password
+from datasites.governance.audit import load_entries
 
 BIN = Path(sys.executable).parent / "fedsyft"
 OWNER_PW = "owner-Secret-5521"
@@ -90,7 +90,7 @@ def test_unwritable_report_is_one_line_without_passwords(late_report_failure, sm
 
 
 def test_corrupt_gzip_table_is_one_line_without_passwords(tmp_path):
-    from datasites.demo import BUNDLED_TABLE
+    from datasites.harness.demo import BUNDLED_TABLE
 
     data = bytearray(BUNDLED_TABLE.read_bytes())
     for i in range(2000, 2400):  # a damaged deflate stream (zlib.error)
@@ -126,7 +126,7 @@ def test_secrets_hide_in_every_repr():
         assert "hunter2" not in shown and "plain-password" not in shown
     assert f"{secret}" == "hunter2-hunter2" and type(secret.reveal()) is str
 
-    from datasites.cli import app
+    from datasites.cli.main import app
 
     assert app.pretty_exceptions_show_locals is False
 
@@ -138,8 +138,8 @@ def test_weak_owner_password_is_refused_before_anything_is_built(tmp_path, parti
         proc = _run("demo", "--keep-sites", tmp_path / "kept", env={**ENV, var: "short"})
         _one_line_error(proc, f"{var} must have at least 8 characters")
         assert not (tmp_path / "kept").exists()
-    from datasites.datasite import Datasite
     from datasites.errors import ProvisioningError
+    from datasites.runtime.datasite import Datasite
 
     train, test = partitions[0]
     with pytest.raises(ProvisioningError, match="owner_password must have at least 8"):
@@ -163,8 +163,8 @@ def test_failed_audit_export_is_one_line_and_not_logged(late_report_failure, tmp
         _one_line_error(proc, f"--out {out}", why)
     assert load_entries(site) == before  # nothing claims an export
 
-    from datasites.compliance import AuditorSession
-    from datasites.site_files import officer_email
+    from datasites.governance.compliance import AuditorSession
+    from datasites.runtime.site_files import officer_email
 
     session = AuditorSession.login(site, officer_email(site), OFFICER_PW)
     with pytest.raises(OSError):  # the write itself fails: still no entry

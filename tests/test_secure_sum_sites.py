@@ -10,7 +10,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from datasites.direct import direct_federation
+from datasites.runtime.direct import direct_federation
 from fed_tasks.aggregation import MaskedSum, PlainSum, TooFewSitesError
 from fed_tasks.encoding import codec_for, secagg_plan
 from fed_tasks.interface import SiteRefusedError

@@ -8,8 +8,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datasites.partition import dirichlet_split, train_test_split
-from datasites.tables import TableError, infer_schema, make_mock, read_table, validate
+from datasites.harness.partition import dirichlet_split, train_test_split
+from datasites.runtime.tables import TableError, infer_schema, make_mock, read_table, validate
 
 
 def _csv(tmp_path, frame: pd.DataFrame, name: str = "t.csv"):

@@ -14,7 +14,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
-from datasites.accounts import Secret, password_from_env
+from datasites.governance.accounts import Secret, password_from_env
 
 NAME = r"^[a-z0-9][a-z0-9-]{0,39}$"
 CONFIG_ENV = "FEDSYFT_CONFIG"  # notebooks find the federation through it

@@ -11,8 +11,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from datasites.deploy.config import ConfigError
-from datasites.partition import dirichlet_split
-from datasites.tables import infer_schema, read_table
+from datasites.harness.partition import dirichlet_split
+from datasites.runtime.tables import infer_schema, read_table
 
 CONFIG_NAME = "federation.toml"
 

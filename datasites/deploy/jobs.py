@@ -11,7 +11,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from datasites.site_files import make_private_directory, write_private
+from datasites.runtime.site_files import make_private_directory, write_private
 from fed_tasks.spec import JobSpec
 
 HOME_ENV = "FEDSYFT_HOME"

@@ -21,7 +21,7 @@ from typing import Any
 
 from datasites.deploy.config import MemberConfig
 from datasites.deploy.serve import LOG_FILE, PID_FILE
-from datasites.site_files import open_private
+from datasites.runtime.site_files import open_private
 
 START_TIMEOUT_S = 180.0  # importing syft and opening the store: ~10-20 s on 2 cores
 STOP_TIMEOUT_S = 30.0

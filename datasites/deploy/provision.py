@@ -14,8 +14,6 @@ from urllib.parse import urlsplit
 
 import pandas as pd
 
-from datasites.accounts import Account, Role
-from datasites.datasite import Datasite
 from datasites.deploy.config import (
     ConfigError,
     FederationFile,
@@ -25,11 +23,13 @@ from datasites.deploy.config import (
     password_for,
 )
 from datasites.errors import ProvisioningError
-from datasites.federation import configure_members
-from datasites.key_authority_site import KeyAuthoritySite
-from datasites.partition import train_test_split
-from datasites.site_files import SiteDirectoryError, read_site_info
-from datasites.tables import FederationSchema, TableError, read_table, validate
+from datasites.governance.accounts import Account, Role
+from datasites.harness.federation import configure_members
+from datasites.harness.partition import train_test_split
+from datasites.runtime.datasite import Datasite
+from datasites.runtime.key_authority_site import KeyAuthoritySite
+from datasites.runtime.site_files import SiteDirectoryError, read_site_info
+from datasites.runtime.tables import FederationSchema, TableError, read_table, validate
 
 
 def is_provisioned(directory: Path) -> bool:

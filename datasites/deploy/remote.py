@@ -14,10 +14,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from datasites.adapter.scientist import ScientistSession
+from datasites.adapter.syft_server import login_http
 from datasites.deploy.config import FederationFile, MemberConfig, load, password_for
 from datasites.deploy.processes import ServerError, health, post_json
-from datasites.scientist import ScientistSession
-from datasites.syft_server import login_http
 from fed_tasks.aggregation import KeyAuthoritySum, MaskedSum, PlainSum, SecureSum
 from fed_tasks.orchestrator import FederatedTrainer
 from fed_tasks.spec import JobSpec
@@ -182,7 +182,7 @@ class OwnerClient:
         return answer.get("result")
 
     def requests(self) -> list[Any]:
-        from datasites.datasite import RequestSummary
+        from datasites.runtime.datasite import RequestSummary
 
         return [RequestSummary(**r) for r in self._call("requests")]
 

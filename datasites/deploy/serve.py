@@ -39,17 +39,17 @@ def main(argv: list[str] | None = None) -> int:
 
     import uvicorn
 
-    from datasites.audit import Action
-    from datasites.audit import Role as AuditRole
-    from datasites.datasite import SYSTEM_ACTOR
+    from datasites.adapter.syft_server import http_app
     from datasites.deploy.site_api import router
-    from datasites.federation_config import PAILLIER_KEY_FILE
-    from datasites.key_authority_site import KeyAuthoritySite
-    from datasites.site_files import write_private
-    from datasites.syft_server import http_app
+    from datasites.governance.audit import Action
+    from datasites.governance.audit import Role as AuditRole
+    from datasites.runtime.datasite import SYSTEM_ACTOR
+    from datasites.runtime.federation_config import PAILLIER_KEY_FILE
+    from datasites.runtime.key_authority_site import KeyAuthoritySite
+    from datasites.runtime.site_files import write_private
 
     kind = KeyAuthoritySite if (directory / PAILLIER_KEY_FILE).exists() else None
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     previous = _previous_stop(directory)
     site = (kind or Datasite).host(directory)

@@ -20,8 +20,8 @@ from typing import Any
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
 
-from datasites.audit import verify
 from datasites.errors import AuthenticationError, RequestNotFoundError
+from datasites.governance.audit import verify
 
 log = logging.getLogger(__name__)
 

@@ -20,8 +20,10 @@ import pytest
 from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
-from datasites import job_code
-from datasites.audit import (
+from datasites.adapter import job_code
+from datasites.adapter.scientist import ScientistSession
+from datasites.cli.main import app
+from datasites.governance.audit import (
     AuditLog,
     canonical_json,
     entry_hash,
@@ -30,9 +32,7 @@ from datasites.audit import (
     load_public_key,
     verify,
 )
-from datasites.cli import app
-from datasites.receipts import PEER_RECEIPTS
-from datasites.scientist import ScientistSession
+from datasites.governance.receipts import PEER_RECEIPTS
 from fed_tasks.codec import dumps, loads
 from fed_tasks.orchestrator import FederatedTrainer
 from fed_tasks.spec import JobSpec

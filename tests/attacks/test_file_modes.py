@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from datasites.accounts import Account, Role
-from datasites.audit import AuditKeyError
+from datasites.governance.accounts import Account, Role
+from datasites.governance.audit import AuditKeyError
 from fed_tasks.spec import JobSpec
 
 OWNER_PW = "owner-pass-123456"
@@ -68,7 +68,7 @@ def test_a_running_and_a_closed_site_are_owner_only_whatever_the_umask(
     """Provision two real sites (plus federation config) and run one approved call under a
     loose umask: while they run and after they close, the site directory is 0700 and every
     file in it (syft.db and its WAL files, keys, approvals, ledger, audit) is 0600."""
-    from datasites.federation import Federation
+    from datasites.harness.federation import Federation
 
     names = [f"modes-{mask:03o}-{i}" for i in range(2)]
     with _umask(mask):
@@ -93,7 +93,7 @@ def test_a_running_and_a_closed_site_are_owner_only_whatever_the_umask(
 @pytest.fixture(scope="module")
 def closed_site(partitions, schema, tmp_path_factory) -> Path:
     """A provisioned, then closed, site, provisioned under umask 0 (the loosest)."""
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     directory = tmp_path_factory.mktemp("modes") / "modes-reopen"
     train, test = partitions[2]
@@ -111,7 +111,7 @@ def test_open_restores_modes_someone_loosened_and_logs_it(closed_site):
     """A careful operator expects the site to close the exposure at once, before anything
     starts, and to leave a trace of it: open makes everything owner-only again and writes
     ``file_modes_repaired`` with the former modes (so the officer sees syft.db was open)."""
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     for name in ("syft.db", "approvals.json", "site.json", "audit.jsonl"):
         os.chmod(closed_site / name, 0o644)
@@ -133,7 +133,7 @@ def test_open_refuses_an_audit_key_others_could_read_but_still_closes_the_rest(c
     """The signing key that proves the audit log is not silently repaired: if others could
     read it, opening is refused (the operator decides whether to rotate it); every other
     file has been made owner-only anyway."""
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     os.chmod(closed_site / "audit_key.pem", 0o644)
     os.chmod(closed_site / "syft.db", 0o644)
@@ -147,8 +147,8 @@ def test_open_refuses_an_audit_key_others_could_read_but_still_closes_the_rest(c
 
 def test_the_sweep_never_touches_a_directory_that_is_not_a_site(tmp_path):
     """A mistyped path (a home directory, say) is refused, not chmodded recursively."""
-    from datasites.datasite import Datasite
-    from datasites.site_files import SiteDirectoryError
+    from datasites.runtime.datasite import Datasite
+    from datasites.runtime.site_files import SiteDirectoryError
 
     (tmp_path / "notes.txt").write_text("x")
     os.chmod(tmp_path / "notes.txt", 0o644)

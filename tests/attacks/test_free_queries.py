@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from datasites.site_entry import STEP_FAILED
+from datasites.runtime.site_entry import STEP_FAILED
 from fed_tasks.interface import SiteRefusedError
 from fed_tasks.orchestrator import FederatedTrainer
 from fed_tasks.spec import JobSpec
@@ -64,7 +64,7 @@ def test_a_step_that_fails_on_private_data_is_counted_and_says_nothing(federatio
 def test_the_label_can_never_be_a_feature(federation, schema):
     from pydantic import ValidationError
 
-    from datasites import job_code
+    from datasites.adapter import job_code
 
     with pytest.raises(ValidationError, match="cannot also be a feature"):
         JobSpec(features=(*schema.features, schema.label), label_column=schema.label)

@@ -19,13 +19,13 @@ from collections.abc import Iterator
 
 import pytest
 
-from datasites.accounts import Account, Role
-from datasites.audit import Action
-from datasites.compliance import AuditorSession
+from datasites.adapter.scientist import ScientistSession
+from datasites.adapter.syft_server import ServiceRole, SyftException
 from datasites.errors import AuthenticationError, ProvisioningError
-from datasites.policy import DatasetPolicy, Requester, Submitter
-from datasites.scientist import ScientistSession
-from datasites.syft_server import ServiceRole, SyftException
+from datasites.governance.accounts import Account, Role
+from datasites.governance.audit import Action
+from datasites.governance.compliance import AuditorSession
+from datasites.governance.policy import DatasetPolicy, Requester, Submitter
 from fed_tasks.interface import SiteRefusedError
 from fed_tasks.spec import JobSpec
 
@@ -39,7 +39,7 @@ def _spec(schema, **kw) -> JobSpec:
 
 @pytest.fixture(scope="module")
 def site(partitions, schema, tmp_path_factory):
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     train, test = partitions[0]
     s = Datasite.provision(SITE, tmp_path_factory.mktemp("identity") / SITE, train=train,
@@ -238,7 +238,7 @@ def test_account_registered_under_the_officer_email_is_flagged(site, admin):
 
 def test_provisioning_refuses_a_syft_account_under_the_officer_email(partitions, schema,
                                                                      tmp_path):
-    from datasites.datasite import Datasite
+    from datasites.runtime.datasite import Datasite
 
     train, test = partitions[1]
     directory = tmp_path / "ident-2"

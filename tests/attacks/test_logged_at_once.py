@@ -10,9 +10,9 @@ from __future__ import annotations
 
 import time
 
-from datasites.accounts import Role
-from datasites.audit import Action, load_entries
-from datasites.syft_server import ServiceRole
+from datasites.adapter.syft_server import ServiceRole
+from datasites.governance.accounts import Role
+from datasites.governance.audit import Action, load_entries
 from fed_tasks.spec import JobSpec
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from datasites.tables import MOCK_ROWS, FederationSchema, infer_schema, make_mock, validate
+from datasites.runtime.tables import MOCK_ROWS, FederationSchema, infer_schema, make_mock, validate
 
 
 def _rounded_moments(frame: pd.DataFrame, schema: FederationSchema) -> list[tuple[str, str]]:

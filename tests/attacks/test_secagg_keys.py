@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import pytest
 
-from datasites.direct import direct_federation
+from datasites.runtime.direct import direct_federation
 from fed_tasks.encoding import secagg_plan
 from fed_tasks.interface import SiteRefusedError
 from fed_tasks.spec import JobSpec

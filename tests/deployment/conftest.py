@@ -21,7 +21,7 @@ SITE_NAMES = ("hospital-a", "hospital-b", "hospital-c")  # as the session federa
 PASSWORDS = {"FEDSYFT_OWNER_PASSWORD": "Owner-pass-4f9a2c",
              "FEDSYFT_OFFICER_PASSWORD": "Officer-pass-8d1e7b",
              "FEDSYFT_SCIENTIST_PASSWORD": "Scientist-pass-3c6f0a"}
-FEDSYFT = [sys.executable, "-m", "datasites.cli"]
+FEDSYFT = [sys.executable, "-m", "datasites.cli.main"]
 
 
 def free_ports(n: int) -> list[int]:
@@ -65,7 +65,7 @@ def run_cli(*args: str, env: dict[str, str] | None = None, timeout: float = 300
 
 @pytest.fixture(scope="session")
 def site_parts(shuttle_small):
-    from datasites.partition import dirichlet_split
+    from datasites.harness.partition import dirichlet_split
 
     return dirichlet_split(shuttle_small, len(SITE_NAMES), by="f1", seed=0)
 

@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 from datasites.deploy.remote import NotApprovedError, OwnerClient, RemoteFederation
-from datasites.guard import is_registered
+from datasites.governance.guard import is_registered
 from fed_tasks.interface import SiteRefusedError
 from fed_tasks.local import LocalSite
 from fed_tasks.orchestrator import FederatedTrainer
@@ -83,7 +83,7 @@ def test_an_owner_with_a_wrong_password_is_refused_and_logged(deployed):
     member = deployed.site[0]
     with pytest.raises(OwnerError, match="wrong email or password"):
         OwnerClient(member, member.owner, "not-her-password-123").requests()
-    from datasites.audit import load_entries
+    from datasites.governance.audit import load_entries
 
     failed = [e for e in load_entries(member.directory) if e["action"] == "login_failed"]
     assert failed and failed[-1]["actor"] == member.owner

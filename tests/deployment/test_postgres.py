@@ -25,7 +25,7 @@ def postgres(tmp_path_factory):
 def test_a_postgresql_site_trains_and_restarts_intact(postgres, site_parts, tmp_path):
     from datasites.deploy.config import load
     from datasites.deploy.remote import OwnerClient, RemoteFederation
-    from datasites.partition import train_test_split
+    from datasites.harness.partition import train_test_split
 
     parts = [p.iloc[:400].reset_index(drop=True) for p in site_parts[:2]]
     config = write_config(tmp_path, parts, NAMES, free_ports(2), authority=False)
@@ -69,7 +69,7 @@ def test_a_postgresql_site_trains_and_restarts_intact(postgres, site_parts, tmp_
 
 
 def _schema(parts):
-    from datasites.tables import infer_schema
+    from datasites.runtime.tables import infer_schema
 
     return infer_schema(parts[0], "anomaly")
 

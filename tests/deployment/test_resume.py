@@ -9,8 +9,8 @@ import signal
 import numpy as np
 import pytest
 
-from datasites.audit import load_entries, verify
 from datasites.deploy import processes
+from datasites.governance.audit import load_entries, verify
 from fed_tasks.interface import SiteUnreachableError
 
 from .test_http_federation import _spec, approve_everywhere, in_process, scientist

@@ -1,0 +1,1 @@
+"""The ``fedsyft`` command line."""

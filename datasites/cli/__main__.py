@@ -1,0 +1,5 @@
+"""``python -m datasites.cli``."""
+
+from datasites.cli.main import main
+
+main()

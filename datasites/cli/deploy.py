@@ -1,0 +1,257 @@
+"""``fedsyft init | up | down | status | submit | train``: a federation of running servers.
+
+Registered on the ``fedsyft`` app by :mod:`datasites.cli.main`. Every failure is one line and
+exit code 2 (the app's rule); ``status`` exits 1 when a server is down.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+
+from datasites.cli import job_options as opts
+from datasites.cli.main import _check_output, _fail, _positive, _say, app
+
+CONFIG = typer.Option(..., "--config", help="The federation's federation.toml.")
+ONE_SITE = typer.Option(None, "--site", help="Only this member (site or key authority).")
+
+
+def _load(config: Path) -> Any:
+    from datasites.deploy.config import ConfigError, load
+
+    try:
+        return load(config)
+    except ConfigError as exc:
+        raise _fail(exc) from None
+
+
+@app.command()
+def init(directory: Path = typer.Argument(..., help="Where to write federation.toml and "
+                                                     "the site tables."),
+         data: Path = typer.Option(None, help="CSV with numeric features and a 0/1 label "
+                                              "[default: the bundled ODDS shuttle table]"),
+         label_column: str = typer.Option("anomaly", help="Name of the 0/1 label column."),
+         sites: int = typer.Option(3, min=2, max=opts.SITES_MAX, help="Institutions."),
+         seed: int = typer.Option(0, min=0, max=opts.SEED_MAX, help="Seed of the split."),
+         base_port: int = typer.Option(8100, min=1024, max=65000,
+                                       help="Port of the first site; the others follow.")
+         ) -> None:
+    """Write an example federation that `fedsyft up` runs as it is."""
+    from datasites.deploy.init import write_example
+    from datasites.harness.demo import BUNDLED_TABLE
+
+    config = write_example(directory, data or BUNDLED_TABLE, label_column, sites, seed,
+                           base_port)
+    _say(f"wrote {config} and {sites} site tables in {directory / 'data'}")
+    _say("next: set FEDSYFT_OWNER_PASSWORD, FEDSYFT_OFFICER_PASSWORD and "
+         f"FEDSYFT_SCIENTIST_PASSWORD, then: fedsyft up --config {config}")
+
+
+@app.command()
+def up(config: Path = CONFIG, site: str = ONE_SITE) -> None:
+    """Provision (the first time) and start every site's server; returns once all answer."""
+    from datasites.deploy import processes
+
+    cfg = _load(config)
+    members = cfg.selected(site)
+    for m in members:
+        if not processes.port_free(m.host, m.port) and processes.health(m) is None:
+            raise _fail(f"site {m.name!r}: port {m.port} on {m.host} is already in use by "
+                        "another program (choose another port in the config)")
+    from datasites.deploy.provision import provision  # imports syft: after the checks
+
+    started = time.perf_counter()
+    made = provision(cfg)
+    if made:
+        _say(f"provisioned {', '.join(made)} in {time.perf_counter() - started:.1f} s")
+    for state in processes.start_all(members):
+        _say(f"{state.name:<16} up   {state.url}  pid {state.pid}")
+
+
+@app.command()
+def down(config: Path = CONFIG, site: str = ONE_SITE) -> None:
+    """Stop the servers cleanly (each logs server_stopped and closes its store)."""
+    from datasites.deploy import processes
+
+    cfg = _load(config)
+    for m in cfg.selected(site):
+        was = processes.stop(m)
+        _say(f"{m.name:<16} {'stopped' if was else 'was not running'}")
+
+
+@app.command()
+def status(config: Path = CONFIG, site: str = ONE_SITE) -> None:
+    """Each server: URL, pid, up or down, datasets, pending requests, audit chain."""
+    from datasites.deploy import processes
+
+    cfg = _load(config)
+    down_count = 0
+    _say(f"{'site':<16} {'state':<5} {'url':<24} {'pid':>7}  {'pending':>7}  audit chain")
+    for m in cfg.selected(site):
+        s = processes.state(m)
+        if not s.up:
+            down_count += 1
+            _say(f"{m.name:<16} {'down':<5} {m.url:<24} {s.pid or '-':>7}  {'-':>7}  - "
+                 f"({s.problem})")
+            continue
+        h = s.health or {}
+        audit = h.get("audit") or {}
+        chain = (f"intact, {audit.get('entries')} entries" if audit.get("ok")
+                 else f"BROKEN: {audit.get('problem')}")
+        kind = "key authority" if h.get("kind") == "authority" else f"{h.get('datasets')} dataset"
+        _say(f"{m.name:<16} {'up':<5} {m.url:<24} {s.pid:>7}  {h.get('pending_requests'):>7}  "
+             f"{chain} ({kind})")
+    if down_count:
+        raise typer.Exit(1)
+
+
+def _scientist(cfg: Any, receipts: Path | None = None) -> Any:
+    from datasites.deploy.remote import RemoteFederation
+
+    return RemoteFederation.connect(cfg, receipts=receipts)
+
+
+@app.command()
+def submit(
+    config: Path = CONFIG,
+    rounds: int = typer.Option(10, min=opts.ROUNDS_MIN, max=opts.ROUNDS_MAX,
+                               help="Federated rounds."),
+    model: str = typer.Option("ae", click_type=click.Choice(["ae"]), help="Model kind."),
+    aggregation: str = typer.Option("plain", click_type=click.Choice(
+        ["plain", "paillier", "secagg"]), help="plain | paillier | secagg."),
+    seed: int = typer.Option(0, min=0, max=opts.SEED_MAX, help="Seed of the model."),
+    label_column: str = typer.Option("anomaly", help="The label column in the mocks."),
+    epsilon: float = typer.Option(None, "--epsilon", click_type=_positive(opts.EPSILON_MAX),
+                                  help="Differential privacy: the job's epsilon."),
+    delta: float = typer.Option(1e-5, "--delta", click_type=_positive(opts.DELTA_MAX),
+                                help="DP delta (with --epsilon)."),
+    clip: float = typer.Option(1.0, "--clip", click_type=_positive(), help="DP clip."),
+    dp_sgd: bool = typer.Option(False, "--dp-sgd", help="Sample-level DP-SGD."),
+) -> None:
+    """The data scientist submits a job to every site: prints the job id and request ids."""
+    if (dp_sgd or clip != 1.0 or delta != 1e-5) and epsilon is None:
+        raise _fail("--delta, --clip and --dp-sgd need --epsilon")
+    cfg = _load(config)
+    try:
+        opts.check_job_options(sites=len(cfg.site), rounds=rounds, model=model,
+                               aggregation=aggregation, seed=seed, epsilon=epsilon,
+                               delta=delta, clip=clip, dp_sgd=dp_sgd)
+    except opts.JobOptionError as exc:
+        raise _fail(exc) from None
+    if aggregation == "paillier" and cfg.key_authority is None:
+        raise _fail(f"--aggregation paillier needs a [key_authority] in {cfg.path}")
+    from datasites.deploy.jobs import save_job
+    from fed_tasks.spec import JobSpec
+
+    fed = _scientist(cfg)
+    columns = [str(c) for c in fed.sessions()[0].mock("train").columns]
+    if label_column not in columns:
+        raise _fail(f"--label-column {label_column}: not a column of the sites' tables "
+                    f"({', '.join(columns)})")
+    dp: dict[str, Any] = {}
+    if epsilon is not None:
+        dp = {"dp_epsilon": epsilon, "dp_delta": delta, "dp_clip": clip, "dp_sgd": dp_sgd,
+              **({"trim": 0.0} if dp_sgd else {})}
+    spec = JobSpec(model=model, features=tuple(c for c in columns if c != label_column),
+                   label_column=label_column, rounds=rounds, seed=seed,
+                   aggregation=aggregation, min_sites=cfg.federation.min_sites, **dp)
+    ids = fed.submit(spec)
+    save_job(spec, cfg.path, ids)
+    _say(f"job {spec.job_id}")
+    for name, rid in ids.items():
+        _say(f"  {name:<16} request {rid}")
+    _say(f"each data owner reviews it: fedsyft requests show REQUEST --config {cfg.path} "
+         "--site NAME; then: fedsyft train --config ... --job " + spec.job_id)
+
+
+@app.command()
+def train(config: Path = CONFIG,
+          job: str = typer.Option(..., "--job", help="The job id printed by submit."),
+          report: Path = typer.Option(None, "--report", help="Write the JSON report here."),
+          resume: bool = typer.Option(False, "--resume", help=(
+              "Continue after the last checkpointed round (after a crash or a site "
+              "restart) instead of starting over.")),
+          wait: float = typer.Option(0.0, "--wait", min=0.0, max=86400.0, help=(
+              "Seconds to wait for the approvals [default: look once]."))) -> None:
+    """Run an approved job's rounds at every site, then each site's evaluation."""
+    from datasites.deploy.jobs import load_job
+    from datasites.deploy.remote import NotApprovedError
+
+    cfg = _load(config)
+    record = load_job(job)
+    if report is not None:
+        _check_output(report, "--report", create_parents=True)
+    if record.checkpoint.exists() and not resume:
+        raise _fail(f"job {job} already ran (checkpoint {record.checkpoint}); continue it "
+                    "with --resume")
+    fed = _scientist(cfg, receipts=record.receipts)
+    spec = record.spec
+    try:
+        fed.wait_for_approval(spec, timeout=wait)
+    except NotApprovedError as exc:
+        raise _fail(exc) from None
+    trainer = fed.trainer(spec)
+    started = time.perf_counter()
+    result = trainer.fit(checkpoint=record.checkpoint, resume=resume and
+                         record.checkpoint.exists())
+    per_site = trainer.evaluate(result)
+    out = _train_report(spec, cfg, result, per_site, time.perf_counter() - started)
+    for row in per_site:
+        _say(f"{row['site']:<16} ROC-AUC {row['roc_auc']:.3f}  PR-AUC {row['pr_auc']:.3f}  "
+             f"({row['n_test']} test rows)")
+    if result.stopped_early:
+        _say(f"stopped after {result.rounds_completed} rounds: {result.stop_reason}")
+    if report is not None:
+        report.parent.mkdir(parents=True, exist_ok=True)
+        report.write_text(json.dumps(out, indent=2))
+        _say(f"report written to {report}")
+
+
+def _train_report(spec: Any, cfg: Any, result: Any, per_site: list[dict[str, Any]],
+                  seconds: float) -> dict[str, Any]:
+    import math
+
+    from fed_tasks.dp_step import cumulative_epsilon, noise_multiplier
+
+    n = sum(r["n_test"] for r in per_site)
+    dp = None if not spec.dp_enabled else ("dp_sgd" if spec.dp_sgd else "dp_fedavg")
+    return {
+        "job_id": spec.job_id, "config": str(cfg.path), "sites": len(cfg.site),
+        "rounds": spec.rounds, "model": spec.model, "seed": spec.seed,
+        "aggregation": spec.aggregation,
+        "federated": {
+            "roc_auc_mean": sum(r["roc_auc"] * r["n_test"] for r in per_site) / n,
+            "pr_auc_mean": sum(r["pr_auc"] * r["n_test"] for r in per_site) / n,
+            "losses": [None if math.isnan(v) else v for v in result.losses]},
+        "dp": dp, "delta": spec.dp_delta if dp else None,
+        "epsilon_accountant": (cumulative_epsilon(spec, result.rounds_completed)
+                               if dp == "dp_fedavg" else None),
+        "noise_multiplier": noise_multiplier(spec) if dp == "dp_fedavg" else None,
+        "rounds_completed": result.rounds_completed,
+        "stopped_early": result.stop_reason or None,
+        "per_site": per_site,
+        "timing": {"train_s": seconds, "round_s": result.round_seconds},
+        "weights_sha256": hashlib.sha256(result.weights.tobytes()).hexdigest(),
+    }
+
+
+def owner_client(config: Path, site: str, owner: str | None) -> Any:
+    """The data owner's session with her site's running server (``requests --config``)."""
+    from datasites.cli.main import _password
+    from datasites.deploy.config import password_env
+    from datasites.deploy.remote import OwnerClient
+
+    cfg = _load(config)
+    member = cfg.member(site)
+    email = owner or member.owner
+    env = next((v for v in password_env("owner", member.name) if os.environ.get(v)),
+               password_env("owner", member.name)[-1])
+    password = _password(env, f"data owner {email} of {member.name}")
+    return OwnerClient(member, email, password)

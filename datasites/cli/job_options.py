@@ -1,0 +1,79 @@
+"""The demo's job options: the ranges the CLI gives typer, and a JobSpec error as a flag.
+
+The ranges are what a job must satisfy to run on a new demo site: :class:`JobSpec`'s own
+bounds, narrowed by the default :class:`DatasetPolicy` (rounds, epsilon budget, delta,
+sites per aggregate) and by what the sites feed numpy and torch (the seed). The CLI refuses
+anything outside them at once, instead of the sites refusing it after the table was read
+(``tests/test_bad_inputs.py`` checks that they match those sources). This module imports
+pydantic only: the CLI reads these numbers at start-up.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+SITES_MIN, SITES_MAX = 2, 20  # DatasetPolicy.min_sites: an aggregate combines >= 2 sites
+ROUNDS_MIN, ROUNDS_MAX = 1, 100  # DatasetPolicy.max_rounds (JobSpec alone allows 1000)
+EPSILON_MAX = 10.0  # DatasetPolicy.epsilon_budget of a new dataset
+DELTA_MAX = 1e-5  # DatasetPolicy.max_delta
+# the sites seed numpy (non-negative) and torch with seed * 100_003 + rounds (< 2**64)
+SEED_MAX = (2**64 - 1 - ROUNDS_MAX) // 100_003
+
+# JobSpec field -> the demo option it comes from
+FLAGS = {"rounds": "--rounds", "seed": "--seed", "aggregation": "--aggregation",
+         "model": "--model", "min_sites": "--sites", "dp_epsilon": "--epsilon",
+         "dp_delta": "--delta", "dp_clip": "--clip", "dp_sgd": "--dp-sgd",
+         "label_column": "--label-column", "features": "--data"}
+ALLOWED = {"--sites": f"{SITES_MIN} to {SITES_MAX}",
+           "--rounds": f"{ROUNDS_MIN} to {ROUNDS_MAX}",
+           "--seed": f"0 to {SEED_MAX}",
+           "--aggregation": "plain, paillier, secagg",
+           "--model": "ae",
+           "--epsilon": f"a finite number above 0, at most {EPSILON_MAX:g}",
+           "--delta": f"above 0, at most {DELTA_MAX:g}",
+           "--clip": "a finite number above 0"}
+
+
+class JobOptionError(ValueError):
+    """A demo option the job cannot take; the message names the flag and what is allowed."""
+
+
+def spec_error_line(exc: Any) -> str:
+    """A pydantic ``ValidationError`` of :class:`JobSpec` as one line in the CLI's words:
+    ``--flag: problem (got value; allowed: range)``, never a multi-line dump naming fields
+    the user never typed."""
+    parts = []
+    for error in exc.errors():
+        field = str(error["loc"][0]) if error.get("loc") else ""
+        message = str(error["msg"]).removeprefix("Value error, ")
+        if not field:  # a whole-spec rule: speak of the flags its message names
+            for name, flag in FLAGS.items():
+                message = re.sub(rf"\b{name}\b", flag, message)
+            parts.append(message)
+            continue
+        flag = FLAGS.get(field, field)
+        detail = [f"got {error['input']!r}"] if "input" in error else []
+        detail += [f"allowed: {ALLOWED[flag]}"] if flag in ALLOWED else []
+        tail = f" ({'; '.join(detail)})" if detail else ""
+        parts.append(f"{flag}: {message[:1].lower()}{message[1:]}{tail}")
+    return "; ".join(parts) or "the job's options are invalid"
+
+
+def check_job_options(*, sites: int, rounds: int, model: str, aggregation: str, seed: int,
+                      epsilon: float | None, delta: float, clip: float, dp_sgd: bool) -> None:
+    """Build the :class:`JobSpec` the demo would build (with a stand-in feature), so that a
+    bad option fails in milliseconds, before the table is read or a site exists."""
+    from pydantic import ValidationError
+
+    from fed_tasks.spec import JobSpec
+
+    dp: dict[str, Any] = {}
+    if epsilon is not None:  # as datasites.harness.demo.run_demo sets them
+        dp = {"dp_epsilon": epsilon, "dp_delta": delta, "dp_clip": clip, "dp_sgd": dp_sgd,
+              **({"trim": 0.0} if dp_sgd else {})}
+    try:
+        JobSpec(model=model, features=("x",), rounds=rounds, seed=seed, aggregation=aggregation,
+                min_sites=min(2, sites), **dp)
+    except ValidationError as exc:
+        raise JobOptionError(spec_error_line(exc)) from None

@@ -1,0 +1,699 @@
+"""``fedsyft``: the demo federation, the data owner's ``requests`` and the officer's ``audit``.
+
+Passwords never come from files or the command line: environment variables or a hidden
+prompt. Bad input (unknown site directory or request id, wrong credentials, a broken audit
+log) is one line on stderr and exit code 2; ``audit verify`` exits 1 when the chain breaks.
+"""
+
+from __future__ import annotations
+
+import getpass
+import json
+import math
+import os
+import re
+import sys
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import click
+import typer
+from rich.console import Console
+from rich.table import Table
+from typer.core import TyperGroup
+
+from datasites.cli import job_options as opts
+
+console = Console()
+err = Console(stderr=True)
+
+
+def _one_line(exc: BaseException) -> str:
+    """An exception's message on one line (a multi-line message is joined, never dumped)."""
+    text = " ".join(str(exc).split()) or type(exc).__name__
+    return text if len(text) <= 2000 else text[:2000] + " ..."
+
+
+def _known_failures() -> tuple[type[BaseException], ...]:
+    """What bad input or a damaged site directory raises: each is one line and exit 2.
+
+    OSError (a path that cannot be read or written), EOFError and zlib.error (a truncated
+    or corrupt compressed table), ValueError (tables, policies, audit logs, site files),
+    LookupError (an unknown id) and RuntimeError (a corrupt ledger, a ledger or policy that
+    disagrees with the audit log, a site that could not be provisioned or is busy).
+    """
+    import zlib
+
+    return (OSError, EOFError, zlib.error, ValueError, LookupError, RuntimeError)
+
+
+def _allowed(kind: click.ParamType) -> str:
+    """What an option accepts, in words ("2 to 20", "plain, paillier, secagg")."""
+    if isinstance(kind, click.Choice):
+        return ", ".join(map(str, kind.choices))
+    if not isinstance(kind, (click.IntRange, click.FloatRange)):
+        return ""
+    if isinstance(kind, click.IntRange) and None not in (kind.min, kind.max) and not (
+            kind.min_open or kind.max_open):
+        return f"{kind.min} to {kind.max}"
+    low = None if kind.min is None else (f"{'above' if kind.min_open else 'at least'} "
+                                         f"{kind.min:g}")
+    high = None if kind.max is None else (f"{'below' if kind.max_open else 'at most'} "
+                                          f"{kind.max:g}")
+    return ", ".join(part for part in (low, high) if part)
+
+
+def _usage_line(exc: click.UsageError) -> str:
+    """A click usage error as ``--flag: problem (allowed: ...)`` on one line, instead of
+    typer's multi-line usage box."""
+    param = getattr(exc, "param", None)
+    command = exc.ctx.command_path if exc.ctx is not None else "fedsyft"
+    if isinstance(exc, click.NoSuchOption):
+        maybe = f" (did you mean {' or '.join(exc.possibilities)}?)" if exc.possibilities else ""
+        return f"no such option {exc.option_name}{maybe}; see '{command} --help'"
+    if param is None:
+        message = _one_line(click.ClickException(exc.format_message())).rstrip(".")
+        return f"{message}; see '{command} --help'"
+    flag = param.opts[0] if isinstance(param, click.Option) else param.human_readable_name
+    if isinstance(exc, click.MissingParameter):
+        return f"missing {exc.param_type or 'option'} {flag}; see '{command} --help'"
+    message = re.sub(r" is not in the range .*", " is out of range", exc.message)
+    message = re.sub(r" is not (one of )?'.*", " is not a choice", message).rstrip(".")
+    message = message.replace("valid integer range", "valid integer").replace(
+        "valid float range", "valid number")
+    allowed = _allowed(param.type)
+    return f"{flag}: {message}" + (f" (allowed: {allowed})" if allowed else "")
+
+
+class _OneLineErrors(TyperGroup):
+    """The root command group: a known failure anywhere below is one line on stderr and
+    exit code 2, never a traceback (and so never a dump of local variables that could hold
+    a password); so is a bad option, never typer's usage box. Anything else is a bug and
+    keeps its plain traceback (no locals)."""
+
+    def make_context(self, info_name: str | None, args: list[str],
+                     parent: click.Context | None = None, **extra: Any) -> click.Context:
+        try:  # the root's own options are parsed here, outside invoke
+            return super().make_context(info_name, args, parent=parent, **extra)
+        except click.UsageError as exc:
+            raise _fail(_usage_line(exc)) from None
+
+    def invoke(self, ctx: click.Context) -> Any:
+        try:
+            return super().invoke(ctx)
+        except click.UsageError as exc:
+            raise _fail(_usage_line(exc)) from None
+        except (click.exceptions.Exit, click.exceptions.Abort, click.ClickException):
+            raise
+        except _known_failures() as exc:
+            err.print(f"error: {_one_line(exc)}", markup=False, highlight=False,
+                      soft_wrap=True)
+            raise typer.Exit(2) from None
+
+
+# No pretty tracebacks: rich's show_locals printed the passwords held in local variables.
+_TYPER_SAFE = {"pretty_exceptions_enable": False, "pretty_exceptions_show_locals": False}
+app = typer.Typer(add_completion=False, no_args_is_help=True, cls=_OneLineErrors,
+                  help="Federated anomaly detection across PySyft datasites.", **_TYPER_SAFE)
+
+
+@app.callback()
+def _root() -> None:
+    """Federated anomaly detection across PySyft datasites."""
+
+
+def results_table(report: dict[str, Any]) -> Table:
+    """Federated vs centralized vs local-only, per site and pooled (ROC-AUC / PR-AUC)."""
+    table = Table(title=f"ROC-AUC / PR-AUC on the sites' private test splits\n"
+                        f"{report['sites']} sites, {report['rounds']} rounds, "
+                        f"{report['aggregation']} aggregation"
+                        + (f", {report['dp']} epsilon {report['epsilon_spent']:.3g}"
+                           if report.get("dp") else ""))
+    sites = [row["site"] for row in report["per_site"]]
+    table.add_column("model")
+    for name in sites:
+        table.add_column(name, justify="right")
+    table.add_column("pooled", justify="right", style="bold")
+    rows = (("federated", report["per_site"], report["federated"]),
+            ("centralized", report["centralized"]["per_site"], report["centralized"]),
+            ("local-only", report["local_only"]["per_site"], report["local_only"]))
+    for label, per_site, pooled in rows:
+        cells = [f"{r['roc_auc']:.3f} / {r['pr_auc']:.3f}" for r in per_site]
+        table.add_row(label, *cells, f"{pooled['roc_auc']:.3f} / {pooled['pr_auc']:.3f}")
+    table.caption = ("pooled = union of all test splits; local-only = mean over sites of a "
+                     "model trained on one site alone")
+    return table
+
+
+def _kept_site_passwords(keep_sites: Path | None, sites: int, authority: bool = False
+                         ) -> dict[str, dict[str, str]]:
+    """Owner/officer passwords of kept sites (and of the key authority, whose directory is
+    kept too): from the environment, else random (and printed once)."""
+    if keep_sites is None:
+        return {}
+    from datasites.runtime.site_files import leftover_message, leftovers
+
+    found = leftovers(keep_sites)
+    if found:
+        raise _fail(leftover_message(found))
+    if keep_sites.exists() and (not keep_sites.is_dir() or any(keep_sites.iterdir())):
+        raise _fail(f"--keep-sites {keep_sites} must be an empty or new directory")
+    from datasites.governance.accounts import (
+        WeakPasswordError,
+        check_password,
+        new_password,
+        password_from_env,
+    )
+
+    chosen = {}
+    for var in ("FEDSYFT_OWNER_PASSWORD", "FEDSYFT_OFFICER_PASSWORD"):  # the same rule
+        value = password_from_env(var)
+        try:
+            chosen[var] = check_password(value, var) if value is not None else None
+        except WeakPasswordError as exc:
+            raise _fail(exc) from None
+    owner, officer = chosen["FEDSYFT_OWNER_PASSWORD"], chosen["FEDSYFT_OFFICER_PASSWORD"]
+    names = [f"site-{i + 1}" for i in range(sites)] + (["key-authority"] if authority else [])
+    return {name: {"owner": owner or new_password(), "officer": officer or new_password()}
+            for name in names}
+
+
+def _print_kept_sites(cfg: Any) -> None:
+    """Where the kept sites are and how to log in; random passwords appear here only."""
+    if cfg.keep_sites is None or not cfg.passwords:
+        return
+    from datasites.runtime.site_files import SiteDirectoryError, officer_email, read_site_info
+
+    owner_env = bool(os.environ.get("FEDSYFT_OWNER_PASSWORD"))
+    officer_env = bool(os.environ.get("FEDSYFT_OFFICER_PASSWORD"))
+    lines = []
+    for name, pw in cfg.passwords.items():
+        try:
+            info = read_site_info(cfg.keep_sites / name)
+            officer = officer_email(info.directory)
+        except SiteDirectoryError:
+            continue
+        owner_pw = "$FEDSYFT_OWNER_PASSWORD" if owner_env else pw["owner"]
+        officer_pw = "$FEDSYFT_OFFICER_PASSWORD" if officer_env else pw["officer"]
+        lines.append(f"  {name}: data owner {info.email('data_owner')} password {owner_pw} ; "
+                     f"compliance officer {officer} password {officer_pw}")
+    if lines:
+        _say(f"kept sites in {cfg.keep_sites} (random passwords are shown only now, and are "
+             "stored nowhere):")
+        for line in lines:
+            _say(line)
+        _say(f"try: fedsyft requests list --site {cfg.keep_sites / next(iter(cfg.passwords))}")
+
+
+class _PositiveFinite(click.FloatRange):
+    """A finite float above 0: typer's own min/max can neither exclude the bound itself nor
+    refuse NaN (which passes every comparison and reached the job as a vaguer error)."""
+
+    def __init__(self, at_most: float | None = None) -> None:
+        super().__init__(min=0.0, min_open=True, max=at_most)
+
+    def convert(self, value: Any, param: click.Parameter | None,
+                ctx: click.Context | None) -> Any:
+        number = super().convert(value, param, ctx)
+        if math.isnan(number):
+            self.fail(f"{value} is not a finite number", param, ctx)
+        return number
+
+
+def _positive(at_most: float | None = None) -> click.FloatRange:
+    return _PositiveFinite(at_most)
+
+
+@app.command()
+def demo(
+    data: Path = typer.Option(None, help="CSV with numeric features and a 0/1 label column "
+                                         "[default: bundled ODDS shuttle table]"),
+    label_column: str = typer.Option("anomaly", help="Name of the 0/1 label column."),
+    sites: int = typer.Option(3, min=opts.SITES_MIN, max=opts.SITES_MAX,
+                              help="Number of institutions."),
+    rounds: int = typer.Option(10, min=opts.ROUNDS_MIN, max=opts.ROUNDS_MAX,
+                               help="Federated rounds."),
+    model: str = typer.Option("ae", click_type=click.Choice(["ae"]),
+                              help="Model kind: ae (dense autoencoder)."),
+    aggregation: str = typer.Option("plain", click_type=click.Choice(
+        ["plain", "paillier", "secagg"]), help="How updates are combined: plain | paillier "
+        "(key authority decrypts sums only) | secagg."),
+    seed: int = typer.Option(0, min=0, max=opts.SEED_MAX,
+                             help="Seed for the split and the model."),
+    report: Path = typer.Option(None, help="Write the JSON report here."),
+    keep_sites: Path = typer.Option(None, "--keep-sites", help=(
+        "Keep the site directories here (for `fedsyft requests` / `fedsyft audit`). Owner and "
+        "officer passwords: FEDSYFT_OWNER_PASSWORD / FEDSYFT_OFFICER_PASSWORD, else random "
+        "and printed once.")),
+    epsilon: float = typer.Option(None, "--epsilon", click_type=_positive(opts.EPSILON_MAX),
+                                  help=(
+        "Differential privacy: the job's epsilon, charged to each site's privacy ledger "
+        "round by round [default: no DP]. Sites refuse a job above their remaining budget.")),
+    delta: float = typer.Option(1e-5, "--delta", click_type=_positive(opts.DELTA_MAX),
+                                help="DP delta (with --epsilon)."),
+    clip: float = typer.Option(1.0, "--clip", click_type=_positive(), help=(
+        "DP clipping bound: L2 norm of a site's update (DP-FedAvg), or of a row's gradient "
+        "with --dp-sgd.")),
+    dp_sgd: bool = typer.Option(False, "--dp-sgd", help=(
+        "Sample-level DP-SGD (Opacus) during local training instead of client-level "
+        "DP-FedAvg (with --epsilon).")),
+) -> None:
+    """Split a table across non-IID sites, provision datasites, train, evaluate, report."""
+    os.environ.setdefault("TQDM_MININTERVAL", "0.5")
+    if (dp_sgd or clip != 1.0 or delta != 1e-5) and epsilon is None:
+        raise _fail("--delta, --clip and --dp-sgd need --epsilon")
+    try:  # every option against the job it becomes, before any file is read or written
+        opts.check_job_options(sites=sites, rounds=rounds, model=model, aggregation=aggregation,
+                               seed=seed, epsilon=epsilon, delta=delta, clip=clip,
+                               dp_sgd=dp_sgd)
+    except opts.JobOptionError as exc:
+        raise _fail(exc) from None
+    if report is not None:
+        _check_output(report, "--report", create_parents=True)
+    if keep_sites is not None:  # syft's store URL needs an absolute path
+        keep_sites = keep_sites.expanduser().resolve()
+    passwords = _kept_site_passwords(keep_sites, sites,  # checks --keep-sites first
+                                     authority=aggregation == "paillier")
+    from datasites.errors import AuthenticationError, ProvisioningError
+    from datasites.harness.demo import BUNDLED_TABLE, DemoConfig, run_demo
+    from datasites.runtime.tables import TableError
+    from fed_tasks.interface import SiteRefusedError
+
+    cfg = DemoConfig(data=data or BUNDLED_TABLE, label_column=label_column, sites=sites,
+                     rounds=rounds, model=model, seed=seed, aggregation=aggregation,
+                     keep_sites=keep_sites, passwords=passwords,
+                     epsilon=epsilon, delta=delta, clip=clip, dp_sgd=dp_sgd)
+    try:
+        result = run_demo(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+    except (TableError, ProvisioningError, AuthenticationError, SiteRefusedError,
+            ValueError, PermissionError) as exc:
+        from pydantic import ValidationError
+
+        why = opts.spec_error_line(exc) if isinstance(exc, ValidationError) else _one_line(exc)
+        raise _fail(why) from None
+    finally:
+        _print_kept_sites(cfg)
+    console.print(results_table(result))
+    if result.get("dp"):
+        console.print(f"differential privacy ({result['dp']}): epsilon spent "
+                      f"{result['epsilon_spent']:.3g} (max over sites' ledgers) at delta "
+                      f"{result['delta']:g}, noise multiplier "
+                      + (f"{result['noise_multiplier']:.3g}" if result["noise_multiplier"]
+                         else "per site (DP-SGD)"))
+    console.print(f"finished in {result['seconds']:.1f} s "
+                  f"(provisioning {result['timing']['provision_s']:.1f} s, federated training "
+                  f"{result['timing']['train_s']:.1f} s)")
+    if report:
+        try:
+            report.parent.mkdir(parents=True, exist_ok=True)
+            report.write_text(json.dumps(result, indent=2))
+        except OSError as exc:
+            raise _fail(f"cannot write the report to --report {report}: "
+                        f"{exc.strerror or exc}") from None
+        console.print(f"report written to {report}")
+
+
+def _check_output(path: Path, flag: str, *, create_parents: bool) -> None:
+    """Refuse, before any work, an output path that cannot be written: a directory, or one
+    whose directory does not exist (``create_parents``: whose nearest existing ancestor is
+    not a directory) or is not writable."""
+    if path.is_dir():
+        raise _fail(f"{flag} {path} is a directory; give a file name")
+    parent = path.parent
+    while create_parents and not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    if not parent.exists():
+        raise _fail(f"{flag} {path}: directory {parent} does not exist")
+    if not parent.is_dir():
+        raise _fail(f"{flag} {path}: {parent} is not a directory")
+    if not os.access(parent, os.W_OK | os.X_OK):
+        raise _fail(f"{flag} {path}: directory {parent} is not writable")
+
+
+# ---- data owners: requests at one site ---------------------------------------------------
+requests_app = typer.Typer(no_args_is_help=True, **_TYPER_SAFE, help=(
+    "Data owner: list, read, approve or deny the requests at your site. The site is reopened "
+    "from its directory, acts, and is closed again. Password: FEDSYFT_OWNER_PASSWORD or a "
+    "prompt."))
+audit_app = typer.Typer(no_args_is_help=True, **_TYPER_SAFE, help=(
+    "Compliance officer: verify and export a site's tamper-evident audit log. Password "
+    "(export, requests): FEDSYFT_OFFICER_PASSWORD or a prompt."))
+site_app = typer.Typer(no_args_is_help=True, **_TYPER_SAFE, help=(
+    "Data owner: maintain the site directory. Password: FEDSYFT_OWNER_PASSWORD or a prompt."))
+app.add_typer(requests_app, name="requests")
+app.add_typer(audit_app, name="audit")
+app.add_typer(site_app, name="site")
+
+SITE = typer.Option(..., "--site", help="The site's directory (e.g. from demo --keep-sites), "
+                                        "or with --config the site's name.")
+CONFIG_OPT = typer.Option(None, "--config", help="A running federation's federation.toml: "
+                                                 "act on the site's server.")
+OWNER = typer.Option(None, "--owner", help="Data owner's email [default: from site.json].")
+OFFICER = typer.Option(None, "--officer", help="Officer's email [default: from officer.json].")
+PUBLIC_KEY = typer.Option(None, "--public-key", help="The site's audit public key (PEM), "
+                                                     "obtained out of band [default: the "
+                                                     "directory's audit_key.pub].")
+
+
+def _fail(message: object, code: int = 2) -> typer.Exit:
+    """Print one line on stderr; the caller raises the returned Exit."""
+    err.print(f"error: {message}", markup=False, highlight=False, soft_wrap=True)
+    return typer.Exit(code)
+
+
+def _say(text: str) -> None:
+    console.print(text, markup=False, highlight=False, soft_wrap=True)
+
+
+def _password(env_var: str, who: str) -> str:
+    """From the environment, else an interactive prompt: never argv, never a file. Held as
+    a :class:`datasites.governance.accounts.Secret`, whose repr hides it."""
+    from datasites.governance.accounts import Secret, password_from_env
+
+    value = password_from_env(env_var)
+    if value:
+        return value
+    # one attempt, never a loop: a closed or empty stdin (CI, pipes) must fail, not hang
+    try:
+        if sys.stdin is not None and sys.stdin.isatty():
+            value = getpass.getpass(f"password of {who}: ")
+        else:
+            console.print(f"password of {who}: ", end="", markup=False, highlight=False)
+            value = (sys.stdin.readline() if sys.stdin is not None else "").rstrip("\r\n")
+    except (EOFError, KeyboardInterrupt, OSError):
+        value = ""
+    if not value:
+        raise _fail(f"no password for {who}: set {env_var} or run interactively")
+    return Secret(value)
+
+
+def _site_info(site: Path) -> Any:
+    from datasites.runtime.site_files import SiteDirectoryError, read_site_info
+
+    _not_a_file(site)
+    try:
+        return read_site_info(site)
+    except SiteDirectoryError as exc:
+        raise _fail(exc) from None
+
+
+class _OpenSite:
+    """``with _OpenSite(dir, owner) as site``: reopen as the data owner, always close."""
+
+    def __init__(self, site_dir: Path, owner: str | None, repair: bool = False) -> None:
+        self.site_dir, self.owner, self.repair, self.site = site_dir, owner, repair, None
+
+    def __enter__(self) -> Any:
+        from datasites.governance.audit import verify
+
+        info = _site_info(self.site_dir)
+        report = verify(self.site_dir)  # before syft starts: a broken log opens nothing
+        if not report.ok:
+            raise _fail(f"site {info.name!r}: its audit log is corrupt, refusing to open the "
+                        f"site: {report.problem}")
+        email = self.owner or info.email("data_owner")
+        password = _password("FEDSYFT_OWNER_PASSWORD", f"data owner {email} of {info.name}")
+        from datasites.runtime.datasite import Datasite  # imports syft (~7 s)
+
+        try:
+            self.site = Datasite.open(self.site_dir, email, password, repair=self.repair)
+        except (PermissionError, LookupError, ValueError, RuntimeError) as exc:
+            raise _fail(exc) from None
+        return self.site
+
+    def __exit__(self, *exc: object) -> None:
+        if self.site is not None:
+            self.site.close()
+
+
+def _owner_action(site_dir: Path, owner: str | None, action: Any,
+                  config: Path | None = None) -> None:
+    """Run ``action(site)`` on the reopened site, or with ``config`` on the site's running
+    server (``--site`` is then the site's name); owner-side errors exit 2 in one line."""
+    if config is not None:
+        from datasites.cli.deploy import owner_client
+
+        site = owner_client(config, str(site_dir), owner)
+        try:
+            action(site)
+        except (PermissionError, LookupError, ValueError, RuntimeError) as exc:
+            raise _fail(exc) from None
+        return
+    with _OpenSite(site_dir, owner) as site:
+        try:
+            action(site)
+        except (PermissionError, LookupError, ValueError, RuntimeError) as exc:
+            raise _fail(exc) from None
+
+
+@requests_app.command("list")
+def requests_list(site: Path = SITE, owner: str = OWNER, config: Path = CONFIG_OPT) -> None:
+    """Every request at the site: id, job, requester, status."""
+    def show(ds: Any) -> None:
+        rows = ds.requests()
+        if not rows:
+            _say(f"no requests at {ds.name}")
+            return
+        _say(f"{len(rows)} request(s) at {ds.name}:")
+        _say(f"{'request':<32}  {'status':<8}  {'job':<8}  requester")
+        for r in rows:
+            job = r.job_id or f"(not a fedsyft job: {r.function})"
+            _say(f"{r.request_id:<32}  {r.status:<8}  {job:<8}  {r.requester}")
+
+    _owner_action(site, owner, show, config)
+
+
+@requests_app.command("show")
+def requests_show(request_id: str = typer.Argument(..., help="Request id (or a prefix)."),
+                  site: Path = SITE, owner: str = OWNER, config: Path = CONFIG_OPT) -> None:
+    """A request in plain words, then its code."""
+    def show(ds: Any) -> None:
+        review = ds.review(request_id)
+        _say(review.plain_words())
+        _say("\n--- code ---")
+        _say(review.code)
+
+    _owner_action(site, owner, show, config)
+
+
+@requests_app.command("approve")
+def requests_approve(request_id: str = typer.Argument(..., help="Request id (or a prefix)."),
+                     site: Path = SITE, owner: str = OWNER, config: Path = CONFIG_OPT,
+                     reason: str = typer.Option("", "--reason", help="Why (for the record).")
+                     ) -> None:
+    """Approve a request (only the exact fedsyft template can be approved)."""
+    def act(ds: Any) -> None:
+        review = ds.approve(request_id, reason=reason)
+        _say(review.plain_words().splitlines()[0])
+        _say(f"approved at {ds.name} by {ds.operator.email}")
+
+    _owner_action(site, owner, act, config)
+
+
+@requests_app.command("deny")
+def requests_deny(request_id: str = typer.Argument(..., help="Request id (or a prefix)."),
+                  site: Path = SITE, owner: str = OWNER, config: Path = CONFIG_OPT,
+                  reason: str = typer.Option(..., "--reason",
+                                             help="Why; the data scientist reads it.")) -> None:
+    """Deny a request, or revoke an approved one."""
+    def act(ds: Any) -> None:
+        ds.deny(request_id, reason)
+        _say(f"request {request_id} denied at {ds.name} by {ds.operator.email}: {reason}")
+
+    _owner_action(site, owner, act, config)
+
+
+@site_app.command("repair")
+def site_repair(site: Path = SITE, owner: str = OWNER) -> None:
+    """Rebuild privacy_ledger.json and policy.json from the site's verified audit log.
+
+    A site whose ledger or policy file is missing or disagrees with the signed log refuses
+    to open; this rebuilds both from the log's budget charges and policy changes, logs
+    ``site_state_rebuilt``, and then opens (and closes) the site. Data owner only.
+    """
+    with _OpenSite(site, owner, repair=True) as ds:
+        if not ds.repaired:
+            _say(f"site {ds.name!r}: the privacy ledger and the policy agree with the signed "
+                 "audit log; nothing to repair")
+            return
+        for name, problems in ds.repaired.items():
+            _say(f"site {ds.name!r}: rebuilt {name} from the signed audit log "
+                 f"({'; '.join(problems)})")
+        from datasites.governance.policy import DATASET_NAME
+
+        spent = ds.guard.privacy.ledger.spent(DATASET_NAME)
+        _say(f"site {ds.name!r}: dataset {DATASET_NAME!r} has spent epsilon {spent:.6g} of its "
+             f"budget {ds.policy().epsilon_budget:g}; the repair is in the audit log")
+
+
+# ---- compliance officers: the audit log ------------------------------------------------------
+def _not_a_file(site: Path) -> None:
+    """A --site that is a file is named as such, not as a directory that does not exist."""
+    if site.exists() and not site.is_dir():
+        raise _fail(f"--site {site} is a file, not a site directory")
+
+
+def _audit_dir(site: Path) -> Path:
+    _not_a_file(site)
+    if not site.is_dir():
+        raise _fail(f"site directory {site} does not exist")
+    if not (site / "audit.jsonl").exists() and not (site / "audit.head.json").exists():
+        raise _fail(f"{site} holds no fedsyft audit log (no audit.jsonl)")
+    return site
+
+
+def _officer_session(site: Path, officer: str | None, public_key: Path | None) -> Any:
+    from datasites.errors import AuthenticationError
+    from datasites.governance.compliance import AuditorSession
+    from datasites.runtime.site_files import SiteDirectoryError, officer_email
+
+    info = _site_info(site)
+    try:
+        email = officer or officer_email(site)
+    except SiteDirectoryError as exc:
+        raise _fail(exc) from None
+    password = _password("FEDSYFT_OFFICER_PASSWORD", f"compliance officer {email} of "
+                                                     f"{info.name}")
+    try:
+        return AuditorSession.login(site, email, password, public_key=public_key)
+    except (AuthenticationError, SiteDirectoryError) as exc:
+        raise _fail(exc) from None
+
+
+RECEIPTS = typer.Option(None, "--receipts", help=(
+    "JSON-lines file of receipts (signed audit heads that came with the site's replies): "
+    "also check that the log still holds the history each receipt of this site attests."))
+
+
+@audit_app.command("verify")
+def audit_verify(site: Path = SITE, public_key: Path = PUBLIC_KEY,
+                 receipts: Path = RECEIPTS) -> None:
+    """Check the hash chain and signed head: exit 0 if intact, 1 naming where it breaks.
+
+    With --receipts, exit 1 also names the first receipt the log no longer matches (a
+    history rewritten and re-signed with the site's own key); a bad receipts file exits 2.
+    """
+    from datasites.governance.audit import AuditError, verify
+
+    _audit_dir(site)
+    try:
+        report = verify(site, public_key)
+    except AuditError as exc:
+        raise _fail(exc) from None
+    if not report.ok:
+        where = "" if report.first_bad_seq is None else f" at entry {report.first_bad_seq}"
+        raise _fail(f"audit log in {site} is BROKEN{where}: {report.problem}", code=1)
+    if receipts is None:
+        _say(f"audit log in {site}: {report.entries} entries, hash chain intact, head "
+             "signature valid")
+        return
+    _say(_receipts_verdict(site, receipts, public_key))
+
+
+def _receipts_verdict(site: Path, receipts: Path, public_key: Path | None) -> str:
+    """The success line of ``audit verify --receipts``; a mismatch exits 1, bad input 2."""
+    from datasites.governance.audit import AuditError
+    from datasites.governance.receipts import check_receipts, load_receipts
+
+    try:
+        result = check_receipts(site, load_receipts(receipts), public_key)
+    except AuditError as exc:
+        raise _fail(exc) from None
+    if not result.ok:
+        assert result.receipt is not None
+        raise _fail(f"audit log in {site} does not match {result.receipt.describe()} in "
+                    f"{receipts}: {result.problem}", code=1)
+    return (f"audit log in {site}: hash chain intact, head signature valid, and it matches "
+            f"all {result.checked} receipt(s) of site {result.site} in {receipts} (up to "
+            f"entry {result.latest_seq})")
+
+
+@audit_app.command("export")
+def audit_export(site: Path = SITE,
+                 fmt: str = typer.Option(..., "--format", help="json, csv or html."),
+                 out: Path = typer.Option(..., "--out", help="File to write."),
+                 officer: str = OFFICER, public_key: Path = PUBLIC_KEY) -> None:
+    """Export the log (the officer's read, itself logged); a broken log exports but exits 1."""
+    from datasites.governance.audit import AuditError
+    from datasites.governance.audit_report import FORMATS
+
+    if fmt not in FORMATS:
+        raise _fail(f"unknown format {fmt!r}; use one of {', '.join(sorted(FORMATS))}")
+    _audit_dir(site)
+    _check_output(out, "--out", create_parents=False)
+    session = _officer_session(site, officer, public_key)
+    try:
+        path = session.export(fmt, out)  # logged only once the file is written
+    except OSError as exc:
+        raise _fail(f"cannot write the export to --out {out}: {exc.strerror or exc}; "
+                    "nothing was logged") from None
+    try:
+        report = session.verify()
+    except AuditError as exc:
+        raise _fail(exc) from None
+    if session.not_recorded:
+        err.print(f"warning: exported to {path}, but the export could not be logged in the "
+                  f"site's audit log: {session.not_recorded}", markup=False, highlight=False,
+                  soft_wrap=True)
+    if not report.ok:
+        raise _fail(f"exported to {path}, but the audit log is BROKEN: {report.problem}", 1)
+    _say(f"exported {report.entries} verified entries of site {session.site} to {path}")
+
+
+def _period(since: str | None, until: str | None) -> None:
+    """Refuse, before the officer logs in, a time that is not ISO-8601 with a zone, and a
+    --since that is not before --until (an empty period would list nothing, silently)."""
+    times = {}
+    for flag, value in (("--since", since), ("--until", until)):
+        if value is None:
+            continue
+        try:
+            times[flag] = datetime.fromisoformat(value)
+        except ValueError:
+            raise _fail(f"{flag} {value!r} is not an ISO-8601 time (e.g. "
+                        "2025-01-01T00:00:00+00:00)") from None
+        if times[flag].tzinfo is None:
+            raise _fail(f"{flag} {value} has no timezone (add +00:00 for UTC)")
+    if len(times) == 2 and times["--since"] >= times["--until"]:
+        raise _fail(f"--since {since} is not before --until {until}: the period is empty")
+
+
+@audit_app.command("requests")
+def audit_requests(site: Path = SITE, officer: str = OFFICER,
+                   since: str = typer.Option(None, help="ISO time with zone, e.g. "
+                                                        "2025-01-01T00:00:00+00:00."),
+                   until: str = typer.Option(None, help="ISO time with zone (exclusive)."),
+                   public_key: Path = PUBLIC_KEY) -> None:
+    """Who asked for what, who decided and why, what ran and what left (officer only)."""
+    from datasites.governance.audit import AuditError
+
+    _period(since, until)
+    _audit_dir(site)
+    session = _officer_session(site, officer, public_key)
+    try:
+        report = session.verify()
+        if not report.ok:  # a tampered log's records are not evidence: list nothing
+            where = "" if report.first_bad_seq is None else f" at entry {report.first_bad_seq}"
+            raise _fail(f"audit log in {site} is BROKEN{where}: {report.problem}; nothing "
+                        "listed (`fedsyft audit export` still keeps the evidence)", code=1)
+        records = session.requests(since=since, until=until)
+    except AuditError as exc:
+        raise _fail(exc) from None
+    for rec in records:
+        _say(rec.describe())
+    if not records:
+        _say(f"no requests recorded at {session.site} in that period")
+
+
+import datasites.cli.deploy  # noqa: E402,F401 - registers init/up/down/status/...
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":  # `python -m datasites.cli.main`: the commands live on the module
+    from datasites.cli.main import main as installed_main  # the deploy commands registered on
+
+    installed_main()

@@ -1,0 +1,3 @@
+"""What decides and records at a site: accounts, policy, privacy ledger, guard, review,
+audit log, compliance.
+"""

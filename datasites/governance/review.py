@@ -1,0 +1,121 @@
+"""A request in plain words, for the data owner who approves or denies it."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from fed_tasks.spec import JobSpec
+
+MODEL_NAMES = {"ae": "dense autoencoder"}
+AGGREGATION_WORDS = {
+    "plain": "plain: the data scientist's orchestrator sees this site's individual update, "
+             "and every member site sees it too (each site checks the aggregate it trains "
+             "from by adding the signed updates itself)",
+    "paillier": "paillier: the update leaves encrypted under the key authority's key and "
+                "signed by this site; only sums over at least the federation's minimum "
+                "number of sites are ever decrypted",
+    "secagg": "secagg: the update leaves masked; the orchestrator can only add masked "
+              "updates, and this site opens (and releases) only sums over at least the job's "
+              "minimum number of sites and the secure sum's threshold",
+}
+
+
+@dataclass(frozen=True)
+class Review:
+    request_id: str
+    site: str
+    requester: str
+    status: str
+    code: str
+    spec: JobSpec | None
+    template_ok: bool
+    problem: str = ""
+    violations: tuple[str, ...] = ()  # of the dataset's policy, checked again at approval
+    budget: str = ""  # the dataset's privacy budget, in words
+    requester_id: str = ""  # the syft verify key that signed the request: what policies bind
+    train_rows: int | None = None  # this site's private training rows (the owner's own fact)
+
+    @property
+    def requester_words(self) -> str:
+        return f"{self.requester} (syft user {self.requester_id[:12]}…)" if self.requester_id \
+            else self.requester
+
+    def plain_words(self) -> str:
+        """What approving this request lets the data scientist do, in a few lines."""
+        head = f"Request {self.request_id} from {self.requester_words} at site {self.site} " \
+               f"({self.status})"
+        if self.spec is None or not self.template_ok:
+            lines = [head, f"  NOT the fedsyft job template: {self.problem}",
+                     "  Approving it would run arbitrary code on the private table: the site "
+                     "can neither limit nor account what it does. Only an explicit override "
+                     "approves it: approve(request_id, override_reason=...), recorded in the "
+                     "audit log."]
+            return "\n".join(lines + self._policy_lines())
+        s = self.spec
+        label = (f"label column {s.label_column!r} read only to compute ROC-AUC/PR-AUC on the "
+                 f"test split, at most {s.evaluations} time(s)") if s.label_column else "no label"
+        lines = [
+            head,
+            f"  job {s.job_id}: train a {MODEL_NAMES[s.model]} "
+            f"(layers {list(s.hidden)}, latent {s.latent}) for at most {s.rounds} rounds of "
+            f"{s.local_epochs} local epoch(s), learning rate {s.lr}, batch {s.batch_size}",
+            f"  columns touched: {len(s.features)} features {list(s.features)}; {label}",
+            _shape(s, self.train_rows),
+            _leaves(s),
+            _privacy(s),
+            f"  aggregation {AGGREGATION_WORDS[s.aggregation]}",
+            "  code: the fedsyft template (checked), calling the installed site step",
+        ]
+        return "\n".join(lines + self._policy_lines())
+
+    def _policy_lines(self) -> list[str]:
+        out = [f"  privacy budget: {self.budget}"] if self.budget else []
+        if self.violations:
+            out.append("  POLICY VIOLATIONS (the site refuses to approve this job):")
+            out += [f"    - {v}" for v in self.violations]
+        elif self.spec is not None:
+            out.append("  policy: the job complies with this dataset's policy")
+        return out
+
+
+def _shape(s: JobSpec, rows: int | None) -> str:
+    """What bounds how much one update can carry: a first layer as wide as the table, small
+    batches and no trimming are the shape of a model built to memorize rows."""
+    from datasites.governance.policy import model_parameters
+
+    width = s.hidden[0] if s.hidden else s.latent
+    against = f" for {rows:,} private training rows" if rows else ""
+    warn = ""
+    if rows and width >= rows / 10:
+        warn = " (WIDE: close to the row count, enough units to hold rows one by one)"
+    return (f"  model shape: {model_parameters(s):,} parameters; first layer {width} units"
+            f"{against}{warn}; batch {s.batch_size}, trim {s.trim:g} (each update is the "
+            "federation's model trained on this site's rows; the site never trains on a model "
+            "the data scientist sends)")
+
+
+def _leaves(s: JobSpec) -> str:
+    if not s.dp_enabled:
+        return ("  leaves the site: one feature count/sum/sum-of-squares, then per round one "
+                "weight update and its sample count, then the metrics")
+    return ("  leaves the site: feature counts/sums of the published mock (nothing private), "
+            "then per round one privatized weight update (no sample count, loss withheld), "
+            "then the metrics")
+
+
+def _privacy(s: JobSpec) -> str:
+    if not s.dp_enabled:
+        return ("  differential privacy: none; the updates and the released model carry no "
+                "formal guarantee")
+    if s.dp_sgd:
+        return (f"  differential privacy: sample-level DP-SGD, epsilon {s.dp_epsilon:g} at delta "
+                f"{s.dp_delta:g} per row over the whole job; each row's gradient is clipped to "
+                f"norm {s.dp_clip:g} and noised, calibrated here to this site's row count")
+    from fed_tasks.dp_step import client_plan, noise_shares
+
+    z, n = client_plan(s).noise_multiplier, noise_shares(s)
+    share = "the full noise" if n == 1 else f"1/{n} of the noise variance (the sum gets all)"
+    return (f"  differential privacy: client-level DP-FedAvg, epsilon {s.dp_epsilon:g} at delta "
+            f"{s.dp_delta:g} for this whole site over {s.rounds} rounds; each round the update "
+            f"is clipped to L2 norm {s.dp_clip:g} and this site adds {share}, noise multiplier "
+            f"{z:.3g}; charged to the ledger round by round")

@@ -1,0 +1,1 @@
+"""Several in-process sites for the demo and the tests, and the demo itself."""

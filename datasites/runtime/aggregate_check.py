@@ -1,0 +1,129 @@
+"""A site checks every aggregate before its model follows from it.
+
+The evidence comes through the data scientist, so the site trusts only signatures it can
+verify with keys from its *own* federation config (written by the owners, never by the
+scientist): each member site's Ed25519 key and the key authority's. Every contribution in
+an aggregate must be for this job and this aggregate, come from a distinct member, and have
+been computed from the very model this site holds (the chain digest of
+:mod:`fed_tasks.site_state`); the aggregate must hold at least the job's minimum number of
+sites, this site among them. The secure-sum evidence is checked in
+:mod:`datasites.runtime.protection`, where the site's session keys live.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from datasites.governance.guard import CallRefused
+from datasites.runtime.federation_config import read_config
+from fed_tasks.codec import PayloadError, decode_array
+from fed_tasks.messages import AggregateEvidence
+from fed_tasks.site_state import aggregate_index
+from fed_tasks.site_step import vector_length
+from fed_tasks.spec import JobSpec
+from privacy import signing
+
+
+class AggregateRefused(CallRefused):
+    """The evidence of an aggregate does not verify; the site will not train on it."""
+
+
+def federation_config(directory: Path) -> dict[str, Any]:
+    config = read_config(directory)
+    if config is None:
+        raise CallRefused("site has no federation configuration (member keys)")
+    return config
+
+
+def check_contributions(config: dict[str, Any], spec: JobSpec, evidence: AggregateEvidence,
+                        site: str, model: str) -> dict[str, signing.SignedContribution]:
+    """Parse and verify signed contributions of one aggregate; sender -> contribution."""
+    index = aggregate_index(evidence.action, evidence.round)
+    members: dict[str, str] = config["sites"]
+    out: dict[str, signing.SignedContribution] = {}
+    raw_list = evidence.contributions if evidence.kind == "plain" else evidence.inputs
+    for i, raw in enumerate(raw_list):
+        try:
+            c = signing.SignedContribution.from_str(raw)
+        except signing.ContributionFormatError:
+            raise AggregateRefused(f"contribution #{i} of the aggregate is malformed") from None
+        key = members.get(c.site_id)
+        if key is None:
+            raise AggregateRefused(f"contribution #{i} comes from {c.site_id!r}, not a member")
+        try:
+            c.verify(key)
+        except signing.SignatureError:
+            raise AggregateRefused(f"the contribution of {c.site_id!r} is not signed by it"
+                                   ) from None
+        if c.job_id != spec.job_id or c.round != index:
+            raise AggregateRefused(f"the contribution of {c.site_id!r} is for job {c.job_id!r} "
+                                   f"aggregate {c.round}, not job {spec.job_id!r} aggregate "
+                                   f"{index}")
+        if c.model != model:
+            raise AggregateRefused(f"the contribution of {c.site_id!r} was computed from another "
+                                   "model than this site's (sites were sent different models)")
+        if c.site_id in out:
+            raise AggregateRefused(f"site {c.site_id!r} contributes twice to the aggregate")
+        out[c.site_id] = c
+    _check_members(sorted(out), spec, config, site)
+    return out
+
+
+def _check_members(contributors: list[str], spec: JobSpec, config: dict[str, Any],
+                   site: str) -> None:
+    # the federation's floor binds the secure modes; plain mode shows each update anyway
+    floor = int(config.get("min_sites", 1)) if spec.aggregation != "plain" else 1
+    need = max(spec.min_sites, floor)
+    if len(contributors) < need:
+        raise AggregateRefused(f"the aggregate holds {len(contributors)} sites, the job needs "
+                               f"at least {need}")
+    if site not in contributors:
+        raise AggregateRefused(f"the aggregate leaves out this site ({site!r}), which "
+                               "contributed to it")
+
+
+def plain_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvidence,
+              model: str) -> np.ndarray:
+    """The sum of every member's signed vector, formed by this site itself."""
+    contributions = check_contributions(federation_config(directory), spec, evidence, site,
+                                        model)
+    length = vector_length(spec, evidence.action)
+    try:
+        return np.sum([decode_array(c.payload, length) for c in contributions.values()], axis=0)
+    except PayloadError as exc:
+        raise AggregateRefused(f"a signed contribution holds no valid vector: {exc}") from None
+
+
+def authority_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvidence,
+                  model: str) -> np.ndarray:
+    """The key authority's decrypted sum, accepted only with its valid signature."""
+    config = federation_config(directory)
+    key = config.get("authority_signing_key")
+    if not key:
+        raise CallRefused("site has no key authority signing key in its federation config")
+    if evidence.sum is None or evidence.attestation is None:
+        raise AggregateRefused("a Paillier aggregate needs the sum and the authority's signature")
+    try:
+        attested = signing.SignedAggregate.from_str(evidence.attestation)
+        attested.verify(key, evidence.sum)
+    except (signing.ContributionFormatError, signing.SignatureError):
+        raise AggregateRefused("the aggregate is not signed by the federation's key authority"
+                               ) from None
+    index = aggregate_index(evidence.action, evidence.round)
+    if attested.job_id != spec.job_id or attested.round != index:
+        raise AggregateRefused(f"the signed aggregate is job {attested.job_id!r} aggregate "
+                               f"{attested.round}, not job {spec.job_id!r} aggregate {index}")
+    if attested.model != model:
+        raise AggregateRefused("the signed aggregate was computed from another model than "
+                               "this site's")
+    strangers = sorted(set(attested.contributors) - set(config["sites"]))
+    if strangers:
+        raise AggregateRefused(f"the signed aggregate lists non-members {strangers}")
+    _check_members(list(attested.contributors), spec, config, site)
+    try:
+        return decode_array(evidence.sum, vector_length(spec, evidence.action))
+    except PayloadError as exc:
+        raise AggregateRefused(f"the signed sum is not a valid vector: {exc}") from None

@@ -1,0 +1,148 @@
+"""The key authority: a datasite that holds the Paillier private key and decrypts sums only.
+
+It publishes no data, only a "keyring" asset (the key's fingerprint; syft needs an asset for
+approved code to run on). The data scientist submits one request per job; once its owner
+approves, each call hands it the sites' signed contributions for one round; it checks them
+(:class:`privacy.key_authority.KeyAuthority`: signatures, job, round, distinct sites ≥ k,
+no replay), forms the sum itself, and returns only the decrypted sum.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import pandas as pd
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+
+from datasites.adapter import job_code
+from datasites.governance.accounts import Account
+from datasites.governance.call_audit import audited_call
+from datasites.governance.guard import CallRefused, guard_for
+from datasites.runtime.datasite import Datasite
+from datasites.runtime.federation_config import (
+    load_authority_key,
+    load_site_keys,
+    read_config,
+    store_paillier_key,
+)
+from fed_tasks.codec import PayloadError, dumps, encode_array, loads
+from fed_tasks.encoding import codec_for
+from fed_tasks.site_step import vector_length
+from fed_tasks.spec import JobSpec
+from privacy.key_authority import KeyAuthority, KeyAuthorityError
+from privacy.paillier import (
+    PackingLayout,
+    PaillierError,
+    fingerprint,
+    generate_keypair,
+    public_key_to_str,
+)
+from privacy.signing import SignedAggregate
+
+KEYRING = "keyring"
+
+
+class KeyAuthoritySite(Datasite):
+    """A datasite whose only asset is the authority's key fingerprint."""
+
+    holds_data = False  # no dataset: no dataset policy or privacy budget to apply
+
+    @classmethod
+    def provision_authority(cls, name: str, directory: str | Path, scientist: Account,
+                            key_bits: int = 2048, *, owner_password: str | None = None,
+                            officer_password: str | None = None,
+                            owner_email: str | None = None, officer_email: str | None = None,
+                            commit: bool = True, store: str | None = None
+                            ) -> KeyAuthoritySite:
+        """Provision the authority; its private key is stored before it is moved into place
+        (``commit=False``: the caller commits, e.g. after writing the federation config)."""
+        public, private_key = generate_keypair(key_bits)
+        fp = fingerprint(public)
+        private = {KEYRING: pd.DataFrame({"key_fingerprint": [fp]})}
+        mocks = {KEYRING: pd.DataFrame({"key_fingerprint": ["mock"]})}
+        site = cls._provision(name, directory, scientist, owner_email, private, mocks,
+                              f"Key authority {name}: decrypts only checked sums.",
+                              owner_password=owner_password, officer_password=officer_password,
+                              officer_email=officer_email, commit=False, store=store)
+        try:
+            store_paillier_key(site.directory, private_key)
+        except BaseException:
+            site.discard()
+            raise
+        site.public_key = public_key_to_str(public)
+        return site.commit() if commit else site
+
+    def commit(self) -> KeyAuthoritySite:
+        """As :meth:`Datasite.commit`; the public key carries over."""
+        site = super().commit()
+        site.public_key = self.public_key
+        return site
+
+    def parse_request(self, source: str) -> JobSpec:
+        return job_code.parse_request(source, self.name, kind="authority")
+
+    def call_limits(self, spec: JobSpec) -> dict[str, int]:
+        """One decryption for the statistics, one per training round."""
+        return {"decrypt": spec.rounds + 1}
+
+
+def _authority(directory: Path, spec: JobSpec, action: str) -> KeyAuthority:
+    config = read_config(directory)
+    if config is None:
+        raise CallRefused("key authority has no federation configuration")
+    min_sites = max(int(config["min_sites"]), spec.min_sites)
+    codec = codec_for(spec, action)
+    layout = PackingLayout(codec.frac_bits, codec.bound, int(config["max_sites"]))
+    return KeyAuthority(load_authority_key(directory), config["sites"], min_sites,
+                        spent_path=directory / f"spent_{spec.job_id}.json",
+                        layout=layout)
+
+
+@audited_call  # what leaves (the decrypted sum) is logged before it leaves
+def run_key_authority(*, site: str, job_id: str, spec: str, keyring: pd.DataFrame,
+                      action: str, payload: str) -> str:
+    """Entry point of the authority's approved code (see :mod:`datasites.runtime.site_entry`)."""
+    try:
+        job = JobSpec.from_json(spec)
+        if job.job_id != job_id or action != "decrypt":
+            raise CallRefused("the authority only decrypts sums of its approved job")
+        guard = guard_for(site)
+        if guard.classify({KEYRING: keyring}) == "mock":
+            return dumps({"status": "mock"})
+        guard.authorize(job, action)
+        request = loads(payload)
+        req = AuthorityRequest.model_validate(request)
+        length = vector_length(job, req.action)
+        if (req.action == "stats") != (req.round == 0) or req.round > job.rounds:
+            raise CallRefused(f"the authority decrypts aggregates 0..{job.rounds} of the job")
+        checked = _authority(guard.directory, job, req.action).decrypt_checked(
+            job.job_id, req.round, list(req.contributions), expected_length=length)
+        payload = encode_array(checked.total)
+        # the sites move their model only by a sum the authority signed (aggregate_check)
+        attestation = SignedAggregate.create(
+            load_site_keys(guard.directory, site).signing_key, job.job_id, req.round,
+            checked.contributors, checked.model, payload)
+        return dumps({"status": "ok", "result": {"sum": payload,
+                                                 "attestation": attestation.to_str()}})
+    except CallRefused as exc:
+        return dumps({"status": "refused", "reason": str(exc)})
+    except ValidationError as exc:
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err.get("loc", ())) or "request"
+        return dumps({"status": "refused", "reason": f"decrypt request field {where!r}: "
+                      f"{err.get('msg')}"})
+    except (KeyAuthorityError, PaillierError, PayloadError, KeyError, ValueError) as exc:
+        return dumps({"status": "refused", "reason": f"{type(exc).__name__}: {exc}"})
+
+
+class AuthorityRequest(BaseModel):
+    """One decryption request as the orchestrator sends it (schema-checked)."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    action: Literal["stats", "fit"]
+    round: int = Field(ge=0)
+    length: int | None = None  # informational: the authority derives the length itself
+    contributions: list[str] = Field(max_length=1000)
+

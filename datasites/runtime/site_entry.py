@@ -1,0 +1,192 @@
+"""The function every approved job code calls at the site.
+
+The approved code is a few readable lines that pin the site, job and spec; this entry point
+asks the site's guard for permission, runs the fed_tasks step on the private frames, and
+returns one envelope string. Refusals and input errors come back as envelopes too, because
+syft 0.9.5 replaces exceptions from user code with a generic message.
+
+Order matters, because the data scientist controls the message:
+
+1. everything that needs no private value is checked first — the message's schema, the
+   round order, the evidence of the previous aggregate, the site's keys — and a failure
+   there is refused *uncounted*, with a message that may name the problem;
+2. then the call is counted (and, under DP, charged) and the private step runs. From here
+   on nothing is refunded, and a failure gets one fixed message: whether a call on private
+   data succeeds, and how it fails, can depend on the data, so neither may be a free query.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from datasites.governance.call_audit import audited_call
+from datasites.governance.guard import CallRefused, SiteGuard, guard_for
+from datasites.governance.receipts import keep_peer_receipts
+from datasites.runtime.aggregate_check import authority_sum, plain_sum
+from datasites.runtime.federation_config import SiteKeys, load_site_keys, read_config
+from datasites.runtime.protection import SECAGG_CONTROL, SecureSumCall, protect, secagg_control
+from fed_tasks.codec import PayloadError, dumps, loads
+from fed_tasks.messages import AggregateEvidence, parse_message
+from fed_tasks.site_state import ModelStateError, SiteModelState, aggregate_index
+from fed_tasks.site_step import StepInput, new_model
+from fed_tasks.spec import JobSpec
+
+log = logging.getLogger(__name__)
+
+#: what the data scientist reads when a step failed on private data (see the module doc)
+STEP_FAILED = "the site step failed on the private data; the call is counted"
+
+
+def _model_path(directory: Path, spec: JobSpec) -> Path:
+    return Path(directory) / f"model_{spec.job_id}.json"
+
+
+class _ModelCall:
+    """A model call (stats, fit, evaluate, the last secure-sum opening) prepared from what
+    the site holds and verifies, before anything private is touched."""
+
+    def __init__(self, guard: SiteGuard, site: str, spec: JobSpec, action: str,
+                 message: dict[str, Any]) -> None:
+        self.spec, self.action, self.site, self.guard = spec, action, site, guard
+        self.directory = Path(guard.directory)
+        self.msg = parse_message(action, message)
+        self.keys: SiteKeys | None = load_site_keys(guard.directory, site)
+        if self.keys is None:
+            raise CallRefused(f"site {site!r} has no federation configuration (member keys)")
+        self.state = SiteModelState.load(spec, new_model(spec).get_weights(),
+                                         _model_path(guard.directory, spec))
+        self.secure = (SecureSumCall(guard.directory, self.keys, spec)
+                       if spec.aggregation == "secagg" else None)
+        self.cached: dict[str, Any] | None = None
+        self.round = int(getattr(self.msg, "round", 0))
+        if action == "fit" and self.state.check_training_round(self.round):
+            self.cached = self.state.reply  # an exact retry: the same reply, nothing new
+            return
+        if action == "stats" and self.state.reply is not None and self.state.trained == 0:
+            self.cached = self.state.reply
+            return
+        evidence = getattr(self.msg, "previous", None)
+        if evidence is not None:
+            self._advance(evidence)
+        if action == "fit" and not self.state.expects(self.round):
+            raise ModelStateError(f"training round {self.round} needs the aggregate of the "
+                                  "previous call first")
+
+    def _advance(self, evidence: AggregateEvidence) -> None:
+        """Apply the previous aggregate once the site has verified it itself."""
+        if evidence.kind != self.spec.aggregation:
+            raise CallRefused(f"job {self.spec.job_id!r} aggregates by {self.spec.aggregation!r},"
+                              f" not {evidence.kind!r}")
+        index = aggregate_index(evidence.action, evidence.round)
+        if (evidence.action == "stats") != (index == 0):
+            raise ModelStateError("aggregate 0 is the statistics, every later one a round")
+        if index <= self.state.applied:
+            return  # already part of this site's model: nothing to learn from it again
+        if not self.state.expects(index):
+            raise ModelStateError(f"aggregate {index} is not the next one for this site "
+                                  f"(it holds the model after aggregate {self.state.applied})")
+        if self.secure is not None:
+            summed = self.secure.open_previous(evidence, self.state.digest)
+        elif evidence.kind == "plain":
+            summed = plain_sum(self.directory, self.site, self.spec, evidence,
+                               self.state.digest)
+        else:
+            summed = authority_sum(self.directory, self.site, self.spec, evidence,
+                                   self.state.digest)
+        self.state.apply(evidence.action, evidence.round, summed)
+        self.state.save()
+        config = read_config(self.directory) or {}
+        keep_peer_receipts(self.directory, self.site, config.get("audit_keys") or {},
+                           evidence.heads, job_id=self.spec.job_id,
+                           action=f"{evidence.action} {evidence.round}")
+
+    def step_input(self) -> StepInput:
+        return StepInput(self.round, self.state.state)
+
+    def release(self, step: dict[str, Any]) -> dict[str, Any]:
+        """Protect what the step returns and remember it (a retry gets the same bytes)."""
+        model = self.state.digest
+        if self.action == "evaluate":
+            return step
+        assert self.keys is not None
+        if self.secure is not None:
+            inbox = getattr(self.msg, "inbox", None)
+            result = self.secure.protect(self.action, step, inbox, model)
+        else:
+            result = protect(self.keys, self.spec, self.action, step, model)
+        # relayed with the aggregate, so the other members keep it as a receipt
+        result["audit_head"] = self.guard.audit.head()
+        self.state.record_trained(self.round, result)
+        self.state.save()
+        return result
+
+    def reveal(self) -> dict[str, Any]:
+        """The last secure sum: opened by the site, which also moves its model to it."""
+        if self.secure is None or self.secure.opened is None:
+            raise ModelStateError("there is no unopened secure sum left to reveal")
+        return {"opened": self.secure.opened.to_str()}
+
+
+@audited_call  # logs what leaves (result_released / call_refused) before it leaves
+def run_approved(*, site: str, job_id: str, spec: str, train: pd.DataFrame, test: pd.DataFrame,
+                 action: str, payload: str) -> str:
+    """Authorize, run and wrap one call; never lets a private value into an error message."""
+    counted = False
+    try:
+        job = JobSpec.from_json(spec)
+        if job.job_id != job_id:
+            raise CallRefused(f"code pins job {job_id!r} but its spec is job {job.job_id!r}")
+        guard = guard_for(site)
+        if guard.classify({"train": train, "test": test}) == "mock":
+            # syft's twin execution: nothing private, nothing counted, nothing computed
+            return dumps({"status": "mock"})
+        guard.require_approved(job, action)  # approved, not revoked: before anything else
+        missing = [c for c in job.features if c not in train.columns]  # the public schema
+        if missing:
+            raise CallRefused(f"job {job.job_id!r} names columns {missing} that are not in "
+                              f"the published schema of site {site!r}")
+        approval = guard.approval(job.job_id)
+        # the dataset's policy and privacy budget: a call they forbid is refused uncounted
+        guard.privacy.admit(job, action, len(train), approval)
+        message = loads(payload)
+        if action in SECAGG_CONTROL:
+            keys = load_site_keys(guard.directory, site)
+            if keys is None:
+                raise CallRefused(f"site {site!r} has no federation configuration")
+            call_no = guard.authorize(job, action)
+            result = secagg_control(guard.directory, keys, job, action, message)
+        else:
+            call = _ModelCall(guard, site, job, action, message)
+            if call.cached is not None:
+                return dumps({"status": "ok", "action": action, "call": None, "retry": True,
+                              "result": call.cached})
+            call_no = guard.authorize(job, action)
+            if action == "secagg_reveal":
+                result = call.reveal()
+            else:
+                counted = True
+                # policy re-checked, DP budget charged before the step runs (site_privacy)
+                step = guard.privacy.run_step(job, action, call.step_input(), train, test,
+                                              approval)
+                result = call.release(step)
+        reply = dumps({"status": "ok", "action": action, "call": call_no, "result": result})
+        log.info("site %s job %s %s #%d released %s", site, job_id, action, call_no,
+                 hashlib.sha256(reply.encode()).hexdigest()[:16])
+        return reply
+    except CallRefused as exc:
+        return dumps({"status": "refused", "reason": str(exc)})
+    except Exception as exc:  # noqa: BLE001 - the data scientist must not see internals
+        if counted:
+            log.exception("site %s job %s %s failed on private data", site, job_id, action)
+            return dumps({"status": "error", "reason": STEP_FAILED})
+        if isinstance(exc, PayloadError | ValueError | KeyError | PermissionError):
+            # before the private step: about the message or the site's setup, not the data
+            return dumps({"status": "error", "reason": f"{type(exc).__name__}: {exc}"})
+        log.exception("site %s job %s %s failed", site, job_id, action)
+        return dumps({"status": "error", "reason": f"internal error at site "
+                                                   f"({type(exc).__name__})"})
