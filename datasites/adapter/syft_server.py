@@ -121,9 +121,37 @@ def stop_server(server: Any) -> None:
     database pool open: one idle PostgreSQL connection per stop)."""
     with quiet():
         server.stop()
+    _forget(server)
     engine = getattr(getattr(server, "db", None), "engine", None)
     if engine is not None:
         engine.dispose()
+
+
+def _forget(server: Any) -> None:
+    """Drop the process-wide syft registries' entries for a stopped server.
+
+    Why: syft keys its API and server-context registries by server uid and user key, and a
+    site keeps its uid when it is reopened (after provisioning moves it into place, or a
+    restart in the same process). A stale entry wins over the reopened server: code running
+    in the new server then reads assets through the old one (its store closed, its files
+    moved), and the call fails with syft's "error retrieving data"."""
+    from syft.client.api import APIRegistry
+    from syft.client.client import SyftClientSessionCache
+    from syft.server.server import AuthServerContextRegistry
+
+    uid = server.id
+    apis = APIRegistry.__api_registry__
+    for key in [k for k in apis if k[0] == uid]:
+        del apis[key]
+    contexts = AuthServerContextRegistry.__server_context_registry__
+    for key in [k for k in contexts if k.startswith(f"{uid}-")]:
+        del contexts[key]
+    clients = SyftClientSessionCache.__client_cache__
+    for key in [k for k, c in clients.items() if getattr(c, "id", None) == uid]:
+        del clients[key]
+    stores = SyftClientSessionCache.__credentials_store__
+    for key in [k for k, c in stores.items() if getattr(c, "id", None) == uid]:
+        del stores[key]
 
 
 def login(server: Any, email: str, password: str, site: str) -> Any:

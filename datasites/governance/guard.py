@@ -317,6 +317,12 @@ def is_registered(site: str) -> bool:
         return site in _GUARDS
 
 
+def guarded_directories() -> set[Path]:
+    """The site directories whose guard runs in this process."""
+    with _GUARDS_LOCK:
+        return {g.directory.resolve() for g in _GUARDS.values()}
+
+
 def unregister_guard(guard: SiteGuard) -> None:
     with _GUARDS_LOCK:
         if _GUARDS.get(guard.site) is guard:
