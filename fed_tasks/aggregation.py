@@ -57,7 +57,13 @@ class SecureSum(Protocol):
         """Release any sum still pending (after the last round, or an early stop)."""
         ...
 
-    def restore(self, evidence: dict[str, Any] | None) -> None:
+    def session_state(self) -> dict[str, Any] | None:
+        """What the orchestrator must keep to continue in a new process, beyond the
+        evidence (a secure-sum session's public state; None where nothing is needed)."""
+        ...
+
+    def restore(self, evidence: dict[str, Any] | None,
+                session: dict[str, Any] | None = None) -> None:
         """Continue after a checkpoint whose last aggregate had ``evidence``."""
         ...
 
@@ -83,7 +89,11 @@ class _Immediate:
     def finish(self, sites: list[SiteConnection]) -> list[Released]:
         return []
 
-    def restore(self, evidence: dict[str, Any] | None) -> None:
+    def session_state(self) -> dict[str, Any] | None:
+        return None
+
+    def restore(self, evidence: dict[str, Any] | None,
+                session: dict[str, Any] | None = None) -> None:
         self._evidence = evidence
 
 
@@ -256,11 +266,36 @@ class MaskedSum:
         evidence["recovery"] = revealed
         return evidence
 
-    def restore(self, evidence: dict[str, Any] | None) -> None:
-        """Not yet: the session's keys, survivors and pending masked sum live in this
-        object only, so a secure-sum job cannot continue in a new process."""
-        raise ValueError("a secagg job cannot be resumed yet (its secure-sum session lives "
-                         "in the trainer that started it); start a new job")
+    def session_state(self) -> dict[str, Any]:
+        """The session's public state (keys, relayed ciphertexts, survivors, the pending
+        masked sum) with the round awaiting opening: nothing a site's secret is in."""
+        return {"server": self.server.export_state(), "ready": self._ready,
+                "pending": list(self._pending) if self._pending else None,
+                "dropped": dict(self.dropped)}
+
+    @property
+    def pending(self) -> tuple[str, int] | None:
+        """The (action, round) collected but not opened yet (the sites open it next call)."""
+        return self._pending
+
+    def restore(self, evidence: dict[str, Any] | None,
+                session: dict[str, Any] | None = None) -> None:
+        """Continue the session of a checkpoint; the sites keep their side in their own
+        directories, so the next call opens the pending sum as if nothing had happened."""
+        if session is None:
+            raise ValueError("this checkpoint holds no secure-sum session; start a new job")
+        try:
+            server = SecAggSessionServer.from_state(str(session["server"]))
+            pending = session.get("pending")
+            self._pending = (str(pending[0]), int(pending[1])) if pending else None
+            self._ready = bool(session["ready"])
+            self.dropped = {str(k): str(v) for k, v in dict(session["dropped"]).items()}
+        except (KeyError, TypeError, ValueError, IndexError, SecAggError) as exc:
+            raise ValueError(f"the checkpoint's secure-sum session is unreadable: {exc}"
+                             ) from None
+        if server.job_id != self.spec.job_id:
+            raise ValueError(f"the checkpoint's secure-sum session is of job {server.job_id!r}")
+        self.server, self._evidence, self._unreturned = server, evidence, []
 
     def finish(self, sites: list[SiteConnection]) -> list[Released]:
         """Have the last round's survivors open its sum (one call each)."""

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fed_tasks.aggregation import MaskedSum, PlainSum, Released, SecureSum, TooFewSitesError
+from fed_tasks.aggregation import PlainSum, Released, SecureSum, TooFewSitesError
 from fed_tasks.checkpoint import Checkpoint, CheckpointError
 from fed_tasks.global_state import GlobalState
 from fed_tasks.interface import SiteConnection, SiteRefusedError, call_all, is_budget_refusal
@@ -112,7 +112,7 @@ class FederatedTrainer:
                 raise CheckpointError(f"job {self.spec.job_id} has no checkpoint to resume "
                                       f"from ({checkpoint})")
             saved = Checkpoint.load(checkpoint, self.spec)
-            self.secure_sum.restore(saved.evidence)
+            self.secure_sum.restore(saved.evidence, saved.session)
         losses: list[float] = []
         seconds: list[float] = list(saved.round_seconds)
         stop_reason = ""
@@ -135,8 +135,9 @@ class FederatedTrainer:
                     self.on_round(rel.round, loss)
 
         def save() -> None:
-            if checkpoint is not None and not isinstance(self.secure_sum, MaskedSum):
+            if checkpoint is not None:
                 saved.evidence = self.secure_sum.evidence()
+                saved.session = self.secure_sum.session_state()
                 saved.round_seconds = seconds
                 saved.save(checkpoint)
 

@@ -7,12 +7,15 @@ log) is one line on stderr and exit code 2; ``audit verify`` exits 1 when the ch
 
 from __future__ import annotations
 
+import contextlib
 import getpass
 import json
 import math
 import os
 import re
 import sys
+import tempfile
+from collections.abc import Iterator
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -561,6 +564,42 @@ def _officer_session(site: Path, officer: str | None, public_key: Path | None) -
         raise _fail(exc) from None
 
 
+@contextlib.contextmanager
+def _log_copy(config: Path, site: str, officer: str | None, purpose: str
+              ) -> Iterator[tuple[Path, str]]:
+    """(directory, officer e-mail): a copy of ``site``'s log fetched from its running server
+    (``--config``), in a private temporary directory removed afterwards; one-line errors."""
+    from datasites.deploy.config import password_env
+    from datasites.deploy.officer import OfficerClient, OfficerError
+    from datasites.deploy.processes import ServerError
+    from datasites.governance.audit import AuditError
+
+    cfg = _load_config(config)
+    try:
+        member = cfg.member(site)
+    except (KeyError, LookupError, ValueError) as exc:
+        raise _fail(exc) from None
+    email = officer or member.officer
+    env = next((v for v in password_env("officer", member.name) if os.environ.get(v)),
+               password_env("officer", member.name)[-1])
+    password = _password(env, f"compliance officer {email} of {member.name}")
+    with tempfile.TemporaryDirectory(prefix=f"fedsyft-audit-{member.name}-") as tmp:
+        try:
+            copy = OfficerClient(member, email, password).copy(purpose, Path(tmp) / member.name)
+        except (OfficerError, ServerError, AuditError) as exc:
+            raise _fail(exc) from None
+        try:
+            yield copy, email
+        except (OfficerError, ServerError, AuditError) as exc:
+            raise _fail(exc) from None
+
+
+def _load_config(config: Path) -> Any:
+    from datasites.cli.deploy import _load
+
+    return _load(config)
+
+
 RECEIPTS = typer.Option(None, "--receipts", help=(
     "JSON-lines file of receipts (signed audit heads that came with the site's replies): "
     "also check that the log still holds the history each receipt of this site attests."))
@@ -568,14 +607,27 @@ RECEIPTS = typer.Option(None, "--receipts", help=(
 
 @audit_app.command("verify")
 def audit_verify(site: Path = SITE, public_key: Path = PUBLIC_KEY,
-                 receipts: Path = RECEIPTS) -> None:
+                 receipts: Path = RECEIPTS, config: Path = CONFIG_OPT,
+                 officer: str = OFFICER) -> None:
     """Check the hash chain and signed head: exit 0 if intact, 1 naming where it breaks.
 
     With --receipts, exit 1 also names the first receipt the log no longer matches (a
     history rewritten and re-signed with the site's own key); a bad receipts file exits 2.
+    With --config, the running server sends a copy of its log (officer login) and it is
+    checked here.
     """
+    if config is not None:
+        with _log_copy(config, str(site), officer, "verify") as (copy, _):
+            _verify(copy, public_key, receipts, label=f"site {site} (a copy from its server)")
+        return
+    _verify(site, public_key, receipts)
+
+
+def _verify(site: Path, public_key: Path | None, receipts: Path | None,
+            label: str | None = None) -> None:
     from datasites.governance.audit import AuditError, verify
 
+    where_log = label or str(site)
     _audit_dir(site)
     try:
         report = verify(site, public_key)
@@ -583,9 +635,9 @@ def audit_verify(site: Path = SITE, public_key: Path = PUBLIC_KEY,
         raise _fail(exc) from None
     if not report.ok:
         where = "" if report.first_bad_seq is None else f" at entry {report.first_bad_seq}"
-        raise _fail(f"audit log in {site} is BROKEN{where}: {report.problem}", code=1)
+        raise _fail(f"audit log in {where_log} is BROKEN{where}: {report.problem}", code=1)
     if receipts is None:
-        _say(f"audit log in {site}: {report.entries} entries, hash chain intact, head "
+        _say(f"audit log in {where_log}: {report.entries} entries, hash chain intact, head "
              "signature valid")
         return
     _say(_receipts_verdict(site, receipts, public_key))
@@ -613,15 +665,21 @@ def _receipts_verdict(site: Path, receipts: Path, public_key: Path | None) -> st
 def audit_export(site: Path = SITE,
                  fmt: str = typer.Option(..., "--format", help="json, csv or html."),
                  out: Path = typer.Option(..., "--out", help="File to write."),
-                 officer: str = OFFICER, public_key: Path = PUBLIC_KEY) -> None:
-    """Export the log (the officer's read, itself logged); a broken log exports but exits 1."""
+                 officer: str = OFFICER, public_key: Path = PUBLIC_KEY,
+                 config: Path = CONFIG_OPT) -> None:
+    """Export the log (the officer's read, itself logged); a broken log exports but exits 1.
+    With --config, from a copy the running server sends (logged there as it leaves)."""
     from datasites.governance.audit import AuditError
     from datasites.governance.audit_report import FORMATS
 
     if fmt not in FORMATS:
         raise _fail(f"unknown format {fmt!r}; use one of {', '.join(sorted(FORMATS))}")
-    _audit_dir(site)
     _check_output(out, "--out", create_parents=False)
+    if config is not None:
+        with _log_copy(config, str(site), officer, "export") as (copy, _):
+            _export_copy(copy, str(site), fmt, out, public_key)
+        return
+    _audit_dir(site)
     session = _officer_session(site, officer, public_key)
     try:
         path = session.export(fmt, out)  # logged only once the file is written
@@ -639,6 +697,22 @@ def audit_export(site: Path = SITE,
     if not report.ok:
         raise _fail(f"exported to {path}, but the audit log is BROKEN: {report.problem}", 1)
     _say(f"exported {report.entries} verified entries of site {session.site} to {path}")
+
+
+def _export_copy(copy: Path, site: str, fmt: str, out: Path, public_key: Path | None) -> None:
+    from datasites.governance.audit import AuditError, verify
+    from datasites.governance.audit_report import export
+
+    try:
+        path = export(copy, fmt, out, public_key=public_key)
+        report = verify(copy, public_key)
+    except OSError as exc:
+        raise _fail(f"cannot write the export to --out {out}: {exc.strerror or exc}") from None
+    except AuditError as exc:
+        raise _fail(exc) from None
+    if not report.ok:
+        raise _fail(f"exported to {path}, but the audit log is BROKEN: {report.problem}", 1)
+    _say(f"exported {report.entries} verified entries of site {site} to {path}")
 
 
 def _period(since: str | None, until: str | None) -> None:
@@ -664,13 +738,29 @@ def audit_requests(site: Path = SITE, officer: str = OFFICER,
                    since: str = typer.Option(None, help="ISO time with zone, e.g. "
                                                         "2025-01-01T00:00:00+00:00."),
                    until: str = typer.Option(None, help="ISO time with zone (exclusive)."),
-                   public_key: Path = PUBLIC_KEY) -> None:
-    """Who asked for what, who decided and why, what ran and what left (officer only)."""
+                   public_key: Path = PUBLIC_KEY, config: Path = CONFIG_OPT) -> None:
+    """Who asked for what, who decided and why, what ran and what left (officer only).
+    With --config, from a copy the running server sends."""
+    _period(since, until)
+    if config is not None:
+        from datasites.governance.compliance import AuditorSession
+        from datasites.runtime.site_files import SiteDirectoryError, read_site_info
+
+        with _log_copy(config, str(site), officer, "requests") as (copy, email):
+            try:
+                info = read_site_info(copy)
+            except SiteDirectoryError as exc:
+                raise _fail(exc) from None
+            _list_requests(AuditorSession(info, email, public_key), str(site), since, until)
+        return
+    _audit_dir(site)
+    _list_requests(_officer_session(site, officer, public_key), site, since, until)
+
+
+def _list_requests(session: Any, site: Path | str, since: str | None,
+                   until: str | None) -> None:
     from datasites.governance.audit import AuditError
 
-    _period(since, until)
-    _audit_dir(site)
-    session = _officer_session(site, officer, public_key)
     try:
         report = session.verify()
         if not report.ok:  # a tampered log's records are not evidence: list nothing

@@ -7,6 +7,12 @@
   accounts in this process, so the guard, ledger, review and audit log that decide are the
   server's; a wrong password is logged as ``login_failed``.
 
+- ``POST /fedsyft/v1/officer``: a copy of the audit log (with its head, public key, the
+  site's public facts and approval ledger) for a compliance officer, whose password is
+  checked against the site's officer record; the officer verifies and reads the copy on her
+  own machine (pin the site's key with ``--public-key`` or check ``--receipts``: a copy is
+  only as good as the key it is checked with). The copy is logged as ``audit_exported``.
+
 Errors come back as ``{"ok": false, "error": one line}``: the client prints that line.
 """
 
@@ -15,7 +21,7 @@ from __future__ import annotations
 import logging
 import os
 from dataclasses import asdict
-from typing import Any
+from typing import Any, Literal
 
 from fastapi import APIRouter
 from pydantic import BaseModel, ConfigDict, Field
@@ -24,6 +30,14 @@ from datasites.errors import AuthenticationError, RequestNotFoundError
 from datasites.governance.audit import verify
 
 log = logging.getLogger(__name__)
+
+
+class OfficerCall(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    email: str = Field(max_length=254)
+    password: str = Field(max_length=1024, repr=False)
+    purpose: Literal["verify", "requests", "export"]
 
 
 class OwnerCall(BaseModel):
@@ -94,6 +108,17 @@ def router(site: Any, url: str) -> APIRouter:
     @api.get("/health")
     def get_health() -> dict[str, Any]:
         return health(site, url)
+
+    @api.post("/officer")
+    def post_officer(call: OfficerCall) -> dict[str, Any]:
+        from datasites.governance.compliance import AuditorSession
+
+        try:
+            session = AuditorSession.login(site.directory, call.email, call.password)
+            return {"ok": True, "result": {"files": session.copy(call.purpose)}}
+        except (AuthenticationError, OSError, ValueError) as exc:
+            return {"ok": False, "error": str(exc).splitlines()[0] if str(exc) else
+                    type(exc).__name__}
 
     @api.post("/owner")
     def post_owner(call: OwnerCall) -> dict[str, Any]:

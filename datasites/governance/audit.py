@@ -134,7 +134,9 @@ class Action(StrEnum):
     - key_issued          objects: {"key_id"}; params: {"purpose"}
     - key_revoked         objects: {"key_id"}; params: {"reason"}
     - audit_exported      params: {"format", "entries", "bytes", "sha256"} (after the file
-                          was written; "entries": how many the log held before this one)
+                          was written; "entries": how many the log held before this one;
+                          format "copy", with "purpose": the log sent to an officer's
+                          ``audit ... --config`` over HTTP)
     - audit_recovered     written by `AuditLog` when it re-signs an unsigned tail after a crash
     - file_modes_repaired params: {"changed": {path: former mode (octal string)}} (a site found
                           its directory or files open to others and made them owner-only)
@@ -607,6 +609,15 @@ def scan_chain(
         key = _resolve_key(directory, public_key)
         scan = _scan(directory, key)
     return ChainState(scan.report, key, scan.head, scan.hashes)
+
+
+def snapshot(directory: Path | str) -> dict[str, bytes]:
+    """The log, its signed head and public key as one consistent copy (read under the
+    shared lock, so no entry without its head), for an officer to verify elsewhere."""
+    directory = Path(directory)
+    with _shared_lock(directory):
+        return {name: (directory / name).read_bytes() for name in (LOG_NAME, HEAD_NAME, PUB_NAME)
+                if (directory / name).is_file()}
 
 
 class AuditView:

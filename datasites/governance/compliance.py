@@ -41,6 +41,7 @@ from datasites.governance.audit import (
     AuditView,
     Role,
     VerifyReport,
+    snapshot,
 )
 from datasites.runtime.site_files import SiteInfo, check_officer, read_site_info
 
@@ -213,6 +214,27 @@ def build_requests(entries: Iterable[dict[str, Any]], ledger: dict[str, Any] | N
                                                     r.request_id))
 
 
+#: besides the log, what an officer's copy holds: public facts and the approval ledger
+#: (never a key, a password hash, the store or a table)
+COPY_EXTRAS = ("site.json", "provisioned.json", "approvals.json")
+COPY_NAMES = frozenset({"audit.jsonl", "audit.head.json", "audit_key.pub", *COPY_EXTRAS})
+
+
+def write_copy(files: dict[str, str], directory: Path) -> Path:
+    """Write an officer's copy (from :meth:`AuditorSession.copy`) owner-only into
+    ``directory``; a name outside the copy's fixed set is refused (the copy comes from a
+    server, and a name like ``../x`` must not write elsewhere)."""
+    directory = Path(directory)
+    directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+    for name, text in files.items():
+        if name not in COPY_NAMES or not isinstance(text, str):
+            raise AuditError(f"the site sent an unexpected file {name!r} with its log")
+        path = directory / name
+        path.write_text(text)
+        path.chmod(0o600)
+    return directory
+
+
 class AuditorSession:
     """A logged-in compliance officer of one site: read, verify and export; nothing else."""
 
@@ -303,6 +325,24 @@ class AuditorSession:
             Action.AUDIT_EXPORTED, {"format": fmt, "entries": None, "bytes": len(data),
                                     "sha256": hashlib.sha256(data).hexdigest()})
         return path
+
+    def copy(self, purpose: str) -> dict[str, str]:
+        """The log, its head and public key, the site's public facts and its approval ledger,
+        for the officer to verify and read on her own machine (``audit ... --config``).
+        What leaves is logged after it is read (``audit_exported``, format ``copy``), so
+        the copy never holds its own entry, as with a file export."""
+        files = {name: data.decode() for name, data in snapshot(self._directory).items()}
+        for name in COPY_EXTRAS:
+            path = self._directory / name
+            if path.is_file():
+                files[name] = path.read_text()
+        data = json.dumps(files, sort_keys=True).encode()
+        self._not_recorded = record_officer_action(
+            self._directory, self.site, self._email, Role.COMPLIANCE_OFFICER,
+            Action.AUDIT_EXPORTED, {"format": "copy", "purpose": purpose, "entries": None,
+                                    "bytes": len(data),
+                                    "sha256": hashlib.sha256(data).hexdigest()})
+        return files
 
     def _ledger(self) -> dict[str, Any]:
         try:

@@ -110,3 +110,35 @@ def test_the_scientist_and_owners_over_the_cli(deployed, tmp_path):
     assert len(losses) == 2 and losses[1] < losses[0]  # it trained, at every site's rows
     again = run_cli("train", "--config", config, "--job", job, env=env)
     _one_line_error(again, "already ran", "--resume")
+
+
+def test_the_officer_audits_a_running_site_over_http(deployed, tmp_path):
+    """``audit verify|requests|export --config --site NAME``: the server sends a copy of its
+    log (officer login), checked on the officer's side; what left is logged; a wrong
+    password is one line, exit 2, and logged."""
+    from datasites.governance.audit import load_entries
+
+    config, member = str(deployed.path), deployed.site[1]
+    verify = run_cli("audit", "verify", "--config", config, "--site", member.name)
+    assert verify.returncode == 0, verify.stderr
+    assert "hash chain intact, head signature valid" in verify.stdout
+    assert f"site {member.name} (a copy from its server)" in verify.stdout
+    listed = run_cli("audit", "requests", "--config", config, "--site", member.name)
+    assert listed.returncode == 0, listed.stderr
+    out = tmp_path / "log.html"
+    export = run_cli("audit", "export", "--config", config, "--site", member.name,
+                     "--format", "html", "--out", str(out))
+    assert export.returncode == 0, export.stderr
+    assert "<html" in out.read_text().lower() and "server_started" in out.read_text()
+    copies = [e for e in load_entries(member.directory) if e["action"] == "audit_exported"
+              and e["params"].get("format") == "copy"]
+    assert [e["params"]["purpose"] for e in copies[-3:]] == ["verify", "requests", "export"]
+    assert all(e["actor"] == member.officer for e in copies[-3:])
+    wrong = run_cli("audit", "verify", "--config", config, "--site", member.name,
+                    env={"FEDSYFT_OFFICER_PASSWORD": "not-the-officers-pw-1"})
+    assert wrong.returncode == 2 and wrong.stderr.count("\n") == 1, wrong.stderr
+    assert "wrong email or password" in wrong.stderr and "Traceback" not in wrong.stderr
+    failed = [e for e in load_entries(member.directory) if e["action"] == "login_failed"]
+    assert failed and failed[-1]["actor"] == member.officer
+    unknown = run_cli("audit", "verify", "--config", config, "--site", "no-such-site")
+    assert unknown.returncode == 2 and "no-such-site" in unknown.stderr

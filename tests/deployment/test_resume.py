@@ -75,3 +75,32 @@ def test_no_round_is_charged_twice_after_a_kill(deployed, schema, tmp_path):
         charges = [e for e in load_entries(member.directory, action="budget_charged")
                    if (e.get("objects") or {}).get("job_id") == spec.job_id]
         assert [e["params"]["round"] for e in charges] == [1, 2, 3, 4], member.name
+
+
+class _ScientistCrashed(Exception):
+    """The data scientist's process dies (here: in the middle of a round's bookkeeping)."""
+
+
+def test_a_secure_sum_job_resumes_in_a_new_trainer(deployed, partitions, schema, tmp_path):
+    """secagg: the trainer dies after the sites answered round 3 (round 2's sum just opened),
+    a new process resumes from the checkpoint: the session continues (its public state is in
+    the checkpoint, each site's side in its directory), round 3 is answered from the sites'
+    saved replies, and the model equals an uninterrupted run's."""
+    spec = _spec(schema, "secagg", rounds=4, seed=13)
+    fed = scientist(deployed)
+    approve_everywhere(deployed, fed.submit(spec))
+    checkpoint = tmp_path / "checkpoint.json"
+
+    def crash(rnd: int, loss: float) -> None:
+        if rnd == 2:
+            raise _ScientistCrashed
+
+    with pytest.raises(_ScientistCrashed):
+        fed.trainer(spec, progress=False, on_round=crash).fit(checkpoint=checkpoint)
+    result = scientist(deployed).trainer(spec, progress=False).fit(checkpoint=checkpoint,
+                                                                  resume=True)
+    expected = in_process(spec, partitions, [s.name for s in deployed.site]).fit()
+    assert result.rounds_completed == 4
+    np.testing.assert_allclose(result.weights, expected.weights, atol=1e-4)
+    for member in deployed.site:  # round 3 was computed once, and answered twice
+        assert len(_executions(member, spec.job_id, "fit")) == 4, member.name
