@@ -142,3 +142,37 @@ def test_the_officer_audits_a_running_site_over_http(deployed, tmp_path):
     assert failed and failed[-1]["actor"] == member.officer
     unknown = run_cli("audit", "verify", "--config", config, "--site", "no-such-site")
     assert unknown.returncode == 2 and "no-such-site" in unknown.stderr
+
+
+def _consecutive_free_ports(n: int) -> int:
+    from datasites.deploy.processes import port_free
+
+    for _ in range(50):
+        base = free_ports(1)[0]
+        if base + n < 65000 and all(port_free("127.0.0.1", base + i) for i in range(n)):
+            return base
+    raise RuntimeError("no run of free ports")
+
+
+def test_init_then_up_status_down_as_a_newcomer_types_it(shuttle_small, tmp_path):
+    """``fedsyft init DIR`` writes a federation that ``up`` runs as it is; a second init
+    into the same directory is refused in one line; ``status`` after ``down`` exits 1."""
+    data = tmp_path / "rows.csv"
+    shuttle_small.iloc[:900].to_csv(data, index=False)
+    fed, base = tmp_path / "fed", _consecutive_free_ports(3)
+    init = run_cli("init", str(fed), "--data", str(data), "--sites", "2",
+                   "--base-port", str(base))
+    assert init.returncode == 0, init.stderr
+    assert sorted(p.name for p in (fed / "data").iterdir()) == ["site-1.csv", "site-2.csv"]
+    _one_line_error(run_cli("init", str(fed), "--data", str(data)), "already exists")
+    config = str(fed / "federation.toml")
+    up = run_cli("up", "--config", config)
+    try:
+        assert up.returncode == 0, up.stderr
+        status = run_cli("status", "--config", config)
+        assert status.returncode == 0 and status.stdout.count(" up ") == 3, status.stdout
+        assert f"127.0.0.1:{base}" in status.stdout
+    finally:
+        down = run_cli("down", "--config", config)
+    assert down.returncode == 0, down.stderr
+    assert run_cli("status", "--config", config).returncode == 1
