@@ -159,6 +159,18 @@ def password_env(role: str, site: str | None = None) -> list[str]:
     return ([f"{base}_{_env_name(site)}"] if site else []) + [base]
 
 
+def member_credentials(config: str | Path | FederationFile, site: str, role: str,
+                       email: str | None = None, password: str | None = None
+                       ) -> tuple[MemberConfig, str, str]:
+    """(member, e-mail, password) of ``role`` ("owner" | "officer") at ``site``: the e-mail
+    from the config unless given, the password from ``FEDSYFT_{ROLE}_PASSWORD[_SITE]`` or a
+    prompt unless given."""
+    cfg = config if isinstance(config, FederationFile) else load(config)
+    member = cfg.member(site)
+    return (member, email or getattr(member, role),
+            password or password_for(role, site))
+
+
 def password_for(role: str, site: str | None = None, *, prompt: bool = True) -> Secret:
     """A password from the environment, else a hidden prompt (a terminal only)."""
     import sys

@@ -8,7 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from datasites.deploy.config import FederationFile, MemberConfig, load, password_for
+from datasites.deploy.config import (
+    FederationFile,
+    MemberConfig,
+    member_credentials,
+)
 from datasites.deploy.processes import ServerError, health, post_json
 
 
@@ -32,10 +36,7 @@ class OfficerClient:
                 email: str | None = None, password: str | None = None) -> OfficerClient:
         """The officer of ``site`` (e-mail from the config; password from
         ``FEDSYFT_OFFICER_PASSWORD[_SITE]`` or a prompt)."""
-        cfg = config if isinstance(config, FederationFile) else load(config)
-        member = cfg.member(site)
-        return cls(member, email or member.officer,
-                   password or password_for("officer", site))
+        return cls(*member_credentials(config, site, "officer", email, password))
 
     def copy(self, purpose: str, directory: Path) -> Path:
         """Write the site's log copy into ``directory`` (owner-only) and return it."""

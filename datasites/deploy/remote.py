@@ -16,7 +16,13 @@ from typing import Any
 
 from datasites.adapter.scientist import ScientistSession
 from datasites.adapter.syft_server import login_http
-from datasites.deploy.config import FederationFile, MemberConfig, load, password_for
+from datasites.deploy.config import (
+    FederationFile,
+    MemberConfig,
+    load,
+    member_credentials,
+    password_for,
+)
 from datasites.deploy.processes import ServerError, health, post_json
 from fed_tasks.aggregation import KeyAuthoritySum, MaskedSum, PlainSum, SecureSum
 from fed_tasks.orchestrator import FederatedTrainer
@@ -165,9 +171,7 @@ class OwnerClient:
                 email: str | None = None, password: str | None = None) -> OwnerClient:
         """The owner of ``site`` (e-mail from the config; password from
         ``FEDSYFT_OWNER_PASSWORD[_SITE]`` or a prompt)."""
-        cfg = config if isinstance(config, FederationFile) else load(config)
-        member = cfg.member(site)
-        return cls(member, email or member.owner, password or password_for("owner", site))
+        return cls(*member_credentials(config, site, "owner", email, password))
 
     def _call(self, op: str, **args: Any) -> Any:
         try:

@@ -142,6 +142,16 @@ def test_the_officer_audits_a_running_site_over_http(deployed, tmp_path):
     assert failed and failed[-1]["actor"] == member.officer
     unknown = run_cli("audit", "verify", "--config", config, "--site", "no-such-site")
     assert unknown.returncode == 2 and "no-such-site" in unknown.stderr
+    from datasites.deploy.officer import OfficerClient
+
+    from .conftest import PASSWORDS
+
+    client = OfficerClient.connect(deployed, member.name,
+                                   password=PASSWORDS["FEDSYFT_OFFICER_PASSWORD"])
+    sent = {p.name for p in client.copy("verify", tmp_path / "copy").iterdir()}
+    assert {"audit.jsonl", "audit.head.json", "audit_key.pub"} <= sent
+    assert sent <= {"audit.jsonl", "audit.head.json", "audit_key.pub", "site.json",
+                    "provisioned.json", "approvals.json"}  # no key, password hash or store
 
 
 def _consecutive_free_ports(n: int) -> int:
