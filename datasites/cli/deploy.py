@@ -244,14 +244,25 @@ def _train_report(spec: Any, cfg: Any, result: Any, per_site: list[dict[str, Any
 
 def owner_client(config: Path, site: str, owner: str | None) -> Any:
     """The data owner's session with her site's running server (``requests --config``)."""
-    from datasites.cli.main import _password
-    from datasites.deploy.config import password_env
     from datasites.deploy.remote import OwnerClient
 
-    cfg = _load(config)
-    member = cfg.member(site)
-    email = owner or member.owner
-    env = next((v for v in password_env("owner", member.name) if os.environ.get(v)),
-               password_env("owner", member.name)[-1])
-    password = _password(env, f"data owner {email} of {member.name}")
-    return OwnerClient(member, email, password)
+    return OwnerClient(*member_login(config, site, "owner", owner))
+
+
+def member_login(config: Path, site: str, role: str, email: str | None
+                 ) -> tuple[Any, str, str]:
+    """(member, e-mail, password) of the site's ``role`` ("owner" | "officer") for a CLI
+    command: the e-mail from the config unless given, the password from
+    ``FEDSYFT_{ROLE}_PASSWORD[_SITE]`` or a prompt; an unknown site is one line."""
+    from datasites.cli.main import _password
+    from datasites.deploy.config import password_env
+
+    try:
+        member = _load(config).member(site)
+    except (KeyError, LookupError, ValueError) as exc:
+        raise _fail(exc) from None
+    email = email or getattr(member, role)
+    names = password_env(role, member.name)
+    env = next((v for v in names if os.environ.get(v)), names[-1])
+    who = {"owner": "data owner", "officer": "compliance officer"}[role]
+    return member, email, _password(env, f"{who} {email} of {member.name}")

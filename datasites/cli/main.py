@@ -569,35 +569,18 @@ def _log_copy(config: Path, site: str, officer: str | None, purpose: str
               ) -> Iterator[tuple[Path, str]]:
     """(directory, officer e-mail): a copy of ``site``'s log fetched from its running server
     (``--config``), in a private temporary directory removed afterwards; one-line errors."""
-    from datasites.deploy.config import password_env
+    from datasites.cli.deploy import member_login
     from datasites.deploy.officer import OfficerClient, OfficerError
     from datasites.deploy.processes import ServerError
     from datasites.governance.audit import AuditError
 
-    cfg = _load_config(config)
-    try:
-        member = cfg.member(site)
-    except (KeyError, LookupError, ValueError) as exc:
-        raise _fail(exc) from None
-    email = officer or member.officer
-    env = next((v for v in password_env("officer", member.name) if os.environ.get(v)),
-               password_env("officer", member.name)[-1])
-    password = _password(env, f"compliance officer {email} of {member.name}")
+    member, email, password = member_login(config, site, "officer", officer)
     with tempfile.TemporaryDirectory(prefix=f"fedsyft-audit-{member.name}-") as tmp:
         try:
             copy = OfficerClient(member, email, password).copy(purpose, Path(tmp) / member.name)
         except (OfficerError, ServerError, AuditError) as exc:
             raise _fail(exc) from None
-        try:
-            yield copy, email
-        except (OfficerError, ServerError, AuditError) as exc:
-            raise _fail(exc) from None
-
-
-def _load_config(config: Path) -> Any:
-    from datasites.cli.deploy import _load
-
-    return _load(config)
+        yield copy, email
 
 
 RECEIPTS = typer.Option(None, "--receipts", help=(

@@ -13,7 +13,7 @@ from datasites.deploy.config import (
     MemberConfig,
     member_credentials,
 )
-from datasites.deploy.processes import ServerError, health, post_json
+from datasites.deploy.processes import ServerError, post_json, require_up
 
 
 class OfficerError(RuntimeError):
@@ -25,9 +25,7 @@ class OfficerClient:
     --config``): fetches a copy of the log to verify and read on her own machine."""
 
     def __init__(self, member: MemberConfig, email: str, password: str) -> None:
-        if health(member) is None:
-            raise ServerError(f"site {member.name!r} does not answer at {member.url}; is it "
-                              "up? (fedsyft status --config ...)")
+        require_up(member)
         self.member, self.name, self.email = member, member.name, email
         self._password = password
 

@@ -62,6 +62,13 @@ def health(member: MemberConfig, timeout: float = 5.0) -> dict[str, Any] | None:
     return doc if isinstance(doc, dict) and doc.get("site") == member.name else None
 
 
+def require_up(member: MemberConfig) -> None:
+    """:class:`ServerError` naming a site whose server does not answer its health check."""
+    if health(member) is None:
+        raise ServerError(f"site {member.name!r} does not answer at {member.url}; is it up? "
+                          f"(fedsyft status --config ...)")
+
+
 def _pid(directory: Path) -> int | None:
     try:
         return int((directory / PID_FILE).read_text().strip())

@@ -23,7 +23,7 @@ from datasites.deploy.config import (
     member_credentials,
     password_for,
 )
-from datasites.deploy.processes import ServerError, health, post_json
+from datasites.deploy.processes import ServerError, post_json, require_up
 from fed_tasks.aggregation import KeyAuthoritySum, MaskedSum, PlainSum, SecureSum
 from fed_tasks.orchestrator import FederatedTrainer
 from fed_tasks.spec import JobSpec
@@ -43,12 +43,6 @@ def secure_sum_for(spec: JobSpec, n_sites: int,
     if spec.aggregation == "secagg":
         return MaskedSum(spec, n_sites)
     raise ValueError(f"aggregation {spec.aggregation!r} is not available")
-
-
-def _require_up(member: MemberConfig) -> None:
-    if health(member) is None:
-        raise ServerError(f"site {member.name!r} does not answer at {member.url}; is it up? "
-                          f"(fedsyft status --config ...)")
 
 
 class RemoteFederation:
@@ -80,7 +74,7 @@ class RemoteFederation:
         return [s.name for s in self.config.site]
 
     def _login(self, member: MemberConfig, kind: str) -> ScientistSession:
-        _require_up(member)
+        require_up(member)
         client = login_http(member.host, member.port, self._email, self._password,
                             member.name)
         return ScientistSession(client, kind=kind, receipts=self._receipts)
@@ -161,7 +155,7 @@ class OwnerClient:
     and decides with its own guard, ledger and audit log."""
 
     def __init__(self, member: MemberConfig, email: str, password: str) -> None:
-        _require_up(member)
+        require_up(member)
         self.member, self.name = member, member.name
         self.operator = _Operator(email)
         self._password = password
