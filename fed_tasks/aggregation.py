@@ -19,8 +19,9 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from fed_tasks.codec import decode_array
-from fed_tasks.encoding import decode_session_sum, round_id, secagg_plan, session_round
+from fed_tasks.encoding import decode_session_sum, secagg_plan, session_round
 from fed_tasks.interface import SiteConnection, call_all
+from fed_tasks.schedule import combine
 from fed_tasks.spec import JobSpec
 from privacy.secagg import SecAggError
 from privacy.secagg_session import SecAggSessionServer
@@ -123,7 +124,8 @@ class PlainSum(_Immediate):
         if len(replies) < self.min_sites:
             raise TooFewSitesError(f"{len(replies)} sites answered, job needs {self.min_sites}")
         signed = [r["contribution"] for r in replies]
-        total = np.sum([decode_array(_signed_payload(c), length) for c in signed], axis=0)
+        parsed = [SignedContribution.from_str(c) for c in signed]
+        total = combine(action, {c.site_id: decode_array(c.payload, length) for c in parsed})
         return total, {"kind": "plain", "action": action,
                        "round": int(message.get("round", 0)), "contributions": signed,
                        "heads": _heads(replies)}
@@ -140,7 +142,7 @@ class KeyAuthoritySum(_Immediate):
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
         replies = call_all(sites, action, message)
-        request = {"action": action, "round": round_id(action, message.get("round", 0)),
+        request = {"action": action, "round": int(message.get("round", 0)),
                    "length": length, "contributions": [r["contribution"] for r in replies]}
         reply = self.key_authority.call("decrypt", request)
         return decode_array(reply["sum"], length), {
@@ -199,7 +201,7 @@ class MaskedSum:
         if not opened:
             return []
         action, rnd = self._pending
-        r = session_round(action, rnd)
+        r = session_round(self.spec, action, rnd)
         total = self.server.collect_opened(r, opened)  # every opener agrees, over survivors
         _, vector = decode_session_sum(self.spec, r, total, len(self.server.survivors))
         self._pending = None
@@ -235,7 +237,7 @@ class MaskedSum:
                  replies: dict[str, dict[str, Any] | Exception]) -> dict[str, Any]:
         """Add the masked vectors; if sites dropped, have the survivors reveal their keys.
         Returns the round's evidence for the sites."""
-        r = session_round(action, rnd)
+        r = session_round(self.spec, action, rnd)
         signed = [rep["masked"] for rep in replies.values() if not isinstance(rep, Exception)]
         masked = [_signed_payload(m) for m in signed]
         ok = [rep for rep in replies.values() if not isinstance(rep, Exception)]

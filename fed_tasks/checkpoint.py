@@ -55,6 +55,11 @@ class Checkpoint:
         return max([*done, *([pending[1]] if pending and pending[0] == "fit" else [])],
                    default=0)
 
+    def done(self, action: str, rnd: int) -> bool:
+        """Whether the sites answered pass ``rnd`` of ``action`` (released, or pending)."""
+        return (action, rnd) == self._pending or any(
+            (a, r) == (action, rnd) for a, r, _ in self.released)
+
     @property
     def has_stats(self) -> bool:
         pending = self._pending

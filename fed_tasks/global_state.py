@@ -1,19 +1,28 @@
-"""What every party derives from the released sums: feature scaling, then the weights.
+"""What every party derives from the released sums: feature scaling, then the model.
 
 The orchestrator advances it as sums are released. In a secure-sum job each site also
 advances it, by one step: it opens the previous round's sum itself (the orchestrator cannot)
 and trains from the result. Both sides therefore share this one rule.
+
+Training rounds move the weights; every other released sum (moments, histograms, a Deep
+SVDD centre, the threshold's score counts) is kept as it was released, under
+``"action:pass"`` in :attr:`GlobalState.extra`, and what follows from it (a PCA basis, HBOS
+densities, the threshold) is derived from there by the same functions on every side.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
 from fed_tasks.codec import PayloadError
 from fed_tasks.preprocessing import Moments, Standardizer
 from fed_tasks.strategy import FedAvg, SummedUpdate
+
+
+def extra_key(action: str, rnd: int) -> str:
+    return f"{action}:{int(rnd)}"
 
 
 @dataclass
@@ -23,14 +32,19 @@ class GlobalState:
     weights: np.ndarray
     norm: Standardizer | None = None
     loss: float = float("nan")  # mean training loss of the last applied round
+    extra: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def advance(self, action: str, summed: np.ndarray, strategy: FedAvg | None = None) -> None:
-        """Apply one released sum: statistics set the scaling, a round moves the weights."""
+    def advance(self, action: str, summed: np.ndarray, strategy: FedAvg | None = None,
+                rnd: int = 1) -> None:
+        """Apply one released sum: statistics set the scaling, a round moves the weights,
+        any other sum is kept for the detector to derive its model from."""
         if action == "stats":
             self.norm = Standardizer.from_moments(Moments.from_vector(summed))
         elif action == "fit":
             update = SummedUpdate(np.asarray(summed, dtype=np.float64))
             self.weights = (strategy or FedAvg()).aggregate(self.weights, update)
             self.loss = update.mean_loss
+        elif action in ("moments2", "hist", "center", "trees", "calibrate"):
+            self.extra[extra_key(action, rnd)] = np.asarray(summed, dtype=np.float64).copy()
         else:
             raise PayloadError(f"no global state follows from a {action!r} sum")

@@ -18,6 +18,7 @@ from fed_tasks import site_step
 from fed_tasks.codec import decode_array, encode_array
 from fed_tasks.interface import SiteConnection
 from fed_tasks.messages import AggregateEvidence, parse_message
+from fed_tasks.schedule import combine
 from fed_tasks.site_state import SiteModelState, aggregate_index
 from fed_tasks.spec import JobSpec
 from privacy.signing import SignedContribution
@@ -26,8 +27,8 @@ from privacy.signing import SignedContribution
 def unchecked_sum(spec: JobSpec, evidence: AggregateEvidence) -> np.ndarray:
     """The sum of a plain aggregate's vectors, signatures unchecked (trusted simulation)."""
     length = site_step.vector_length(spec, evidence.action)
-    return np.sum([decode_array(SignedContribution.from_str(c).payload, length)
-                   for c in evidence.contributions], axis=0)
+    parsed = [SignedContribution.from_str(c) for c in evidence.contributions]
+    return combine(evidence.action, {c.site_id: decode_array(c.payload, length) for c in parsed})
 
 
 class LocalSite(SiteConnection):
@@ -38,7 +39,7 @@ class LocalSite(SiteConnection):
         self.spec = spec
         self.train = train
         self.test = test
-        self.model = SiteModelState.initial(spec, site_step.new_model(spec).get_weights())
+        self.model = SiteModelState.initial(spec, site_step.initial_weights(spec))
 
     def step(self, action: str, given: site_step.StepInput) -> dict[str, Any]:
         """The site step (a subclass may add, e.g., DP)."""
@@ -47,14 +48,14 @@ class LocalSite(SiteConnection):
     def call(self, action: str, message: dict[str, Any]) -> dict[str, Any]:
         msg = parse_message(action, message)
         evidence = getattr(msg, "previous", None)
-        if evidence is not None and aggregate_index(evidence.action, evidence.round) \
-                > self.model.applied:
+        if evidence is not None and aggregate_index(self.spec, evidence.action,
+                                                    evidence.round) > self.model.applied:
             self.model.apply(evidence.action, evidence.round, unchecked_sum(self.spec, evidence))
         rnd = int(getattr(msg, "round", 0))
         result = self.step(action, site_step.StepInput(rnd, self.model.state))
         if "vector" not in result:
             return result
         payload = encode_array(result.pop("vector"))
-        index = aggregate_index(action, rnd)
+        index = aggregate_index(self.spec, action, rnd)
         return {**result, "contribution": SignedContribution(
             self.name, self.spec.job_id, index, payload, model=self.model.digest).to_str()}

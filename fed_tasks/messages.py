@@ -14,6 +14,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
 from fed_tasks.codec import PayloadError
+from fed_tasks.schedule import SUMMED_ACTIONS
 
 Kind = Literal["plain", "paillier", "secagg"]
 MAX_SITES = 1000  # more contributions than this in one aggregate is garbage, not a federation
@@ -34,8 +35,8 @@ class AggregateEvidence(_Strict):
     """
 
     kind: Kind
-    action: Literal["stats", "fit"]
-    round: int = Field(ge=0, le=100_000)  # 0: the statistics; r: training round r
+    action: Literal[SUMMED_ACTIONS]  # type: ignore[valid-type]
+    round: int = Field(ge=0, le=100_000)  # the pass: 0 the statistics; r training round r
     contributions: list[str] = Field(default=[], max_length=MAX_SITES)
     sum: str | None = Field(default=None, max_length=MAX_TEXT)
     attestation: str | None = Field(default=None, max_length=16_384)
@@ -50,6 +51,8 @@ class StatsMessage(_Strict):
 
 
 class FitMessage(_Strict):
+    """A summed call after the statistics: training round r, or pass r of another phase."""
+
     round: int = Field(ge=1, le=100_000)
     previous: AggregateEvidence
     inbox: str | None = Field(default=None, max_length=MAX_TEXT)
@@ -63,9 +66,9 @@ class RevealMessage(_Strict):
     previous: AggregateEvidence
 
 
-_SCHEMAS: dict[str, type[_Strict]] = {"stats": StatsMessage, "fit": FitMessage,
-                                      "evaluate": EvaluateMessage,
-                                      "secagg_reveal": RevealMessage}
+_SCHEMAS: dict[str, type[_Strict]] = {
+    "stats": StatsMessage, **{a: FitMessage for a in SUMMED_ACTIONS if a != "stats"},
+    "evaluate": EvaluateMessage, "secagg_reveal": RevealMessage}
 
 
 def parse_message(action: str, message: dict[str, Any]) -> _Strict:

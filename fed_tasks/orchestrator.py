@@ -1,4 +1,8 @@
-"""The round loop the data scientist runs: statistics, training rounds, evaluation."""
+"""The loop the data scientist runs: the job's summed phases in order, then evaluation.
+
+The order is the job's schedule (:mod:`fed_tasks.schedule`): statistics, the detector's
+phases (training rounds, or moment / histogram sums), the threshold's calibration passes.
+"""
 
 from __future__ import annotations
 
@@ -18,7 +22,8 @@ from fed_tasks.checkpoint import Checkpoint, CheckpointError
 from fed_tasks.global_state import GlobalState
 from fed_tasks.interface import SiteConnection, SiteRefusedError, call_all, is_budget_refusal
 from fed_tasks.preprocessing import Standardizer
-from fed_tasks.site_step import new_model, vector_length
+from fed_tasks.schedule import phases, vector_length
+from fed_tasks.site_step import detector, initial_weights
 from fed_tasks.spec import JobSpec
 from fed_tasks.strategy import FedAvg
 
@@ -37,25 +42,37 @@ class TrainingResult:
     release_seconds: float = 0.0  # a secure sum's last call: the sites open the last round
     stopped_early: bool = False  # a site refused a round: its privacy budget would overspend
     stop_reason: str = ""
+    state: GlobalState | None = None  # everything released (sums kept for the detector)
 
     @property
     def rounds_completed(self) -> int:
         """Rounds whose aggregate is in :attr:`weights` (< ``spec.rounds`` if stopped early)."""
         return len(self.losses)
 
+    def _state(self) -> GlobalState:
+        return self.state or GlobalState(self.weights, self.norm)
+
     def model(self):
         """The trained detector, ready for ``score_samples`` on standardized rows."""
-        model = new_model(self.spec)
-        model.set_weights(self.weights)
-        return model
+        return detector(self.spec, self._state())
+
+    @property
+    def threshold(self) -> float | None:
+        """The calibrated alarm threshold on :meth:`score_samples` (None if not calibrated)."""
+        return self.model().threshold_
 
     def score_samples(self, x: np.ndarray) -> np.ndarray:
         """Anomaly scores (higher = more anomalous) of raw feature rows."""
         return self.model().score_samples(self.norm.transform(x))
 
+    def predict(self, x: np.ndarray) -> np.ndarray:
+        """1 (alarm) where a raw row's score exceeds the calibrated threshold, else 0."""
+        return self.model().predict(self.norm.transform(x))
+
 
 class FederatedTrainer:
-    """Runs one approved job across sites: moments → ``spec.rounds`` FedAvg rounds.
+    """Runs one approved job across sites: moments → the detector's phases (for a neural
+    detector ``spec.rounds`` FedAvg rounds) → the threshold's calibration.
 
     Sites are called concurrently; the trainer only ever uses the *sums* of their
     contributions, released by ``secure_sum`` (see :mod:`fed_tasks.aggregation`).
@@ -85,9 +102,9 @@ class FederatedTrainer:
 
     def standardizer(self) -> Standardizer:
         """Global feature scaling from the summed site moments."""
-        state = GlobalState(new_model(self.spec).get_weights())
+        state = GlobalState(initial_weights(self.spec))
         for rel in self._submit("stats", {}) + self.secure_sum.finish(self.sites):
-            state.advance(rel.action, rel.vector)
+            state.advance(rel.action, rel.vector, rnd=rel.round)
         if state.norm is None:
             raise TooFewSitesError("no site released its feature statistics")
         return state.norm
@@ -105,7 +122,7 @@ class FederatedTrainer:
         ``stopped_early=True`` and the site's reason in ``stop_reason``. Any other refusal
         or failure raises.
         """
-        state = GlobalState(new_model(self.spec).get_weights())
+        state = GlobalState(initial_weights(self.spec))
         saved = Checkpoint.new(self.spec)
         if resume:
             if checkpoint is None or not checkpoint.exists():
@@ -116,14 +133,14 @@ class FederatedTrainer:
         losses: list[float] = []
         seconds: list[float] = list(saved.round_seconds)
         stop_reason = ""
-        first = saved.rounds_done + 1
-        bar = tqdm(range(first, self.spec.rounds + 1), desc=f"job {self.spec.job_id}",
-                   unit="round", disable=not self.progress, initial=first - 1,
-                   total=self.spec.rounds)
+        todo = [(p.action, k) for p in phases(self.spec)[1:] for k in range(1, p.count + 1)]
+        left = [c for c in todo if not saved.done(*c)]
+        bar = tqdm(left, desc=f"job {self.spec.job_id}", unit="call", disable=not self.progress,
+                   initial=len(todo) - len(left), total=len(todo))
 
         def take(released: list[Released], record: bool = True) -> None:
             for rel in released:  # a secure sum releases each round's sum one call later
-                state.advance(rel.action, rel.vector, self.strategy)
+                state.advance(rel.action, rel.vector, self.strategy, rnd=rel.round)
                 if record:
                     saved.released.append((rel.action, rel.round, rel.vector))
                 if rel.action != "fit":
@@ -145,19 +162,23 @@ class FederatedTrainer:
         if not saved.has_stats:
             take(self._submit("stats", {}))
             save()
-        for rnd in bar:
+        for action, rnd in bar:
+            bar.set_description(f"job {self.spec.job_id} {action}")
             started = time.perf_counter()
             try:
-                take(self._submit("fit", {"round": rnd, "previous": self.secure_sum.evidence()}))
+                take(self._submit(action, {"round": rnd,
+                                           "previous": self.secure_sum.evidence()}))
             except (SiteRefusedError, TooFewSitesError) as exc:
                 if not is_budget_refusal(exc):
                     raise
                 stop_reason = str(exc)
-                log.warning("job %s stopped before round %d: %s", self.spec.job_id, rnd, exc)
+                log.warning("job %s stopped before %s %d: %s", self.spec.job_id, action, rnd,
+                            exc)
                 bar.set_postfix_str("stopped: privacy budget")
                 break
             finally:
-                seconds.append(time.perf_counter() - started)
+                if action == "fit":
+                    seconds.append(time.perf_counter() - started)
             save()
         started = time.perf_counter()
         try:
@@ -172,7 +193,8 @@ class FederatedTrainer:
             raise TooFewSitesError(f"job {self.spec.job_id}: no aggregate was released "
                                    f"({stop_reason or 'no site answered'})")
         return TrainingResult(self.spec, state.weights, state.norm, losses, seconds, release,
-                              stopped_early=bool(stop_reason), stop_reason=stop_reason)
+                              stopped_early=bool(stop_reason), stop_reason=stop_reason,
+                              state=state)
 
     def evaluate(self, result: TrainingResult) -> list[dict[str, Any]]:
         """Each site's metrics of the final model on its private test split.

@@ -7,7 +7,7 @@ So a site builds the initial model from the approved spec itself and, from then 
 it only by aggregates it has checked (:mod:`datasites.runtime.aggregate_check`), with the same rule
 the orchestrator uses (:class:`fed_tasks.global_state.GlobalState`).
 
-Each state carries a chain digest ``H(previous digest, action, round, sha256(sum))`` that
+Each state carries a chain digest ``H(previous digest, action, slot, sha256(sum))`` that
 names the model exactly. Every contribution is signed together with the digest of the model
 it was computed from, and every party that sums contributions checks that they all agree,
 so sites that were shown different histories can never be summed together.
@@ -26,6 +26,7 @@ import numpy as np
 from fed_tasks.codec import PayloadError, decode_array, encode_array
 from fed_tasks.global_state import GlobalState
 from fed_tasks.preprocessing import Standardizer
+from fed_tasks.schedule import slot_index, vector_length
 from fed_tasks.spec import JobSpec
 
 
@@ -45,9 +46,10 @@ def initial_digest(spec: JobSpec, weights: np.ndarray) -> str:
     return _h("init", spec.fingerprint, sum_digest(weights))
 
 
-def aggregate_index(action: str, rnd: int) -> int:
-    """0 for the statistics, r for training round r: the order aggregates are applied in."""
-    return 0 if action == "stats" else int(rnd)
+def aggregate_index(spec: JobSpec, action: str, rnd: int) -> int:
+    """The slot of pass ``rnd`` of ``action`` (:mod:`fed_tasks.schedule`): the order
+    aggregates are applied in (0 the statistics, r training round r of an autoencoder)."""
+    return slot_index(spec, action, rnd)
 
 
 @dataclass
@@ -58,8 +60,8 @@ class SiteModelState:
     state: GlobalState
     digest: str
     applied: int = -1  # aggregate index last applied (-1: none yet)
-    trained: int = 0  # last training round this site computed
-    reply: dict | None = None  # the last training reply; a retry gets exactly it again
+    trained: int = 0  # slot of the last summed call this site computed (with ``reply``)
+    reply: dict | None = None  # the last such reply; a retry gets exactly it again
     path: Path | None = field(default=None, repr=False)
 
     @classmethod
@@ -78,9 +80,11 @@ class SiteModelState:
             if raw["job_id"] != spec.job_id or raw["spec"] != spec.fingerprint:
                 raise ModelStateError(f"{path.name} belongs to another job spec")
             norm = raw.get("norm")
+            extra = {k: decode_array(v, vector_length(spec, k.split(":")[0]))
+                     for k, v in dict(raw.get("extra") or {}).items()}
             state = GlobalState(decode_array(raw["weights"], len(weights)),
                                 Standardizer.from_dict(norm) if norm else None,
-                                float(raw.get("loss", "nan")))
+                                float(raw.get("loss", "nan")), extra)
             return cls(spec, state, str(raw["digest"]), int(raw["applied"]),
                        int(raw["trained"]), raw.get("reply"), path)
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
@@ -94,7 +98,8 @@ class SiteModelState:
             "job_id": self.spec.job_id, "spec": self.spec.fingerprint, "digest": self.digest,
             "applied": self.applied, "trained": self.trained, "reply": self.reply,
             "weights": encode_array(self.state.weights), "loss": repr(self.state.loss),
-            "norm": self.state.norm.to_dict() if self.state.norm is not None else None})
+            "norm": self.state.norm.to_dict() if self.state.norm is not None else None,
+            "extra": {k: encode_array(v) for k, v in self.state.extra.items()}})
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -111,28 +116,30 @@ class SiteModelState:
 
     def apply(self, action: str, rnd: int, summed: np.ndarray) -> None:
         """Move the model by one *verified* aggregate, in order."""
-        index = aggregate_index(action, rnd)
+        index = aggregate_index(self.spec, action, rnd)
         if not self.expects(index):
             raise ModelStateError(f"aggregate {action} round {rnd} is not the next one for this "
                                   f"site (it holds the model after aggregate {self.applied})")
-        self.state.advance(action, summed)
+        self.state.advance(action, summed, rnd=rnd)
         self.digest = _h(self.digest, action, str(index), sum_digest(summed))
         self.applied = index
 
-    def check_training_round(self, rnd: int) -> bool:
-        """Whether round ``rnd`` may be trained now; True means "answer with the saved reply".
+    def check_slot(self, index: int) -> bool:
+        """Whether summed call ``index`` may be computed now; True means "answer with the
+        saved reply".
 
-        Rounds strictly increase: a replayed or skipped round is refused (how many rounds the
-        job may train is the site guard's count). The one exception
-        is an exact retry of the last round, which gets the very reply it got before (the
-        site computes nothing new, so a retry reveals nothing new).
+        Slots strictly increase: a replayed or skipped call is refused (how many calls the
+        job may make is the site guard's count). The one exception is an exact retry of the
+        last call, which gets the very reply it got before (the site computes nothing new,
+        so a retry reveals nothing new).
         """
-        if rnd == self.trained and self.reply is not None:
+        if index == self.trained and self.reply is not None:
             return True
-        if rnd != self.trained + 1:
-            raise ModelStateError(f"training round {rnd} is out of order: this site trained "
-                                  f"round {self.trained} last (rounds strictly increase)")
+        first = index == 0 and self.reply is None
+        if not first and index != self.trained + 1:
+            raise ModelStateError(f"aggregate {index} is out of order: this site computed "
+                                  f"aggregate {self.trained} last (they strictly increase)")
         return False
 
-    def record_trained(self, rnd: int, reply: dict) -> None:
-        self.trained, self.reply = rnd, reply
+    def record_trained(self, index: int, reply: dict) -> None:
+        self.trained, self.reply = index, reply

@@ -1,30 +1,33 @@
 """What runs at a site for one approved call: train, summarize or evaluate locally.
 
 The functions take the site's private frames and return only what the job allows to
-leave: a vector to be *summed* across sites (moment sums, or a weight update with its sample
-count) under key ``"vector"``, or metrics. The site wrapper in ``datasites`` decides
-*whether* a call may run and how the vector is protected (plain, Paillier, masked).
+leave: a vector to be *summed* across sites (moment sums, a weight update with its sample
+count, histogram counts; see :mod:`fed_tasks.schedule`) under key ``"vector"``, or metrics.
+The site wrapper in ``datasites`` decides *whether* a call may run and how the vector is
+protected (plain, Paillier, masked).
 """
 
 from __future__ import annotations
 
-import functools
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import pandas as pd
 
-from fed_tasks import dp_step
+from fed_tasks import calibration, dp_step
 from fed_tasks.codec import PayloadError
+from fed_tasks.detectors import rules_for
 from fed_tasks.evaluation import detection_metrics
 from fed_tasks.global_state import GlobalState
 from fed_tasks.models import AutoencoderDetector, build_model
 from fed_tasks.preprocessing import Moments, Standardizer
+from fed_tasks.schedule import has_phase
+from fed_tasks.schedule import vector_length as vector_length
 from fed_tasks.spec import JobSpec
 from fed_tasks.strategy import pack_update
 
-ACTIONS = ("stats", "fit", "evaluate")
+ACTIONS = ("stats", "fit", "moments2", "hist", "center", "trees", "calibrate", "evaluate")
 
 
 def feature_matrix(spec: JobSpec, frame: pd.DataFrame) -> np.ndarray:
@@ -39,6 +42,11 @@ def new_model(spec: JobSpec) -> AutoencoderDetector:
     return build_model(spec.model, len(spec.features), spec.hidden, spec.latent, spec.seed)
 
 
+def initial_weights(spec: JobSpec) -> np.ndarray:
+    """The weights every party starts the job from (empty for detectors built from sums)."""
+    return rules_for(spec).initial_weights(spec)
+
+
 @dataclass(frozen=True)
 class StepInput:
     """What a call computes from: the round and the model *the site itself* holds (see
@@ -48,13 +56,43 @@ class StepInput:
     model: GlobalState | None = None
 
 
-def _model_at(spec: JobSpec, given: StepInput) -> tuple[AutoencoderDetector, Standardizer]:
+def _state(given: StepInput) -> GlobalState:
     if given.model is None or given.model.norm is None:
         raise PayloadError("this call needs the federation's model and feature scaling, "
                            "which the site derives from the released statistics first")
+    return given.model
+
+
+def _model_at(spec: JobSpec, given: StepInput) -> tuple[AutoencoderDetector, Standardizer]:
+    state = _state(given)
     model = new_model(spec)
-    model.set_weights(given.model.weights)
-    return model, given.model.norm
+    model.set_weights(state.weights)
+    assert state.norm is not None
+    return model, state.norm
+
+
+def detector(spec: JobSpec, state: GlobalState):
+    """The fitted detector that follows from the released sums, with its threshold."""
+    model = rules_for(spec).from_state(spec, state)
+    model.threshold_ = calibration.threshold(spec, state.extra)
+    return model
+
+
+def contribute(spec: JobSpec, action: str, train: pd.DataFrame,
+               given: StepInput) -> dict[str, Any]:
+    """A summed phase other than training: moments, histograms, a centre, score counts."""
+    if not has_phase(spec, action):
+        raise PayloadError(f"job {spec.job_id!r} ({spec.model}) has no {action!r} step")
+    state = _state(given)
+    assert state.norm is not None
+    z = state.norm.transform(feature_matrix(spec, train))
+    k = int(given.round)
+    if action == "calibrate":
+        scores = detector(spec, state).score_samples(z)
+        vector = calibration.local_counts(spec, k, state.extra, scores)
+    else:
+        vector = rules_for(spec).contribute(spec, action, k, z, state)
+    return {"vector": np.asarray(vector, dtype=np.float64), "round": k}
 
 
 def stats(spec: JobSpec, train: pd.DataFrame) -> dict[str, Any]:
@@ -91,21 +129,19 @@ def evaluate(spec: JobSpec, test: pd.DataFrame, given: StepInput) -> dict[str, A
     """Metrics of the site's verified model on its private test split; only numbers leave."""
     if spec.label_column is None or spec.label_column not in test.columns:
         raise PayloadError("evaluation needs the job's label column in the site's test split")
-    model, norm = _model_at(spec, given)
-    scores = model.score_samples(norm.transform(feature_matrix(spec, test)))
-    metrics = detection_metrics(test[spec.label_column].to_numpy(), scores)
+    state = _state(given)
+    assert state.norm is not None
+    model = detector(spec, state)
+    scores = model.score_samples(state.norm.transform(feature_matrix(spec, test)))
+    labels = test[spec.label_column].to_numpy().astype(int)
+    metrics: dict[str, Any] = detection_metrics(labels, scores)
+    if model.threshold_ is not None:  # counts at the calibrated threshold: pooled by summing
+        alarm = scores > model.threshold_
+        metrics |= {"tp": int(np.sum(alarm & (labels == 1))),
+                    "fp": int(np.sum(alarm & (labels == 0))),
+                    "fn": int(np.sum(~alarm & (labels == 1))),
+                    "tn": int(np.sum(~alarm & (labels == 0)))}
     return {**metrics, "n_test": int(len(test))}
-
-
-@functools.lru_cache(maxsize=256)
-def vector_length(spec: JobSpec, action: str) -> int:
-    """Length of the summed vector of ``action`` (for checks on every side).
-
-    Cached per (frozen) spec: sites, orchestrator and policy ask on every call, and the
-    answer otherwise builds a whole torch model each time."""
-    if action == "stats":
-        return 1 + 2 * len(spec.features)
-    return new_model(spec).n_params + 2
 
 
 def run(spec: JobSpec, action: str, given: StepInput, train: pd.DataFrame,
@@ -117,4 +153,6 @@ def run(spec: JobSpec, action: str, given: StepInput, train: pd.DataFrame,
         return fit(spec, train, given, noise_shares)
     if action == "evaluate":
         return evaluate(spec, test, given)
+    if action in ACTIONS:
+        return contribute(spec, action, train, given)
     raise PayloadError(f"unknown action {action!r}; expected one of {ACTIONS}")

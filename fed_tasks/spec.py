@@ -8,7 +8,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ModelKind = Literal["ae"]
+ModelKind = Literal["ae", "pca", "hbos"]
+#: detectors built from sums alone: no gradient, so no DP-SGD or DP-FedAvg applies (yet)
+SUM_MODELS = ("pca", "hbos")
 Aggregation = Literal["plain", "paillier", "secagg"]
 
 
@@ -38,6 +40,9 @@ class JobSpec(BaseModel):
     update_bound: float = Field(default=2.0**24, gt=0)
     frac_bits: int = Field(default=16, ge=0, le=32)
     seed: int = 0
+    # the alarm threshold: the score a target fraction of the training rows exceeds, from
+    # summed score histograms (fed_tasks/calibration.py); None: no threshold, ranking only
+    target_fpr: float | None = Field(default=None, gt=0, lt=0.5, allow_inf_nan=False)
     # Differential privacy (see privacy/dp.py and README "Privacy model"). dp_epsilon=None: off.
     # dp_sgd=False: client-level DP-FedAvg, each site clips its update to L2 norm dp_clip and
     # adds its share of Gaussian noise. dp_sgd=True: sample-level DP-SGD (Opacus) during local
@@ -62,6 +67,10 @@ class JobSpec(BaseModel):
         if self.dp_sgd and self.trim > 0:
             raise ValueError("dp_sgd=True needs trim=0: trimming the highest-error rows of a "
                              "batch couples rows, which doubles DP-SGD's per-row sensitivity")
+        if self.dp_enabled and self.model in SUM_MODELS:
+            raise ValueError(f"model {self.model!r} is built from sums, which are not noised "
+                             "yet: differential privacy is available for the trained models "
+                             "(ae) only")
         return self
 
     @property

@@ -76,7 +76,8 @@ def test_full_job_audit_trail(federation, schema):
         message = {"round": rnd, "previous": evidence}
         evidence = _plain_evidence("fit", rnd, [c.call("fit", message) for c in (conn, other)])
     conn.call("evaluate", {"previous": evidence})
-    with pytest.raises(SiteRefusedError, match="used all 2 approved 'fit' calls"):
+    # a third round is not in the approved job's schedule: refused before anything runs
+    with pytest.raises(SiteRefusedError, match="fit pass 3 is outside this job's 1..2"):
         conn.call("fit", {"round": 3, "previous": evidence})
 
     trail = _about(site.guard.audit.entries(), rid, spec.job_id)
@@ -108,7 +109,7 @@ def test_full_job_audit_trail(federation, schema):
     assert released[0]["params"]["sha256"] == hashlib.sha256(raw_stats.encode()).hexdigest()
     assert released[0]["params"]["bytes"] == len(raw_stats.encode())
     assert loads(raw_stats)["status"] == "ok"
-    assert "used all 2 approved 'fit' calls" in trail[-1]["params"]["reason"]
+    assert "fit pass 3 is outside this job's 1..2" in trail[-1]["params"]["reason"]
     # every entry was appended in order, before its effect, and the chain verifies
     seqs = [e["seq"] for e in trail]
     assert seqs == sorted(seqs)

@@ -26,6 +26,7 @@ import pandas as pd
 
 from datasites.governance.audit import Action, AuditError, AuditLog
 from datasites.governance.audit import Role as AuditRole
+from fed_tasks.schedule import phases, total_slots
 from fed_tasks.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -58,11 +59,11 @@ def frame_fingerprint(frame: pd.DataFrame) -> str:
 
 def call_limits(spec: JobSpec) -> dict[str, int]:
     """How many calls of each action one approval allows."""
-    limits = {"stats": 1, "fit": spec.rounds, "evaluate": spec.evaluations}
+    limits = {p.action: p.count for p in phases(spec)} | {"evaluate": spec.evaluations}
     if spec.aggregation == "secagg":  # key setup once; a recovery per aggregate at most;
         # the last aggregate opened once (every other one is opened by the next call)
-        limits |= {"secagg_advertise": 1, "secagg_share": 1, "secagg_recover": spec.rounds + 1,
-                   "secagg_reveal": 1}
+        limits |= {"secagg_advertise": 1, "secagg_share": 1,
+                   "secagg_recover": total_slots(spec), "secagg_reveal": 1}
     return limits
 
 

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from datasites.governance.ledger import write_json_atomic
+from fed_tasks.detectors import REGISTRY
 from fed_tasks.spec import JobSpec
 
 DATASET_NAME = "records"  # the one dataset each fedsyft site publishes
@@ -71,7 +72,7 @@ class DatasetPolicy(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
 
-    allowed_models: tuple[str, ...] = Field(default=("ae",), min_length=1)
+    allowed_models: tuple[str, ...] = Field(default=tuple(REGISTRY), min_length=1)
     max_rounds: int = Field(default=100, ge=1)
     epsilon_budget: float = Field(default=10.0, gt=0, allow_inf_nan=False)
     max_delta: float = Field(default=1e-5, gt=0, lt=1)
@@ -255,7 +256,9 @@ class PolicyStore:
 
 
 def model_parameters(spec: JobSpec) -> int:
-    """How many numbers the job's model (and so each update) holds."""
-    from fed_tasks.site_step import vector_length
+    """How many numbers the job's model (and so each update) holds: the longest vector a
+    site sends after the statistics (a weight update without its loss and count)."""
+    from fed_tasks.schedule import phases
 
-    return vector_length(spec, "fit") - 2
+    return max([p.length - (2 if p.action == "fit" else 0) for p in phases(spec)
+                if p.action not in ("stats", "calibrate")], default=0)

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from fed_tasks import calibration
+from fed_tasks.detectors import rules_for
 from fed_tasks.spec import JobSpec
 
+#: the neural detectors, trained in rounds (the others are built from sums alone)
 MODEL_NAMES = {"ae": "dense autoencoder"}
 AGGREGATION_WORDS = {
     "plain": "plain: the data scientist's orchestrator sees this site's individual update, "
@@ -56,9 +59,7 @@ class Review:
                  f"test split, at most {s.evaluations} time(s)") if s.label_column else "no label"
         lines = [
             head,
-            f"  job {s.job_id}: train a {MODEL_NAMES[s.model]} "
-            f"(layers {list(s.hidden)}, latent {s.latent}) for at most {s.rounds} rounds of "
-            f"{s.local_epochs} local epoch(s), learning rate {s.lr}, batch {s.batch_size}",
+            _what(s),
             f"  columns touched: {len(s.features)} features {list(s.features)}; {label}",
             _shape(s, self.train_rows),
             _leaves(s),
@@ -78,10 +79,23 @@ class Review:
         return out
 
 
+def _what(s: JobSpec) -> str:
+    if s.model in MODEL_NAMES:
+        return (f"  job {s.job_id}: train a {MODEL_NAMES[s.model]} "
+                f"(layers {list(s.hidden)}, latent {s.latent}) for at most {s.rounds} rounds "
+                f"of {s.local_epochs} local epoch(s), learning rate {s.lr}, batch "
+                f"{s.batch_size}")
+    return f"  job {s.job_id}: build {rules_for(s).title} (no training rounds)"
+
+
 def _shape(s: JobSpec, rows: int | None) -> str:
     """What bounds how much one update can carry: a first layer as wide as the table, small
     batches and no trimming are the shape of a model built to memorize rows."""
     from datasites.governance.policy import model_parameters
+
+    if s.model not in MODEL_NAMES:
+        return (f"  model shape: {model_parameters(s):,} summed values, fixed by the "
+                f"{len(s.features)} features (no layer the data scientist chooses)")
 
     width = s.hidden[0] if s.hidden else s.latent
     against = f" for {rows:,} private training rows" if rows else ""
@@ -95,9 +109,16 @@ def _shape(s: JobSpec, rows: int | None) -> str:
 
 
 def _leaves(s: JobSpec) -> str:
+    threshold = (f", then twice the counts of your training rows' scores in "
+                 f"{calibration.COARSE + 2:,} fixed bins (the alarm threshold at "
+                 f"{s.target_fpr:.1%} false positives; no single score leaves)"
+                 if calibration.enabled(s) else "")
+    if s.model not in MODEL_NAMES:
+        return (f"  leaves the site: one feature count/sum/sum-of-squares, then "
+                f"{rules_for(s).leaves}{threshold}, then the metrics")
     if not s.dp_enabled:
         return ("  leaves the site: one feature count/sum/sum-of-squares, then per round one "
-                "weight update and its sample count, then the metrics")
+                f"weight update and its sample count{threshold}, then the metrics")
     return ("  leaves the site: feature counts/sums of the published mock (nothing private), "
             "then per round one privatized weight update (no sample count, loss withheld), "
             "then the metrics")

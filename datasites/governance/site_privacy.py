@@ -244,7 +244,11 @@ class SitePrivacy:
         model the site holds (``given``)."""
         self.admit(spec, action, len(train), approval)
         request = (approval or {}).get("request") or {}
-        if not spec.dp_enabled or action not in ("stats", "fit"):
+        if spec.dp_enabled and action not in ("stats", "fit", "evaluate"):
+            # fail closed: a sum this site cannot noise and charge yet never leaves a DP job
+            raise PrivacyRefused(f"job {spec.job_id!r} asks for {action!r} under differential "
+                                 "privacy, which this site cannot noise; refused")
+        if not spec.dp_enabled or action == "evaluate":
             return site_step.run(spec, action, given, train, test)
         if action == "stats":
             return {"vector": self.public_stats(spec)}

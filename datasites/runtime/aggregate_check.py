@@ -21,8 +21,8 @@ from datasites.governance.guard import CallRefused
 from datasites.runtime.federation_config import read_config
 from fed_tasks.codec import PayloadError, decode_array
 from fed_tasks.messages import AggregateEvidence
+from fed_tasks.schedule import combine, vector_length
 from fed_tasks.site_state import aggregate_index
-from fed_tasks.site_step import vector_length
 from fed_tasks.spec import JobSpec
 from privacy import signing
 
@@ -41,7 +41,7 @@ def federation_config(directory: Path) -> dict[str, Any]:
 def check_contributions(config: dict[str, Any], spec: JobSpec, evidence: AggregateEvidence,
                         site: str, model: str) -> dict[str, signing.SignedContribution]:
     """Parse and verify signed contributions of one aggregate; sender -> contribution."""
-    index = aggregate_index(evidence.action, evidence.round)
+    index = aggregate_index(spec, evidence.action, evidence.round)
     members: dict[str, str] = config["sites"]
     out: dict[str, signing.SignedContribution] = {}
     raw_list = evidence.contributions if evidence.kind == "plain" else evidence.inputs
@@ -92,7 +92,8 @@ def plain_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvid
                                         model)
     length = vector_length(spec, evidence.action)
     try:
-        return np.sum([decode_array(c.payload, length) for c in contributions.values()], axis=0)
+        return combine(evidence.action, {site_id: decode_array(c.payload, length)
+                                         for site_id, c in contributions.items()})
     except PayloadError as exc:
         raise AggregateRefused(f"a signed contribution holds no valid vector: {exc}") from None
 
@@ -112,7 +113,7 @@ def authority_sum(directory: Path, site: str, spec: JobSpec, evidence: Aggregate
     except (signing.ContributionFormatError, signing.SignatureError):
         raise AggregateRefused("the aggregate is not signed by the federation's key authority"
                                ) from None
-    index = aggregate_index(evidence.action, evidence.round)
+    index = aggregate_index(spec, evidence.action, evidence.round)
     if attested.job_id != spec.job_id or attested.round != index:
         raise AggregateRefused(f"the signed aggregate is job {attested.job_id!r} aggregate "
                                f"{attested.round}, not job {spec.job_id!r} aggregate {index}")

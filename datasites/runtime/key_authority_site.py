@@ -27,8 +27,7 @@ from datasites.runtime.federation_config import (
     store_paillier_key,
 )
 from fed_tasks.codec import PayloadError, dumps, encode_array, loads
-from fed_tasks.encoding import codec_for
-from fed_tasks.site_step import vector_length
+from fed_tasks.schedule import SUMMED_ACTIONS, codec_for, slot_index, total_slots, vector_length
 from fed_tasks.spec import JobSpec
 from privacy.key_authority import KeyAuthority, KeyAuthorityError
 from privacy.paillier import (
@@ -83,8 +82,8 @@ class KeyAuthoritySite(Datasite):
         return job_code.parse_request(source, self.name, kind="authority")
 
     def call_limits(self, spec: JobSpec) -> dict[str, int]:
-        """One decryption for the statistics, one per training round."""
-        return {"decrypt": spec.rounds + 1}
+        """One decryption per summed call of the job's schedule."""
+        return {"decrypt": total_slots(spec)}
 
 
 def _authority(directory: Path, spec: JobSpec, action: str) -> KeyAuthority:
@@ -113,15 +112,18 @@ def run_key_authority(*, site: str, job_id: str, spec: str, keyring: pd.DataFram
         guard.authorize(job, action)
         request = loads(payload)
         req = AuthorityRequest.model_validate(request)
+        try:  # the slot follows from the approved spec, not from the request
+            slot = slot_index(job, req.action, req.round)
+        except PayloadError as exc:
+            raise CallRefused(f"the authority decrypts only the job's own aggregates: {exc}"
+                              ) from None
         length = vector_length(job, req.action)
-        if (req.action == "stats") != (req.round == 0) or req.round > job.rounds:
-            raise CallRefused(f"the authority decrypts aggregates 0..{job.rounds} of the job")
         checked = _authority(guard.directory, job, req.action).decrypt_checked(
-            job.job_id, req.round, list(req.contributions), expected_length=length)
+            job.job_id, slot, list(req.contributions), expected_length=length)
         payload = encode_array(checked.total)
         # the sites move their model only by a sum the authority signed (aggregate_check)
         attestation = SignedAggregate.create(
-            load_site_keys(guard.directory, site).signing_key, job.job_id, req.round,
+            load_site_keys(guard.directory, site).signing_key, job.job_id, slot,
             checked.contributors, checked.model, payload)
         return dumps({"status": "ok", "result": {"sum": payload,
                                                  "attestation": attestation.to_str()}})
@@ -141,8 +143,8 @@ class AuthorityRequest(BaseModel):
 
     model_config = ConfigDict(extra="forbid", strict=True)
 
-    action: Literal["stats", "fit"]
-    round: int = Field(ge=0)
+    action: Literal[SUMMED_ACTIONS]  # type: ignore[valid-type]
+    round: int = Field(ge=0)  # the pass of the action (training round r; statistics: 0)
     length: int | None = None  # informational: the authority derives the length itself
     contributions: list[str] = Field(max_length=1000)
 

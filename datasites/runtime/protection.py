@@ -65,7 +65,7 @@ def protect(keys: SiteKeys, spec: JobSpec, action: str, result: dict[str, Any],
     """Replace ``result["vector"]`` by what may leave the site in ``spec.aggregation`` mode:
     a signed contribution bound to the job, the aggregate and the model it came from."""
     vector = np.asarray(result.pop("vector"), dtype=np.float64)
-    index = round_id(action, result.get("round", 0))
+    index = round_id(spec, action, result.get("round", 0))
     if spec.aggregation == "plain":
         return {**result, "contribution": SignedContribution.create(
             keys.signing_key, keys.site, spec.job_id, index, encode_array(vector),
@@ -158,10 +158,10 @@ class SecureSumCall:
         q = np.zeros(self.client.vector_length, dtype=np.uint64)
         encoded = codec_for(self.spec, action).encode(vector)
         q[:len(encoded)] = np.asarray(encoded, dtype=np.uint64)
-        r = session_round(action, result.get("round", 0))
+        r = session_round(self.spec, action, result.get("round", 0))
         masked = self.client.masked_input(r, q, inbox)
         signed = SignedContribution.create(self.keys.signing_key, self.keys.site, self.spec.job_id,
-                                           round_id(action, result.get("round", 0)),
+                                           round_id(self.spec, action, result.get("round", 0)),
                                            masked.to_str(), model=model)
         _save_client(self.directory, self.spec, self.client)
         return {**result, "masked": signed.to_str(), "clipped": clipped,

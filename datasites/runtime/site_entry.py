@@ -32,8 +32,9 @@ from datasites.runtime.federation_config import SiteKeys, load_site_keys, read_c
 from datasites.runtime.protection import SECAGG_CONTROL, SecureSumCall, protect, secagg_control
 from fed_tasks.codec import PayloadError, dumps, loads
 from fed_tasks.messages import AggregateEvidence, parse_message
+from fed_tasks.schedule import SUMMED_ACTIONS
 from fed_tasks.site_state import ModelStateError, SiteModelState, aggregate_index
-from fed_tasks.site_step import StepInput, new_model
+from fed_tasks.site_step import StepInput, initial_weights
 from fed_tasks.spec import JobSpec
 
 log = logging.getLogger(__name__)
@@ -47,7 +48,7 @@ def _model_path(directory: Path, spec: JobSpec) -> Path:
 
 
 class _ModelCall:
-    """A model call (stats, fit, evaluate, the last secure-sum opening) prepared from what
+    """A model call (a summed phase, evaluate, the last secure-sum opening) prepared from what
     the site holds and verifies, before anything private is touched."""
 
     def __init__(self, guard: SiteGuard, site: str, spec: JobSpec, action: str,
@@ -58,23 +59,23 @@ class _ModelCall:
         self.keys: SiteKeys | None = load_site_keys(guard.directory, site)
         if self.keys is None:
             raise CallRefused(f"site {site!r} has no federation configuration (member keys)")
-        self.state = SiteModelState.load(spec, new_model(spec).get_weights(),
+        self.state = SiteModelState.load(spec, initial_weights(spec),
                                          _model_path(guard.directory, spec))
         self.secure = (SecureSumCall(guard.directory, self.keys, spec)
                        if spec.aggregation == "secagg" else None)
         self.cached: dict[str, Any] | None = None
         self.round = int(getattr(self.msg, "round", 0))
-        if action == "fit" and self.state.check_training_round(self.round):
-            self.cached = self.state.reply  # an exact retry: the same reply, nothing new
-            return
-        if action == "stats" and self.state.reply is not None and self.state.trained == 0:
-            self.cached = self.state.reply
-            return
+        self.slot: int | None = None
+        if action in SUMMED_ACTIONS:  # the slot follows from the approved spec's schedule
+            self.slot = aggregate_index(spec, action, self.round)
+            if self.state.check_slot(self.slot):
+                self.cached = self.state.reply  # an exact retry: the same reply, nothing new
+                return
         evidence = getattr(self.msg, "previous", None)
         if evidence is not None:
             self._advance(evidence)
-        if action == "fit" and not self.state.expects(self.round):
-            raise ModelStateError(f"training round {self.round} needs the aggregate of the "
+        if self.slot is not None and not self.state.expects(self.slot):
+            raise ModelStateError(f"{action} {self.round} needs the aggregate of the "
                                   "previous call first")
 
     def _advance(self, evidence: AggregateEvidence) -> None:
@@ -82,9 +83,7 @@ class _ModelCall:
         if evidence.kind != self.spec.aggregation:
             raise CallRefused(f"job {self.spec.job_id!r} aggregates by {self.spec.aggregation!r},"
                               f" not {evidence.kind!r}")
-        index = aggregate_index(evidence.action, evidence.round)
-        if (evidence.action == "stats") != (index == 0):
-            raise ModelStateError("aggregate 0 is the statistics, every later one a round")
+        index = aggregate_index(self.spec, evidence.action, evidence.round)
         if index <= self.state.applied:
             return  # already part of this site's model: nothing to learn from it again
         if not self.state.expects(index):
@@ -121,7 +120,8 @@ class _ModelCall:
             result = protect(self.keys, self.spec, self.action, step, model)
         # relayed with the aggregate, so the other members keep it as a receipt
         result["audit_head"] = self.guard.audit.head()
-        self.state.record_trained(self.round, result)
+        assert self.slot is not None
+        self.state.record_trained(self.slot, result)
         self.state.save()
         return result
 

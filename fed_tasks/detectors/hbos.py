@@ -1,0 +1,76 @@
+"""Histogram-based outlier score (HBOS, Goldstein & Dengel 2012) from summed histograms.
+
+Sites count their standardized rows into per-feature bins fixed in advance
+(:mod:`fed_tasks.histograms`); only the summed counts leave. The score of a row is
+``Σ_j −log density_j(z_j)``: rare values on any feature add up. Densities are per unit of
+z, with half a row of pseudo-count per bin, so an empty bin is improbable, not impossible.
+Counts are integers, so the federated detector equals the centralized one exactly.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from fed_tasks import histograms
+from fed_tasks.detectors.base import FederatedDetector, released
+from fed_tasks.global_state import GlobalState
+from fed_tasks.spec import JobSpec
+
+PSEUDO = 0.5
+
+
+def bin_widths(bins: int = histograms.BINS) -> np.ndarray:
+    """Width in z of each bin, overflow bins counted as one more u-unit beyond the range."""
+    e = histograms.edges(bins)
+    u = np.concatenate([[e[0] - 1.0], e, [e[-1] + 1.0]])
+    return np.diff(histograms.from_u(u))
+
+
+class HBOSDetector(FederatedDetector):
+    """HBOS on shared bins; ``fit(z)`` on standardized rows, or from summed counts."""
+
+    name = "hbos"
+    title = "a histogram model from the summed per-feature histograms of your rows"
+    leaves = "per feature, how many of your rows fall in each of 66 fixed bins"
+
+    def __init__(self, bins: int = histograms.BINS) -> None:
+        self.bins = bins
+        self.log_density_: np.ndarray | None = None
+
+    def fit(self, z: np.ndarray) -> HBOSDetector:
+        return self.fit_counts(histograms.counts(z, self.bins))
+
+    def fit_counts(self, counts: np.ndarray) -> HBOSDetector:
+        counts = np.maximum(np.rint(np.asarray(counts, dtype=np.float64)), 0.0)
+        counts = counts.reshape(-1, self.bins + 2)
+        n = counts.sum(axis=1, keepdims=True)
+        if np.any(n <= 0):
+            raise ValueError("HBOS needs at least one row")
+        density = (counts + PSEUDO) / (n + PSEUDO * counts.shape[1]) / bin_widths(self.bins)
+        self.log_density_ = np.log(density)
+        return self
+
+    def score_samples(self, z: np.ndarray) -> np.ndarray:
+        if self.log_density_ is None:
+            raise ValueError("fit the detector first")
+        idx = histograms.bin_index(np.atleast_2d(z), self.bins)
+        cols = np.arange(idx.shape[1])
+        return -np.sum(self.log_density_[cols, idx], axis=1)
+
+    # ---- federated rules -------------------------------------------------------------
+    @classmethod
+    def phases(cls, spec: JobSpec) -> tuple:
+        from fed_tasks.schedule import COUNT_CODEC, Phase
+
+        return (Phase("hist", 1, len(spec.features) * (histograms.BINS + 2), COUNT_CODEC),)
+
+    @classmethod
+    def contribute(cls, spec: JobSpec, action: str, k: int, z: np.ndarray,
+                   state: GlobalState) -> np.ndarray:
+        if action != "hist":
+            return super().contribute(spec, action, k, z, state)
+        return histograms.counts(z).ravel()
+
+    @classmethod
+    def from_state(cls, spec: JobSpec, state: GlobalState) -> HBOSDetector:
+        return cls().fit_counts(released(state, "hist:1"))
