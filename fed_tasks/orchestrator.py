@@ -22,7 +22,7 @@ from fed_tasks.checkpoint import Checkpoint, CheckpointError
 from fed_tasks.global_state import GlobalState
 from fed_tasks.interface import SiteConnection, SiteRefusedError, call_all, is_budget_refusal
 from fed_tasks.preprocessing import Standardizer
-from fed_tasks.schedule import phases, vector_length
+from fed_tasks.schedule import phases, training_done, vector_length
 from fed_tasks.site_step import detector, initial_weights
 from fed_tasks.spec import JobSpec
 from fed_tasks.strategy import FedAvg
@@ -48,6 +48,11 @@ class TrainingResult:
     def rounds_completed(self) -> int:
         """Rounds whose aggregate is in :attr:`weights` (< ``spec.rounds`` if stopped early)."""
         return len(self.losses)
+
+    @property
+    def converged(self) -> bool:
+        """Training stopped before ``spec.rounds`` because the loss stopped improving."""
+        return not self.stop_reason and training_done(self.spec, self.losses)
 
     def _state(self) -> GlobalState:
         return self.state or GlobalState(self.weights, self.norm)
@@ -163,6 +168,8 @@ class FederatedTrainer:
             take(self._submit("stats", {}))
             save()
         for action, rnd in bar:
+            if action == "fit" and training_done(self.spec, losses):
+                continue  # early stopping: the rounds are a maximum (schedule.may_follow)
             bar.set_description(f"job {self.spec.job_id} {action}")
             started = time.perf_counter()
             try:

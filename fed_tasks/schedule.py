@@ -116,6 +116,35 @@ def slot_at(spec: JobSpec, index: int) -> tuple[str, int]:
     raise PayloadError(f"aggregate {index} is outside this job's 0..{start - 1}")
 
 
+def end_of(spec: JobSpec, action: str) -> int:
+    """The first slot after ``action``'s phase."""
+    return slot_index(spec, action, phase(spec, action).count) + 1
+
+
+def may_follow(spec: JobSpec, previous: int, index: int) -> bool:
+    """Whether summed call ``index`` may come right after call ``previous`` (-1: none yet).
+
+    The next slot, always. Training rounds are a maximum, not a quota: once training stops
+    early (:func:`training_done`), the job goes on with the first slot after the rounds.
+    Nothing else is skipped, and nothing repeats."""
+    if index == previous + 1:
+        return True
+    if previous < 0 or index <= previous or not has_phase(spec, "fit"):
+        return False
+    return slot_at(spec, previous)[0] == "fit" and index == end_of(spec, "fit")
+
+
+def training_done(spec: JobSpec, losses: list[float]) -> bool:
+    """Early stopping: the federated loss improved by less than ``min_delta`` (relative to
+    the best loss before) in each of the last ``patience`` rounds. Never under DP (the loss
+    is withheld) nor with ``patience`` 0; a pure function of the released losses, so a
+    resumed job stops where the uninterrupted one would have."""
+    if spec.patience <= 0 or spec.dp_enabled or len(losses) <= spec.patience:
+        return False
+    best_before = min(losses[:-spec.patience])
+    return bool(min(losses[-spec.patience:]) > best_before * (1.0 - spec.min_delta))
+
+
 def max_length(spec: JobSpec) -> int:
     return max(p.length for p in phases(spec))
 

@@ -26,7 +26,7 @@ import numpy as np
 from fed_tasks.codec import PayloadError, decode_array, encode_array
 from fed_tasks.global_state import GlobalState
 from fed_tasks.preprocessing import Standardizer
-from fed_tasks.schedule import slot_index, vector_length
+from fed_tasks.schedule import may_follow, slot_index, vector_length
 from fed_tasks.spec import JobSpec
 
 
@@ -50,6 +50,12 @@ def aggregate_index(spec: JobSpec, action: str, rnd: int) -> int:
     """The slot of pass ``rnd`` of ``action`` (:mod:`fed_tasks.schedule`): the order
     aggregates are applied in (0 the statistics, r training round r of an autoencoder)."""
     return slot_index(spec, action, rnd)
+
+
+def _extra_length(spec: JobSpec, key: str) -> int | None:
+    """A kept sum's length; None for pooled trees, whose length is the contributors'."""
+    action = key.split(":")[0]
+    return None if action == "trees" else vector_length(spec, action)
 
 
 @dataclass
@@ -80,7 +86,7 @@ class SiteModelState:
             if raw["job_id"] != spec.job_id or raw["spec"] != spec.fingerprint:
                 raise ModelStateError(f"{path.name} belongs to another job spec")
             norm = raw.get("norm")
-            extra = {k: decode_array(v, vector_length(spec, k.split(":")[0]))
+            extra = {k: decode_array(v, _extra_length(spec, k))
                      for k, v in dict(raw.get("extra") or {}).items()}
             state = GlobalState(decode_array(raw["weights"], len(weights)),
                                 Standardizer.from_dict(norm) if norm else None,
@@ -112,7 +118,7 @@ class SiteModelState:
     # ---- the history ------------------------------------------------------------------
     def expects(self, index: int) -> bool:
         """True if the aggregate ``index`` is the next one this site must apply."""
-        return index == self.applied + 1
+        return may_follow(self.spec, self.applied, index)
 
     def apply(self, action: str, rnd: int, summed: np.ndarray) -> None:
         """Move the model by one *verified* aggregate, in order."""
@@ -136,7 +142,7 @@ class SiteModelState:
         if index == self.trained and self.reply is not None:
             return True
         first = index == 0 and self.reply is None
-        if not first and index != self.trained + 1:
+        if not first and not may_follow(self.spec, self.trained, index):
             raise ModelStateError(f"aggregate {index} is out of order: this site computed "
                                   f"aggregate {self.trained} last (they strictly increase)")
         return False

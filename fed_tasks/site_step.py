@@ -18,9 +18,9 @@ import pandas as pd
 from fed_tasks import calibration, dp_step
 from fed_tasks.codec import PayloadError
 from fed_tasks.detectors import rules_for
+from fed_tasks.detectors._torch import TorchDetector
 from fed_tasks.evaluation import detection_metrics
 from fed_tasks.global_state import GlobalState
-from fed_tasks.models import AutoencoderDetector, build_model
 from fed_tasks.preprocessing import Moments, Standardizer
 from fed_tasks.schedule import has_phase
 from fed_tasks.schedule import vector_length as vector_length
@@ -38,8 +38,12 @@ def feature_matrix(spec: JobSpec, frame: pd.DataFrame) -> np.ndarray:
     return frame.loc[:, list(spec.features)].to_numpy(dtype=np.float64)
 
 
-def new_model(spec: JobSpec) -> AutoencoderDetector:
-    return build_model(spec.model, len(spec.features), spec.hidden, spec.latent, spec.seed)
+def new_model(spec: JobSpec) -> TorchDetector:
+    """The job's untrained neural model, built from the approved spec."""
+    rules = rules_for(spec)
+    if not issubclass(rules, TorchDetector):
+        raise PayloadError(f"model {spec.model!r} is not trained by gradient rounds")
+    return rules.build(spec)
 
 
 def initial_weights(spec: JobSpec) -> np.ndarray:
@@ -63,10 +67,12 @@ def _state(given: StepInput) -> GlobalState:
     return given.model
 
 
-def _model_at(spec: JobSpec, given: StepInput) -> tuple[AutoencoderDetector, Standardizer]:
+def _model_at(spec: JobSpec, given: StepInput) -> tuple[TorchDetector, Standardizer]:
+    """The neural model the site holds (weights, and e.g. a Deep SVDD centre)."""
     state = _state(given)
-    model = new_model(spec)
-    model.set_weights(state.weights)
+    model = rules_for(spec).from_state(spec, state)
+    if not isinstance(model, TorchDetector):
+        raise PayloadError(f"model {spec.model!r} is not trained by gradient rounds")
     assert state.norm is not None
     return model, state.norm
 
@@ -116,7 +122,8 @@ def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
         dp_step.fit_dp_sgd(model, x, spec)
         return {"vector": dp_step.release(model.get_weights() - start), "round": rnd}
     loss = model.fit(x, epochs=spec.local_epochs, batch_size=spec.batch_size, lr=spec.lr,
-                     seed=spec.seed * 100_003 + rnd, trim=spec.trim)
+                     seed=spec.seed * 100_003 + rnd, trim=spec.trim,
+                     min_steps=spec.min_local_steps)
     delta = model.get_weights() - start
     if spec.dp_enabled:
         shares = noise_shares or dp_step.noise_shares(spec)

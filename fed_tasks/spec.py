@@ -8,9 +8,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ModelKind = Literal["ae", "pca", "hbos"]
-#: detectors built from sums alone: no gradient, so no DP-SGD or DP-FedAvg applies (yet)
-SUM_MODELS = ("pca", "hbos")
+ModelKind = Literal["ae", "vae", "deepsvdd", "pca", "hbos", "iforest"]
+#: detectors trained by gradient rounds (the others are built from released sums)
+NEURAL_MODELS = ("ae", "vae", "deepsvdd")
+#: detectors with a summed phase that no site can noise yet: refused under DP (fail closed)
+NO_DP_MODELS = ("deepsvdd", "pca", "hbos", "iforest")
+#: detectors whose aggregate is pooled, not summed: plain mode only
+PLAIN_ONLY_MODELS = ("iforest",)
 Aggregation = Literal["plain", "paillier", "secagg"]
 
 
@@ -33,7 +37,15 @@ class JobSpec(BaseModel):
     batch_size: int = Field(default=256, ge=1)
     lr: float = Field(default=1e-3, gt=0, le=1)
     trim: float = Field(default=0.2, ge=0.0, lt=1.0)
-    rounds: int = Field(default=10, ge=1, le=1000)
+    rounds: int = Field(default=10, ge=1, le=1000)  # at most: see patience
+    # each round runs at least this many minibatch steps (whole epochs), so that a site with
+    # a few hundred rows trains as much per round as a large one (DP-SGD: local_epochs only)
+    min_local_steps: int = Field(default=20, ge=0, le=100_000)
+    # early stopping: stop training once the federated loss improved by less than
+    # min_delta (relative) for `patience` rounds in a row; 0 runs every round (always under
+    # DP, where the loss is withheld)
+    patience: int = Field(default=0, ge=0, le=1000)
+    min_delta: float = Field(default=0.01, ge=0.0, lt=1.0)
     evaluations: int = Field(default=1, ge=0, le=10)
     aggregation: Aggregation = "plain"
     min_sites: int = Field(default=2, ge=1, le=1000)
@@ -67,10 +79,20 @@ class JobSpec(BaseModel):
         if self.dp_sgd and self.trim > 0:
             raise ValueError("dp_sgd=True needs trim=0: trimming the highest-error rows of a "
                              "batch couples rows, which doubles DP-SGD's per-row sensitivity")
-        if self.dp_enabled and self.model in SUM_MODELS:
-            raise ValueError(f"model {self.model!r} is built from sums, which are not noised "
-                             "yet: differential privacy is available for the trained models "
-                             "(ae) only")
+        if self.dp_enabled and self.model in NO_DP_MODELS:
+            raise ValueError(f"model {self.model!r} releases sums that no site can noise yet: "
+                             "differential privacy is available for ae and vae only")
+        if self.dp_sgd and self.model != "ae":
+            raise ValueError("dp_sgd=True is available for model 'ae' only; use client-level "
+                             "DP (dp_sgd=False) for 'vae'")
+        return self
+
+    @model_validator(mode="after")
+    def _aggregation_fits_model(self) -> JobSpec:
+        if self.model in PLAIN_ONLY_MODELS and self.aggregation != "plain":
+            raise ValueError(f"model {self.model!r} pools each site's trees, which a secure sum "
+                             "cannot do: use aggregation 'plain' (or a model built from sums: "
+                             "pca, hbos)")
         return self
 
     @property

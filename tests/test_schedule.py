@@ -67,9 +67,35 @@ def test_calibration_is_not_scheduled_under_differential_privacy():
     assert [p.action for p in schedule.phases(spec)] == ["stats", "fit"]
 
 
-def test_detectors_built_from_sums_refuse_differential_privacy_until_it_noises_them():
-    with pytest.raises(ValueError, match="built from sums"):
-        _spec(model="pca", dp_epsilon=3.0)
+@pytest.mark.parametrize("model", ["pca", "hbos", "iforest", "deepsvdd"])
+def test_detectors_with_sums_no_site_can_noise_refuse_differential_privacy(model):
+    with pytest.raises(ValueError, match="no site can noise yet"):
+        _spec(model=model, dp_epsilon=3.0)
+
+
+@pytest.mark.parametrize("mode", ["paillier", "secagg"])
+def test_a_forest_is_pooled_so_it_refuses_the_secure_modes(mode):
+    with pytest.raises(ValueError, match="cannot do: use aggregation 'plain'"):
+        _spec(model="iforest", aggregation=mode)
+
+
+def test_training_stops_when_the_loss_stops_improving_and_never_under_dp():
+    spec = _spec(rounds=20, patience=2, min_delta=0.01)
+    assert not schedule.training_done(spec, [1.0, 0.5, 0.4])
+    assert not schedule.training_done(spec, [1.0, 0.5, 0.499, 0.3])  # improved again
+    assert schedule.training_done(spec, [1.0, 0.5, 0.499, 0.498])  # two rounds under 1 %
+    assert not schedule.training_done(_spec(rounds=20), [1.0, 1.0, 1.0, 1.0])  # patience 0
+    dp = _spec(rounds=20, patience=2, dp_epsilon=3.0)
+    assert not schedule.training_done(dp, [1.0, 1.0, 1.0, 1.0])
+
+
+def test_only_the_rest_of_the_training_rounds_may_be_skipped():
+    spec = _spec(rounds=5, target_fpr=0.05)  # stats 0 | fit 1..5 | calibrate 6, 7
+    assert schedule.may_follow(spec, 2, 3)
+    assert schedule.may_follow(spec, 2, 6)  # stopped early after round 2: calibration next
+    assert not schedule.may_follow(spec, 2, 7)  # a calibration pass is never skipped
+    assert not schedule.may_follow(spec, 0, 6)  # at least one round
+    assert not schedule.may_follow(spec, 6, 6) and not schedule.may_follow(spec, 3, 2)
 
 
 def test_a_site_answers_a_retry_of_its_last_call_and_refuses_any_other_order(tmp_path):

@@ -9,7 +9,8 @@ from fed_tasks.detectors import rules_for
 from fed_tasks.spec import JobSpec
 
 #: the neural detectors, trained in rounds (the others are built from sums alone)
-MODEL_NAMES = {"ae": "dense autoencoder"}
+MODEL_NAMES = {"ae": "dense autoencoder", "vae": "variational autoencoder",
+               "deepsvdd": "Deep SVDD one-class network"}
 AGGREGATION_WORDS = {
     "plain": "plain: the data scientist's orchestrator sees this site's individual update, "
              "and every member site sees it too (each site checks the aggregate it trains "
@@ -81,10 +82,12 @@ class Review:
 
 def _what(s: JobSpec) -> str:
     if s.model in MODEL_NAMES:
+        stop = (f", stopping early once the loss stops improving for {s.patience} rounds"
+                if s.patience and not s.dp_enabled else "")
         return (f"  job {s.job_id}: train a {MODEL_NAMES[s.model]} "
                 f"(layers {list(s.hidden)}, latent {s.latent}) for at most {s.rounds} rounds "
-                f"of {s.local_epochs} local epoch(s), learning rate {s.lr}, batch "
-                f"{s.batch_size}")
+                f"of {s.local_epochs} local epoch(s) (at least {s.min_local_steps} steps), "
+                f"learning rate {s.lr}, batch {s.batch_size}{stop}")
     return f"  job {s.job_id}: build {rules_for(s).title} (no training rounds)"
 
 
@@ -113,7 +116,7 @@ def _leaves(s: JobSpec) -> str:
                  f"{calibration.COARSE + 2:,} fixed bins (the alarm threshold at "
                  f"{s.target_fpr:.1%} false positives; no single score leaves)"
                  if calibration.enabled(s) else "")
-    if s.model not in MODEL_NAMES:
+    if s.model not in MODEL_NAMES or s.model == "deepsvdd":
         return (f"  leaves the site: one feature count/sum/sum-of-squares, then "
                 f"{rules_for(s).leaves}{threshold}, then the metrics")
     if not s.dp_enabled:

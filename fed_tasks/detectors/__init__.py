@@ -13,9 +13,12 @@ from fed_tasks.spec import JobSpec
 
 #: model name -> "module:Class" of its federated rules (imported on first use: torch is slow)
 REGISTRY: dict[str, str] = {
-    "ae": "fed_tasks.detectors.neural:NeuralRules",
+    "ae": "fed_tasks.detectors.ae:AutoencoderDetector",
+    "vae": "fed_tasks.detectors.vae:VAEDetector",
+    "deepsvdd": "fed_tasks.detectors.deepsvdd:DeepSVDDDetector",
     "pca": "fed_tasks.detectors.pca:PCADetector",
     "hbos": "fed_tasks.detectors.hbos:HBOSDetector",
+    "iforest": "fed_tasks.detectors.iforest:FederatedIsolationForest",
 }
 
 

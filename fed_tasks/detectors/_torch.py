@@ -8,12 +8,18 @@ only builds its net (:meth:`TorchDetector._build`) and says what one training un
 
 from __future__ import annotations
 
+import functools
 import threading
 from abc import ABC, abstractmethod
+from typing import ClassVar
 
 import numpy as np
 import torch
 from torch import nn
+
+from fed_tasks.detectors.base import FederatedDetector
+from fed_tasks.global_state import GlobalState
+from fed_tasks.spec import JobSpec
 
 _INIT_LOCK = threading.Lock()
 
@@ -38,16 +44,28 @@ def _mlp(sizes: list[int], last_activation: bool) -> nn.Sequential:
     return nn.Sequential(*layers)
 
 
-class TorchDetector(ABC):
+@functools.lru_cache(maxsize=256)
+def _n_params(cls: type[TorchDetector], spec: JobSpec) -> int:
+    """Cached per (frozen) spec: every side asks on every call, and the answer otherwise
+    builds a whole torch model each time."""
+    return cls.build(spec).n_params
+
+
+class TorchDetector(FederatedDetector, ABC):
     """Base of the torch detectors: ``score_samples`` is higher for more anomalous rows.
 
     (Unlike scikit-learn's IsolationForest, whose ``score_samples`` is higher for normal rows.)
     Subclasses set their own attributes, then call ``super().__init__``, which builds the net
     under the global seed and lock: sites build models in threads, and torch's global RNG
     must not interleave between them.
+
+    Federated rules: ``spec.rounds`` FedAvg rounds (phase ``fit``), each site sending
+    ``[n·Δw, n·loss, n]`` (:mod:`fed_tasks.strategy`); the step itself, with its DP
+    variants, is :func:`fed_tasks.site_step.fit`.
     """
 
     net: nn.Module
+    leaves: ClassVar[str] = "per round the sample-weighted weight change, loss and row count"
 
     def __init__(self, n_features: int, seed: int = 0) -> None:
         self.n_features = n_features
@@ -56,6 +74,28 @@ class TorchDetector(ABC):
             torch.manual_seed(seed)
             self.net = self._build()
         self._shapes = [p.shape for p in self.net.parameters()]
+
+    # ---- federated rules ---------------------------------------------------------------
+    @classmethod
+    def build(cls, spec: JobSpec) -> TorchDetector:
+        """The job's untrained model: architecture and seed from the approved spec."""
+        return cls(len(spec.features), hidden=spec.hidden, latent=spec.latent, seed=spec.seed)
+
+    @classmethod
+    def phases(cls, spec: JobSpec) -> tuple:
+        from fed_tasks.schedule import Phase, fit_codec
+
+        return (Phase("fit", spec.rounds, _n_params(cls, spec) + 2, fit_codec(spec)),)
+
+    @classmethod
+    def initial_weights(cls, spec: JobSpec) -> np.ndarray:
+        return cls.build(spec).get_weights()
+
+    @classmethod
+    def from_state(cls, spec: JobSpec, state: GlobalState) -> TorchDetector:
+        model = cls.build(spec)
+        model.set_weights(state.weights)
+        return model
 
     # ---- what a subclass defines -----------------------------------------------------
     @abstractmethod

@@ -11,6 +11,9 @@ from fed_tasks.detectors._torch import TorchDetector, _mlp
 class AutoencoderDetector(TorchDetector):
     """Dense autoencoder; the anomaly score is the mean squared reconstruction error."""
 
+    name = "ae"
+    title = "a dense autoencoder, trained by federated averaging"
+
     def __init__(self, n_features: int, hidden: tuple[int, ...] = (32, 16), latent: int = 4,
                  seed: int = 0) -> None:
         self.hidden = tuple(hidden)

@@ -13,12 +13,26 @@ import torch
 from torch import nn
 
 from fed_tasks.detectors._torch import TorchDetector, _single_thread
+from fed_tasks.detectors.base import released
+from fed_tasks.global_state import GlobalState
+from fed_tasks.spec import JobSpec
 
 CENTER_EPS = 0.1  # |c_j| below this is pushed to ±0.1: a zero centre is reachable by zero weights
 
 
 class DeepSVDDDetector(TorchDetector):
-    """Score = squared distance of the embedding φ(x) from the centre c."""
+    """Score = squared distance of the embedding φ(x) from the centre c.
+
+    Federated rules: before the rounds, one summed ``center`` call: every site sends
+    ``[Σ φ(x), n]`` of the *initial* net (which it builds from the spec itself); c follows
+    from the sum alone and stays fixed; then FedAvg rounds as for any torch detector.
+    """
+
+    name = "deepsvdd"
+    title = ("a Deep SVDD one-class model (rows mapped close to a centre fixed from your "
+             "summed embeddings), trained by federated averaging")
+    leaves = ("the sum of your rows' embeddings under the initial model (the centre), then "
+              "per round the sample-weighted weight change, loss and row count")
 
     def __init__(self, n_features: int, hidden: tuple[int, ...] = (32, 16), latent: int = 4,
                  seed: int = 0, weight_decay: float = 1e-4) -> None:
@@ -40,6 +54,29 @@ class DeepSVDDDetector(TorchDetector):
 
     def _optimizer(self, lr: float) -> torch.optim.Optimizer:
         return torch.optim.Adam(self.net.parameters(), lr=lr, weight_decay=self.weight_decay)
+
+    # ---- federated rules ---------------------------------------------------------------
+    @classmethod
+    def phases(cls, spec: JobSpec) -> tuple:
+        from fed_tasks.schedule import CENTER_CODEC, Phase
+
+        return (Phase("center", 1, spec.latent + 1, CENTER_CODEC), *super().phases(spec))
+
+    @classmethod
+    def contribute(cls, spec: JobSpec, action: str, k: int, z: np.ndarray,
+                   state: GlobalState) -> np.ndarray:
+        if action != "center":
+            return super().contribute(spec, action, k, z, state)
+        model = cls.build(spec)
+        model.set_weights(state.weights)  # the initial net: no round has moved it yet
+        return model.embedding_sum(z)
+
+    @classmethod
+    def from_state(cls, spec: JobSpec, state: GlobalState) -> DeepSVDDDetector:
+        model = super().from_state(spec, state)
+        assert isinstance(model, DeepSVDDDetector)
+        model.set_center(cls.center_from_sum(released(state, "center:1")))
+        return model
 
     # ---- the centre --------------------------------------------------------------------
     def embedding_sum(self, x: np.ndarray) -> np.ndarray:

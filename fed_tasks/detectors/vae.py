@@ -32,6 +32,9 @@ class VAEDetector(TorchDetector):
     ``fit``'s ``seed``, so a round is reproducible; scores use the mean code, no noise.
     """
 
+    name = "vae"
+    title = "a variational autoencoder, trained by federated averaging"
+
     def __init__(self, n_features: int, hidden: tuple[int, ...] = (32, 16), latent: int = 4,
                  seed: int = 0, beta: float = 1.0) -> None:
         self.hidden = tuple(hidden)
