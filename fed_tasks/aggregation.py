@@ -174,12 +174,14 @@ class MaskedSum:
     """
 
     def __init__(self, spec: JobSpec, n_sites: int) -> None:
-        self.spec = spec
+        self.spec, self.n_sites = spec, n_sites
+        self._ready = False
+        if spec.model == "auto":  # a template: each candidate runs its own session
+            return  # (fed_tasks.selection.for_candidate)
         self.plan = secagg_plan(spec, n_sites)
         self.server = SecAggSessionServer(self.plan["threshold"], self.plan["bits"],
                                           self.plan["vector_length"], spec.job_id,
                                           self.plan["rounds"])
-        self._ready = False
         self._pending: tuple[str, int] | None = None  # (action, round) awaiting opening
         self._unreturned: list[Released] = []  # opened by a call that then failed
         self._evidence: dict[str, Any] | None = None  # signed inputs of the pending round

@@ -19,6 +19,7 @@ from fed_tasks.codec import decode_array, encode_array
 from fed_tasks.interface import SiteConnection
 from fed_tasks.messages import AggregateEvidence, parse_message
 from fed_tasks.schedule import combine
+from fed_tasks.selection import candidate_job, validation_split
 from fed_tasks.site_state import SiteModelState, aggregate_index
 from fed_tasks.spec import JobSpec
 from privacy.signing import SignedContribution
@@ -39,13 +40,38 @@ class LocalSite(SiteConnection):
         self.spec = spec
         self.train = train
         self.test = test
-        self.model = SiteModelState.initial(spec, site_step.initial_weights(spec))
+        self._candidates: dict[int, LocalSite] = {}
+        self.held_out: pd.DataFrame | None = None  # a selection candidate's validation rows
+        if spec.model != "auto":
+            self.model = SiteModelState.initial(spec, site_step.initial_weights(spec))
+
+    def _candidate_call(self, action: str, message: dict[str, Any]) -> dict[str, Any]:
+        """A selection job's call: the named candidate's own site, trained on the rows left
+        after the validation split; ``validate`` is its evaluation on the held-out rows."""
+        message = dict(message)
+        index = message.pop("candidate", None)
+        sub = candidate_job(self.spec, index)
+        if index not in self._candidates:
+            train, held = validation_split(self.spec, self.train)
+            self._candidates[index] = type(self)(self.name, sub, train, self.test)
+            self._candidates[index].held_out = held
+        site = self._candidates[index]
+        if action != "validate":
+            return site.call(action, message)
+        assert site.held_out is not None
+        test, site.test = site.test, site.held_out
+        try:
+            return site.call("evaluate", message)
+        finally:
+            site.test = test
 
     def step(self, action: str, given: site_step.StepInput) -> dict[str, Any]:
         """The site step (a subclass may add, e.g., DP)."""
         return site_step.run(self.spec, action, given, self.train, self.test)
 
     def call(self, action: str, message: dict[str, Any]) -> dict[str, Any]:
+        if self.spec.model == "auto":
+            return self._candidate_call(action, message)
         msg = parse_message(action, message)
         evidence = getattr(msg, "previous", None)
         if evidence is not None and aggregate_index(self.spec, evidence.action,

@@ -68,7 +68,8 @@ class RevealMessage(_Strict):
 
 _SCHEMAS: dict[str, type[_Strict]] = {
     "stats": StatsMessage, **{a: FitMessage for a in SUMMED_ACTIONS if a != "stats"},
-    "evaluate": EvaluateMessage, "secagg_reveal": RevealMessage}
+    "evaluate": EvaluateMessage, "validate": EvaluateMessage,
+    "secagg_reveal": RevealMessage}
 
 
 def parse_message(action: str, message: dict[str, Any]) -> _Strict:

@@ -43,6 +43,9 @@ class TrainingResult:
     stopped_early: bool = False  # a site refused a round: its privacy budget would overspend
     stop_reason: str = ""
     state: GlobalState | None = None  # everything released (sums kept for the detector)
+    # model="auto": each candidate's pooled validation ROC-AUC and per-site metrics; the
+    # result itself is the chosen candidate's (``spec`` is its derived spec)
+    selection: list[dict[str, Any]] | None = None
 
     @property
     def rounds_completed(self) -> int:
@@ -100,6 +103,7 @@ class FederatedTrainer:
             raise ValueError("the sites form each round's model themselves (plain FedAvg); "
                              "another strategy would diverge from theirs")
         self.secure_sum = secure_sum or PlainSum(spec.min_sites)
+        self._chosen: FederatedTrainer | None = None  # model="auto": the winner's trainer
 
     def _submit(self, action: str, message: dict[str, Any]) -> list[Released]:
         return self.secure_sum.submit(self.sites, action, message,
@@ -127,6 +131,11 @@ class FederatedTrainer:
         ``stopped_early=True`` and the site's reason in ``stop_reason``. Any other refusal
         or failure raises.
         """
+        if self.spec.model == "auto":
+            if checkpoint is not None or resume:
+                raise CheckpointError("a model-selection job cannot be checkpointed yet; run "
+                                      "it without --resume")
+            return self._select()
         state = GlobalState(initial_weights(self.spec))
         saved = Checkpoint.new(self.spec)
         if resume:
@@ -203,11 +212,28 @@ class FederatedTrainer:
                               stopped_early=bool(stop_reason), stop_reason=stop_reason,
                               state=state)
 
+    def _select(self) -> TrainingResult:
+        """model="auto": every candidate trained and validated; the best one's result."""
+        from fed_tasks.selection import best, select
+
+        def make(sub: JobSpec, conns: list, secure_sum: SecureSum) -> FederatedTrainer:
+            return FederatedTrainer(sub, conns, progress=self.progress, secure_sum=secure_sum)
+
+        candidates = select(self.spec, self.sites, self.secure_sum, self.progress, make)
+        chosen = best(candidates)
+        self._chosen = chosen.trainer
+        chosen.result.selection = [{"model": c.model, "validation_roc_auc": c.auc,
+                                    "chosen": c is chosen, "per_site": c.validation}
+                                   for c in candidates]
+        return chosen.result
+
     def evaluate(self, result: TrainingResult) -> list[dict[str, Any]]:
         """Each site's metrics of the final model on its private test split.
 
         A site evaluates only the model it derived itself; the message carries the evidence
         of the last aggregate, in case the site has not applied it yet."""
+        if self._chosen is not None:
+            return self._chosen.evaluate(result)
         message = {"previous": self.secure_sum.evidence()}
         return [{"site": s.name, **r} for s, r in
                 zip(self.sites, call_all(self.sites, "evaluate", message), strict=True)]

@@ -33,9 +33,21 @@ class Moments:
                        self.total_sq + other.total_sq)
 
 
+#: the scale of a feature constant across the federation: every value maps to z = 0, so a
+#: test row that differs from the training constant cannot swamp the score (|x| ≤ 1e150)
+DEAD_STD = 1e300
+#: the statistics are summed in fixed point with 2^-8 resolution per site value: a variance
+#: within this many such rounding errors of zero is a constant column, not a signal
+ROUNDING_SLACK = 64 * 2.0**-8
+
+
 @dataclass(frozen=True)
 class Standardizer:
-    """Feature-wise (x - mean) / std with a floor on std so constant columns stay finite."""
+    """Feature-wise (x - mean) / std; a column constant over the federation's training rows
+    (variance within the summed statistics' rounding) is dead: z = 0 for every value.
+
+    Sites cannot drop such a column themselves (a column constant at one site need not be
+    constant at another), so it stays in the schema and carries nothing."""
 
     mean: np.ndarray
     std: np.ndarray
@@ -46,7 +58,13 @@ class Standardizer:
             raise ValueError("need at least two rows to standardize")
         mean = m.total / m.count
         var = np.maximum(m.total_sq / m.count - np.square(mean), 0.0)
-        return cls(mean, np.maximum(np.sqrt(var), floor))
+        dead = var <= ROUNDING_SLACK * (1.0 + 2.0 * np.abs(mean)) / m.count
+        return cls(mean, np.where(dead, DEAD_STD, np.maximum(np.sqrt(var), floor)))
+
+    @property
+    def dead(self) -> np.ndarray:
+        """Features constant over the federation's training rows (they score nothing)."""
+        return self.std >= DEAD_STD
 
     @classmethod
     def fit(cls, x: np.ndarray) -> Standardizer:

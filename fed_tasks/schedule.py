@@ -63,6 +63,9 @@ def phases(spec: JobSpec) -> tuple[Phase, ...]:
     from fed_tasks import calibration
     from fed_tasks.detectors import rules_for
 
+    if spec.model == "auto":
+        raise PayloadError(f"job {spec.job_id!r} selects a model: each candidate "
+                           "(JobSpec.candidate_spec) has its own schedule")
     out = [stats_phase(spec), *rules_for(spec).phases(spec)]
     if calibration.enabled(spec):
         out.append(calibration.phase(spec))

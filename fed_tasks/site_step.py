@@ -30,12 +30,22 @@ from fed_tasks.strategy import pack_update
 ACTIONS = ("stats", "fit", "moments2", "hist", "center", "trees", "calibrate", "evaluate")
 
 
+def in_order(spec: JobSpec, frame: pd.DataFrame) -> pd.DataFrame:
+    """A series job's rows in time order (the site's own column); other jobs as they are."""
+    if spec.time_column is None:
+        return frame
+    if spec.time_column not in frame.columns:
+        raise PayloadError(f"table lacks the job's time column {spec.time_column!r}")
+    return frame.sort_values(spec.time_column, kind="stable")
+
+
 def feature_matrix(spec: JobSpec, frame: pd.DataFrame) -> np.ndarray:
-    """The spec's feature columns as float64; the label never enters training."""
+    """The spec's feature columns as float64 (a series in time order); the label and the
+    time never enter training."""
     missing = [c for c in spec.features if c not in frame.columns]
     if missing:
         raise PayloadError(f"table lacks the job's feature columns {missing}")
-    return frame.loc[:, list(spec.features)].to_numpy(dtype=np.float64)
+    return in_order(spec, frame).loc[:, list(spec.features)].to_numpy(dtype=np.float64)
 
 
 def new_model(spec: JobSpec) -> TorchDetector:
@@ -140,15 +150,16 @@ def evaluate(spec: JobSpec, test: pd.DataFrame, given: StepInput) -> dict[str, A
     assert state.norm is not None
     model = detector(spec, state)
     scores = model.score_samples(state.norm.transform(feature_matrix(spec, test)))
-    labels = test[spec.label_column].to_numpy().astype(int)
-    metrics: dict[str, Any] = detection_metrics(labels, scores)
+    labels = in_order(spec, test)[spec.label_column].to_numpy().astype(int)
+    metrics: dict[str, Any] = (detection_metrics(labels, scores) if len(set(labels)) == 2
+                               else {"roc_auc": None, "pr_auc": None})  # one class: no ranking
     if model.threshold_ is not None:  # counts at the calibrated threshold: pooled by summing
         alarm = scores > model.threshold_
         metrics |= {"tp": int(np.sum(alarm & (labels == 1))),
                     "fp": int(np.sum(alarm & (labels == 0))),
                     "fn": int(np.sum(~alarm & (labels == 1))),
                     "tn": int(np.sum(~alarm & (labels == 0)))}
-    return {**metrics, "n_test": int(len(test))}
+    return {**metrics, "n_test": int(len(test)), "n_pos": int(labels.sum())}
 
 
 def run(spec: JobSpec, action: str, given: StepInput, train: pd.DataFrame,

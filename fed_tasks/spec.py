@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ModelKind = Literal["ae", "vae", "deepsvdd", "pca", "hbos", "iforest"]
+ModelKind = Literal["ae", "vae", "deepsvdd", "lstm-ae", "pca", "hbos", "iforest", "auto"]
 #: detectors trained by gradient rounds (the others are built from released sums)
-NEURAL_MODELS = ("ae", "vae", "deepsvdd")
+NEURAL_MODELS = ("ae", "vae", "deepsvdd", "lstm-ae")
+#: detectors of one series in time order (they need the job's time column)
+SERIES_MODELS = ("lstm-ae",)
 #: detectors with a summed phase that no site can noise yet: refused under DP (fail closed)
 NO_DP_MODELS = ("deepsvdd", "pca", "hbos", "iforest")
 #: detectors whose aggregate is pooled, not summed: plain mode only
 PLAIN_ONLY_MODELS = ("iforest",)
+#: what ``model="auto"`` compares when the spec names no candidates
+DEFAULT_CANDIDATES = ("pca", "hbos", "ae", "iforest")
 Aggregation = Literal["plain", "paillier", "secagg"]
 
 
@@ -31,6 +36,13 @@ class JobSpec(BaseModel):
     model: ModelKind = "ae"
     features: tuple[str, ...] = Field(min_length=1)
     label_column: str | None = None
+    # a series job's time column: each site orders its rows by it (never a feature)
+    time_column: str | None = None
+    window: int = Field(default=32, ge=2, le=1024)  # rows per window of a series model
+    # model="auto": train each candidate, score each on a private validation split of
+    # val_fraction of every site's training rows (only metrics leave), keep the best
+    candidates: tuple[str, ...] | None = None
+    val_fraction: float = Field(default=0.2, ge=0.05, le=0.5)
     hidden: tuple[int, ...] = (32, 16)
     latent: int = Field(default=4, ge=1)
     local_epochs: int = Field(default=2, ge=1, le=100)
@@ -70,6 +82,13 @@ class JobSpec(BaseModel):
         # a label among the features would train on it and put it in every released update
         if self.label_column is not None and self.label_column in self.features:
             raise ValueError(f"label column {self.label_column!r} cannot also be a feature")
+        if self.time_column is not None and self.time_column in (*self.features,
+                                                                 self.label_column):
+            raise ValueError(f"time column {self.time_column!r} cannot also be a feature or "
+                             "the label")
+        if self.model in SERIES_MODELS and self.time_column is None:
+            raise ValueError(f"model {self.model!r} reads one series in time order: give the "
+                             "job's time column")
         return self
 
     @model_validator(mode="after")
@@ -86,6 +105,46 @@ class JobSpec(BaseModel):
             raise ValueError("dp_sgd=True is available for model 'ae' only; use client-level "
                              "DP (dp_sgd=False) for 'vae'")
         return self
+
+    @model_validator(mode="after")
+    def _selection_consistent(self) -> JobSpec:
+        if self.model != "auto":
+            if self.candidates is not None:
+                raise ValueError("candidates are for model 'auto' only")
+            return self
+        if len(self.job_id) > 29:
+            raise ValueError("a model-selection job id has at most 29 characters (each "
+                             "candidate's job id appends 'c' and its index)")
+        names = self.candidate_models
+        unknown = [c for c in names if c not in SELECTABLE]
+        if unknown or len(set(names)) != len(names) or not 2 <= len(names) <= 8:
+            raise ValueError(f"candidates must be 2 to 8 different models of {SELECTABLE}; "
+                             f"got {list(names)}")
+        if self.dp_enabled:
+            raise ValueError("model 'auto' is not available with differential privacy yet "
+                             "(the validation metrics are not noised): choose one model")
+        if self.aggregation != "plain" and any(c in PLAIN_ONLY_MODELS for c in names):
+            raise ValueError(f"candidates {[c for c in names if c in PLAIN_ONLY_MODELS]} pool "
+                             "trees, which a secure sum cannot do: drop them or use 'plain'")
+        return self
+
+    @property
+    def candidate_models(self) -> tuple[str, ...]:
+        """The models ``auto`` compares (defaults: those the aggregation mode can train)."""
+        if self.candidates is not None:
+            return tuple(self.candidates)
+        return tuple(c for c in DEFAULT_CANDIDATES
+                     if self.aggregation == "plain" or c not in PLAIN_ONLY_MODELS)
+
+    def candidate_spec(self, index: int) -> JobSpec:
+        """Candidate ``index`` of a model-selection job, as its own job: what every party
+        derives from the approved spec (never from a message) for that candidate's calls."""
+        if self.model != "auto":
+            raise ValueError(f"job {self.job_id!r} trains one model, it has no candidates")
+        names = self.candidate_models
+        if type(index) is not int or not 0 <= index < len(names):
+            raise ValueError(f"candidate {index!r} is outside 0..{len(names) - 1}")
+        return _candidate_spec(self, index)
 
     @model_validator(mode="after")
     def _aggregation_fits_model(self) -> JobSpec:
@@ -118,3 +177,13 @@ class JobSpec(BaseModel):
     def fingerprint(self) -> str:
         """Short hash binding audit entries and approvals to this exact spec."""
         return hashlib.sha256(self.to_json().encode()).hexdigest()[:16]
+
+
+#: models ``auto`` may compare (a series model needs its rows in order, not a random split)
+SELECTABLE = ("ae", "vae", "deepsvdd", "pca", "hbos", "iforest")
+
+
+@functools.lru_cache(maxsize=256)
+def _candidate_spec(spec: JobSpec, index: int) -> JobSpec:
+    return JobSpec.model_validate({**spec.model_dump(), "model": spec.candidate_models[index],
+                                   "job_id": f"{spec.job_id}c{index}", "candidates": None})

@@ -8,12 +8,12 @@ import pandas as pd
 import pytest
 from sklearn.ensemble import IsolationForest
 
-from datasites.harness.demo import BUNDLED_LABEL
+from datasites.harness.demo import BUNDLED_LABEL, BUNDLED_TABLE
 from fed_tasks.evaluation import detection_metrics
 from fed_tasks.global_state import GlobalState
 from fed_tasks.local import LocalSite
 from fed_tasks.orchestrator import FederatedTrainer, TrainingResult
-from fed_tasks.site_step import initial_weights
+from fed_tasks.site_step import StepInput, evaluate, initial_weights
 from fed_tasks.spec import JobSpec
 
 
@@ -56,6 +56,31 @@ def test_each_neural_detector_learns_what_its_untrained_self_cannot_see(broken_c
     assert before < 0.65, before  # the untrained model is weak here
     assert after >= before + 0.05, (before, after)
     assert trained.losses[-1] < trained.losses[0]
+
+
+def _nab(name: str) -> pd.DataFrame:
+    frame = pd.read_csv(BUNDLED_TABLE.parent / "nab" / f"{name}.csv.gz")
+    frame["timestamp"] = pd.to_datetime(frame["timestamp"]).astype("int64") // 10**9
+    return frame
+
+
+def test_the_lstm_autoencoder_learns_the_devices_series():
+    """Three real NAB server series (one device each, every series scaled by itself at its
+    site); the sites score their own series point-wise against NAB's anomaly windows."""
+    devices = [_nab(n) for n in ("ec2_cpu_utilization_77c1ca", "ec2_cpu_utilization_825cc2",
+                                 "rds_cpu_utilization_cc0c53")]
+    spec = JobSpec(model="lstm-ae", features=("value",), label_column="anomaly",
+                   time_column="timestamp", rounds=5)
+    # a site holds its series in any order: it orders the rows by time itself
+    sites = [LocalSite(f"d{i}", spec, d.sample(frac=1.0, random_state=i), d)
+             for i, d in enumerate(devices)]
+    trainer = FederatedTrainer(spec, sites, progress=False)
+    result = trainer.fit()
+    trained = np.mean([e["roc_auc"] for e in trainer.evaluate(result)])
+    untrained = np.mean([
+        evaluate(spec, d, StepInput(0, GlobalState(initial_weights(spec), result.norm)))[
+            "roc_auc"] for d in devices])
+    assert trained >= untrained + 0.05, (untrained, trained)
 
 
 def test_the_federated_forest_ranks_like_a_centralized_isolation_forest(partitions, schema):
@@ -122,3 +147,60 @@ def test_sites_follow_an_early_stop_to_the_calibration(federation, schema, mode)
     for site in federation.sites:
         used = site.guard.approval(spec.job_id)["used"]
         assert used["fit"] < 6 and used["calibrate"] == 2
+
+
+@pytest.mark.parametrize("mode,candidates", [("plain", ("pca", "hbos", "ae")),
+                                             ("secagg", ("hbos", "pca")),
+                                             ("paillier", ("pca", "hbos"))])
+def test_model_selection_trains_every_candidate_under_one_approval(federation, schema, mode,
+                                                                  candidates):
+    """One approval; each candidate's calls are counted against it; only validation metrics
+    leave for the choice; the chosen model is the one the sites evaluate."""
+    spec = JobSpec(model="auto", candidates=candidates, features=schema.features,
+                   label_column=schema.label, rounds=2, aggregation=mode, target_fpr=0.05)
+    requests = federation.submit(spec)
+    first = federation.sites[0].name
+    assert f"trains {len(candidates)} models ({', '.join(candidates)})" in federation.site(
+        first).review(requests[first]).plain_words()
+    federation.approve_all(requests)
+    trainer = federation.trainer(spec, progress=False)
+    result = trainer.fit()
+    assert result.selection is not None
+    assert [c["model"] for c in result.selection] == list(candidates)
+    chosen = max(result.selection, key=lambda c: c["validation_roc_auc"])
+    assert chosen["chosen"] and result.spec.model == chosen["model"]
+    for c in result.selection:  # only metrics and counts came back from validation
+        assert all(set(v) <= {"site", "roc_auc", "pr_auc", "tp", "fp", "fn", "tn", "n_test",
+                              "n_pos"} for v in c["per_site"])
+    evaluation = trainer.evaluate(result)
+    assert all(e["roc_auc"] > 0.8 for e in evaluation)
+    for site in federation.sites:
+        used = site.guard.approval(spec.job_id)["used"]
+        k = len(candidates)
+        assert used["validate"] == k and used["stats"] == k and used["evaluate"] == 1
+        assert used["moments2"] == 1 and used["hist"] == 1 and used["calibrate"] == 2 * k
+        assert used.get("fit", 0) == (2 if "ae" in candidates else 0)
+
+
+def test_a_call_naming_a_candidate_the_job_lacks_is_refused_uncounted(federation, schema):
+    """The candidate a call runs under is derived from the approved spec: a one-model job
+    names none, a selection job only its own; neither refusal touches a private row."""
+    from fed_tasks.interface import SiteRefusedError
+
+    single = JobSpec(model="pca", features=schema.features, label_column=schema.label)
+    selection = JobSpec(model="auto", candidates=("pca", "hbos"), features=schema.features,
+                        label_column=schema.label)
+    for spec in (single, selection):
+        federation.approve_all(federation.submit(spec))
+    site = federation.sites[0]
+    one, many = (federation.sessions()[0].connection(s) for s in (single, selection))
+    cases = [(one, "stats", {"candidate": 0}, "names no candidate"),
+             (one, "validate", {"previous": None}, "'validate' is not part of job"),
+             (many, "stats", {}, "names its candidate"),
+             (many, "stats", {"candidate": 2}, r"candidate 2 is outside 0\.\.1"),
+             (many, "stats", {"candidate": "0"}, "candidate '0' is outside")]
+    for conn, action, message, why in cases:
+        with pytest.raises(SiteRefusedError, match=why):
+            conn.call(action, message)
+    for spec in (single, selection):
+        assert not any(site.guard.approval(spec.job_id)["used"].values())

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 
 from fed_tasks.codec import PayloadError, decode_array, dumps, encode_array, loads
+from fed_tasks.encoding import STATS_CODEC
 from fed_tasks.local import LocalSite
 from fed_tasks.models import AutoencoderDetector
 from fed_tasks.orchestrator import FederatedTrainer
@@ -86,3 +87,19 @@ def test_spec_rejects_bad_values():
         JobSpec(features=("a",), rounds=0)
     with pytest.raises(ValueError):
         JobSpec(features=("a",), job_id="Bad ID!")
+
+
+def test_a_column_constant_across_the_federation_scores_nothing():
+    """Constant at every site (so constant in the released sums): every value maps to 0, so
+    a test row that differs cannot swamp the score; a column that varies stays as it was."""
+    rng = np.random.default_rng(0)
+    x = np.column_stack([rng.normal(1000.0, 5.0, 3000), np.full(3000, 7.25)])
+    sites = [Moments.of(part) for part in np.array_split(x, 3)]
+    summed = STATS_CODEC.decode_sum(
+        np.sum([STATS_CODEC.encode(m.to_vector()) for m in sites], axis=0).tolist(),
+        n_terms=3)
+    norm = Standardizer.from_moments(Moments.from_vector(summed))
+    assert norm.dead.tolist() == [False, True]
+    z = norm.transform(np.array([[1005.0, 7.25], [1005.0, 9_000.0]]))
+    assert z[0, 1] == 0.0 and z[1, 1] == 0.0
+    assert abs(z[0, 0] - 1.0) < 0.05

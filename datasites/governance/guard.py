@@ -58,7 +58,15 @@ def frame_fingerprint(frame: pd.DataFrame) -> str:
 
 
 def call_limits(spec: JobSpec) -> dict[str, int]:
-    """How many calls of each action one approval allows."""
+    """How many calls of each action one approval allows (a model-selection job: every
+    candidate's calls, one validation each, and the evaluations of the chosen one)."""
+    if spec.model == "auto":
+        limits: dict[str, int] = {}
+        for i in range(len(spec.candidate_models)):
+            for action, n in call_limits(spec.candidate_spec(i)).items():
+                if action != "evaluate":
+                    limits[action] = limits.get(action, 0) + n
+        return limits | {"validate": len(spec.candidate_models), "evaluate": spec.evaluations}
     limits = {p.action: p.count for p in phases(spec)} | {"evaluate": spec.evaluations}
     if spec.aggregation == "secagg":  # key setup once; a recovery per aggregate at most;
         # the last aggregate opened once (every other one is opened by the next call)

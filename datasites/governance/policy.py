@@ -121,7 +121,11 @@ class DatasetPolicy(BaseModel):
         site's approval records keep it), never e-mails, which a user can change.
         """
         out = []
-        if spec.model not in self.allowed_models:
+        if spec.model == "auto":  # a selection complies if every candidate it trains does
+            for i, name in enumerate(spec.candidate_models):
+                out += [f"candidate {name}: {p}" for p in
+                        self.violations(spec.candidate_spec(i), None, None)]
+        elif spec.model not in self.allowed_models:
             out.append(f"model {spec.model!r} is not allowed (allowed: "
                        f"{', '.join(self.allowed_models)})")
         if spec.rounds > self.max_rounds:
@@ -260,5 +264,8 @@ def model_parameters(spec: JobSpec) -> int:
     site sends after the statistics (a weight update without its loss and count)."""
     from fed_tasks.schedule import phases
 
+    if spec.model == "auto":
+        return max(model_parameters(spec.candidate_spec(i))
+                   for i in range(len(spec.candidate_models)))
     return max([p.length - (2 if p.action == "fit" else 0) for p in phases(spec)
                 if p.action not in ("stats", "calibrate")], default=0)

@@ -10,7 +10,8 @@ from fed_tasks.spec import JobSpec
 
 #: the neural detectors, trained in rounds (the others are built from sums alone)
 MODEL_NAMES = {"ae": "dense autoencoder", "vae": "variational autoencoder",
-               "deepsvdd": "Deep SVDD one-class network"}
+               "deepsvdd": "Deep SVDD one-class network",
+               "lstm-ae": "LSTM autoencoder over windows of the series"}
 AGGREGATION_WORDS = {
     "plain": "plain: the data scientist's orchestrator sees this site's individual update, "
              "and every member site sees it too (each site checks the aggregate it trains "
@@ -58,6 +59,9 @@ class Review:
         s = self.spec
         label = (f"label column {s.label_column!r} read only to compute ROC-AUC/PR-AUC on the "
                  f"test split, at most {s.evaluations} time(s)") if s.label_column else "no label"
+        if s.model == "auto":
+            return "\n".join([head, *_selection(s, self.train_rows, label)]
+                             + self._policy_lines())
         lines = [
             head,
             _what(s),
@@ -78,6 +82,24 @@ class Review:
         elif self.spec is not None:
             out.append("  policy: the job complies with this dataset's policy")
         return out
+
+
+def _selection(s: JobSpec, rows: int | None, label: str) -> list[str]:
+    """A model-selection job: what each candidate does, and how the winner is chosen."""
+    names = s.candidate_models
+    lines = [f"  job {s.job_id}: trains {len(names)} models ({', '.join(names)}) one after "
+             f"the other, scores each on a private validation split of {s.val_fraction:.0%} of "
+             f"your training rows ({len(names)} evaluations; only the metrics leave) and keeps "
+             f"the best; the others are discarded",
+             f"  columns touched: {len(s.features)} features {list(s.features)}; {label}; "
+             "the label is also read for the validation metrics",
+             f"  aggregation {AGGREGATION_WORDS[s.aggregation]}"]
+    for i, name in enumerate(names):
+        sub = s.candidate_spec(i)
+        lines += [f"  candidate {i + 1}, {name}:", "  " + _what(sub), "  " + _shape(sub, rows),
+                  "  " + _leaves(sub)]
+    return lines + [_privacy(s),
+                    "  code: the fedsyft template (checked), calling the installed site step"]
 
 
 def _what(s: JobSpec) -> str:

@@ -28,6 +28,7 @@ from datasites.runtime.federation_config import (
 )
 from fed_tasks.codec import PayloadError, dumps, encode_array, loads
 from fed_tasks.schedule import SUMMED_ACTIONS, codec_for, slot_index, total_slots, vector_length
+from fed_tasks.selection import candidate_job
 from fed_tasks.spec import JobSpec
 from privacy.key_authority import KeyAuthority, KeyAuthorityError
 from privacy.paillier import (
@@ -82,7 +83,10 @@ class KeyAuthoritySite(Datasite):
         return job_code.parse_request(source, self.name, kind="authority")
 
     def call_limits(self, spec: JobSpec) -> dict[str, int]:
-        """One decryption per summed call of the job's schedule."""
+        """One decryption per summed call of the job's schedule (every candidate's)."""
+        if spec.model == "auto":
+            return {"decrypt": sum(total_slots(spec.candidate_spec(i))
+                                   for i in range(len(spec.candidate_models)))}
         return {"decrypt": total_slots(spec)}
 
 
@@ -112,6 +116,7 @@ def run_key_authority(*, site: str, job_id: str, spec: str, keyring: pd.DataFram
         guard.authorize(job, action)
         request = loads(payload)
         req = AuthorityRequest.model_validate(request)
+        job = candidate_job(job, req.candidate)  # a selection job's candidate, derived here
         try:  # the slot follows from the approved spec, not from the request
             slot = slot_index(job, req.action, req.round)
         except PayloadError as exc:
@@ -147,4 +152,5 @@ class AuthorityRequest(BaseModel):
     round: int = Field(ge=0)  # the pass of the action (training round r; statistics: 0)
     length: int | None = None  # informational: the authority derives the length itself
     contributions: list[str] = Field(max_length=1000)
+    candidate: int | None = None  # a model-selection job's candidate (JobSpec.candidate_spec)
 

@@ -33,6 +33,7 @@ from datasites.runtime.protection import SECAGG_CONTROL, SecureSumCall, protect,
 from fed_tasks.codec import PayloadError, dumps, loads
 from fed_tasks.messages import AggregateEvidence, parse_message
 from fed_tasks.schedule import SUMMED_ACTIONS
+from fed_tasks.selection import candidate_job, validation_split
 from fed_tasks.site_state import ModelStateError, SiteModelState, aggregate_index
 from fed_tasks.site_step import StepInput, initial_weights
 from fed_tasks.spec import JobSpec
@@ -154,14 +155,23 @@ def run_approved(*, site: str, job_id: str, spec: str, train: pd.DataFrame, test
         # the dataset's policy and privacy budget: a call they forbid is refused uncounted
         guard.privacy.admit(job, action, len(train), approval)
         message = loads(payload)
+        # a model-selection job: the named candidate's spec, derived here from the approved
+        # one, trained on the rows left after the validation split (the same for every call)
+        model_job = candidate_job(job, message.pop("candidate", None)
+                                  if isinstance(message, dict) else None)
+        step_action = action
+        if model_job is not job:
+            train, held_out = validation_split(job, train)
+            if action == "validate":  # the candidate's evaluation, on the held-out rows
+                test, step_action = held_out, "evaluate"
         if action in SECAGG_CONTROL:
             keys = load_site_keys(guard.directory, site)
             if keys is None:
                 raise CallRefused(f"site {site!r} has no federation configuration")
             call_no = guard.authorize(job, action)
-            result = secagg_control(guard.directory, keys, job, action, message)
+            result = secagg_control(guard.directory, keys, model_job, action, message)
         else:
-            call = _ModelCall(guard, site, job, action, message)
+            call = _ModelCall(guard, site, model_job, step_action, message)
             if call.cached is not None:
                 return dumps({"status": "ok", "action": action, "call": None, "retry": True,
                               "result": call.cached})
@@ -171,8 +181,8 @@ def run_approved(*, site: str, job_id: str, spec: str, train: pd.DataFrame, test
             else:
                 counted = True
                 # policy re-checked, DP budget charged before the step runs (site_privacy)
-                step = guard.privacy.run_step(job, action, call.step_input(), train, test,
-                                              approval)
+                step = guard.privacy.run_step(model_job, step_action, call.step_input(),
+                                              train, test, approval)
                 result = call.release(step)
         reply = dumps({"status": "ok", "action": action, "call": call_no, "result": result})
         log.info("site %s job %s %s #%d released %s", site, job_id, action, call_no,

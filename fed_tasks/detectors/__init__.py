@@ -16,6 +16,7 @@ REGISTRY: dict[str, str] = {
     "ae": "fed_tasks.detectors.ae:AutoencoderDetector",
     "vae": "fed_tasks.detectors.vae:VAEDetector",
     "deepsvdd": "fed_tasks.detectors.deepsvdd:DeepSVDDDetector",
+    "lstm-ae": "fed_tasks.detectors.lstm_ae:LSTMAutoencoder",
     "pca": "fed_tasks.detectors.pca:PCADetector",
     "hbos": "fed_tasks.detectors.hbos:HBOSDetector",
     "iforest": "fed_tasks.detectors.iforest:FederatedIsolationForest",

@@ -15,6 +15,7 @@ import torch
 from torch import nn
 
 from fed_tasks.detectors._torch import TorchDetector, _single_thread
+from fed_tasks.spec import JobSpec
 
 SCORE_CHUNK = 512  # windows per forward pass when scoring: bounds memory on long series
 
@@ -38,7 +39,14 @@ class LSTMAutoencoder(TorchDetector):
     """Encoder LSTM (``hidden[0]`` units) → latent code → decoder LSTM → Linear to d.
 
     Only ``hidden[0]`` is used, so the spec's ``hidden`` means the same width for every model.
+    Each series is scaled by its own mean and deviation first (devices of one fleet run at
+    scales 1,000× apart; the shared model learns shapes, not levels): that scaling never
+    leaves the site, and it makes the federation's standardization irrelevant here.
     """
+
+    name = "lstm-ae"
+    title = ("an LSTM autoencoder over sliding windows of your series (in time order), "
+             "trained by federated averaging")
 
     def __init__(self, n_features: int, hidden: tuple[int, ...] = (32, 16), latent: int = 4,
                  seed: int = 0, window: int = 32) -> None:
@@ -64,8 +72,21 @@ class LSTMAutoencoder(TorchDetector):
         idx = torch.tensor(starts).unsqueeze(1) + torch.arange(w)
         return xt[idx]
 
+    @classmethod
+    def build(cls, spec: JobSpec) -> LSTMAutoencoder:
+        return cls(len(spec.features), hidden=spec.hidden, latent=spec.latent, seed=spec.seed,
+                   window=spec.window)
+
+    def _series(self, x: np.ndarray) -> torch.Tensor:
+        """The series scaled by its own mean and standard deviation (per feature)."""
+        xt = self._as_tensor(x)
+        if xt.shape[0] < 2:
+            return xt
+        std = xt.std(dim=0, keepdim=True)
+        return (xt - xt.mean(dim=0, keepdim=True)) / torch.where(std > 1e-6, std, 1.0)
+
     def _units(self, x: np.ndarray) -> torch.Tensor:
-        return self._windows(self._as_tensor(x), max(1, self.window // 4))
+        return self._windows(self._series(x), max(1, self.window // 4))
 
     def _position_errors(self, windows: torch.Tensor) -> torch.Tensor:
         return torch.mean((self.net(windows) - windows) ** 2, dim=2)
@@ -74,7 +95,7 @@ class LSTMAutoencoder(TorchDetector):
         return self._position_errors(batch).mean(dim=1)
 
     def score_samples(self, x: np.ndarray) -> np.ndarray:
-        xt = self._as_tensor(x)
+        xt = self._series(x)
         n = xt.shape[0]
         if n == 0:
             return np.zeros(0)
