@@ -204,3 +204,37 @@ def test_a_call_naming_a_candidate_the_job_lacks_is_refused_uncounted(federation
             conn.call(action, message)
     for spec in (single, selection):
         assert not any(site.guard.approval(spec.job_id)["used"].values())
+
+
+def test_a_member_sending_malformed_trees_is_refused_before_any_site_uses_them(federation,
+                                                                                 schema):
+    """A member site (here hospital-b, with its own signing key) signs trees whose leaf sizes
+    do not add up: the other sites refuse the aggregate, naming the sender, uncounted."""
+    from datasites.runtime.federation_config import load_site_keys
+    from fed_tasks.codec import decode_array, encode_array
+    from fed_tasks.interface import SiteRefusedError
+    from privacy.signing import SignedContribution
+
+    spec = JobSpec(model="iforest", features=schema.features, label_column=schema.label,
+                   target_fpr=0.05)
+    federation.approve_all(federation.submit(spec))
+    conns = federation.connections(spec)
+    evidence = None
+    for action in ("stats", "hist", "trees"):
+        message = {} if action == "stats" else {"round": 1, "previous": evidence}
+        replies = [c.call(action, message) for c in conns]
+        evidence = {"kind": "plain", "action": action, "round": 0 if action == "stats" else 1,
+                    "contributions": [r["contribution"] for r in replies]}
+    bad_site = federation.sites[1]
+    honest = SignedContribution.from_str(evidence["contributions"][1])
+    trees = decode_array(honest.payload)
+    trees[0] += 1  # the first tree's ψ no longer matches its leaf sizes
+    forged = SignedContribution.create(
+        load_site_keys(bad_site.directory, bad_site.name).signing_key, bad_site.name,
+        spec.job_id, honest.round, encode_array(trees), model=honest.model)
+    evidence["contributions"][1] = forged.to_str()
+    with pytest.raises(SiteRefusedError, match="contribution of 'hospital-b' holds no valid "
+                                               "vector: malformed trees"):
+        conns[0].call("calibrate", {"round": 1, "previous": evidence})
+    assert "calibrate" not in {a for a, n in federation.sites[0].guard.approval(
+        spec.job_id)["used"].items() if n}

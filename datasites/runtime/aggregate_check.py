@@ -20,6 +20,7 @@ import numpy as np
 from datasites.governance.guard import CallRefused
 from datasites.runtime.federation_config import read_config
 from fed_tasks.codec import PayloadError, decode_array
+from fed_tasks.detectors import rules_for
 from fed_tasks.messages import AggregateEvidence
 from fed_tasks.schedule import combine, vector_length
 from fed_tasks.site_state import aggregate_index
@@ -91,11 +92,15 @@ def plain_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvid
     contributions = check_contributions(federation_config(directory), spec, evidence, site,
                                         model)
     length = vector_length(spec, evidence.action)
-    try:
-        return combine(evidence.action, {site_id: decode_array(c.payload, length)
-                                         for site_id, c in contributions.items()})
-    except PayloadError as exc:
-        raise AggregateRefused(f"a signed contribution holds no valid vector: {exc}") from None
+    vectors = {}
+    for sender, c in contributions.items():
+        try:  # a member's vector must be well formed (e.g. trees), checked before any use
+            vectors[sender] = decode_array(c.payload, length)
+            rules_for(spec).check_contribution(spec, evidence.action, vectors[sender])
+        except PayloadError as exc:
+            raise AggregateRefused(f"the signed contribution of {sender!r} holds no valid "
+                                   f"vector: {exc}") from None
+    return combine(evidence.action, vectors)
 
 
 def authority_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvidence,

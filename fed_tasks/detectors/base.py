@@ -48,6 +48,12 @@ class FederatedDetector:
     def from_state(cls, spec: JobSpec, state: GlobalState) -> FederatedDetector:
         raise NotImplementedError
 
+    @classmethod
+    def check_contribution(cls, spec: JobSpec, action: str, vector: np.ndarray) -> None:
+        """Refuse (PayloadError) another member's vector that is not well formed, before the
+        site uses it; a sum needs no check beyond its length and finiteness."""
+        return None
+
     def score_samples(self, z: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 

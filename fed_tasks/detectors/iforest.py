@@ -411,6 +411,15 @@ class FederatedIsolationForest(FederatedDetector):
         return super().contribute(spec, action, k, z, state)
 
     @classmethod
+    def check_contribution(cls, spec: JobSpec, action: str, vector: np.ndarray) -> None:
+        if action != "trees":
+            return
+        try:
+            decode_trees(vector, len(spec.features), MAX_SAMPLES)
+        except ValueError as exc:
+            raise PayloadError(f"malformed trees: {exc}") from None
+
+    @classmethod
     def from_state(cls, spec: JobSpec, state: GlobalState) -> FederatedIsolationForest:
         qmap = QuantileMap.from_counts(released(state, "hist:1"))
         try:  # the other sites' trees: every field and the structure checked
