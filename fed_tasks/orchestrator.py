@@ -131,10 +131,10 @@ class FederatedTrainer:
         ``stopped_early=True`` and the site's reason in ``stop_reason``. Any other refusal
         or failure raises.
         """
-        if self.spec.model == "auto":
-            if checkpoint is not None or resume:
-                raise CheckpointError("a model-selection job cannot be checkpointed yet; run "
-                                      "it without --resume")
+        if self.spec.model == "auto":  # no checkpoint yet: a crash means a new job
+            if resume:
+                raise CheckpointError("a model-selection job cannot resume yet; submit it "
+                                      "again")
             return self._select()
         state = GlobalState(initial_weights(self.spec))
         saved = Checkpoint.new(self.spec)

@@ -28,7 +28,7 @@ STATS_CODEC = FixedPointCodec(frac_bits=8, bound=2.0**44)
 #: histogram counts are integers
 COUNT_CODEC = FixedPointCodec(frac_bits=0, bound=2.0**32)
 #: sums of products of standardized values (sites clip z to ±Z_CLIP, so each term ≤ 2,500)
-MOMENT_CODEC = FixedPointCodec(frac_bits=12, bound=2.0**40)
+MOMENT_CODEC = FixedPointCodec(frac_bits=16, bound=2.0**36)
 #: a Deep SVDD embedding sum (bounded activations of standardized rows)
 CENTER_CODEC = FixedPointCodec(frac_bits=16, bound=2.0**36)
 

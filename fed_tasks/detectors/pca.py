@@ -7,6 +7,14 @@ Score: the row's squared projection on every principal axis, each scaled by that
 variance (the weighted reconstruction error of pyod's PCA, i.e. the Mahalanobis distance):
 rows that break the correlations normal rows keep score high even where no single feature
 is extreme. (Measured: the minor components alone lose shuttle, 0.52 against 0.98.)
+
+Under differential privacy (:mod:`fed_tasks.dp_sums`) each site clips its rows to L2 norm
+``dp_row_clip`` before summing and the sum is noised; the noise swamps the smallest
+eigenvalues (on shuttle several are ~1e-3), and dividing by a noise-sized variance would let
+noise dominate the score. So the eigenvalues are floored at the noise's own scale on the
+covariance, about the spectral norm of a symmetric noise matrix, 2·√d·σ/n (σ the noise std
+of the sum): measured on shuttle at epsilon 1, ROC-AUC 0.996 with the floor against 0.6-0.9
+with eigenvalues merely clipped at 0.
 """
 
 from __future__ import annotations
@@ -17,7 +25,7 @@ from fed_tasks.detectors.base import FederatedDetector, released
 from fed_tasks.global_state import GlobalState
 from fed_tasks.spec import JobSpec
 
-Z_CLIP = 100.0  # per value, so each product stays within the moment encoding's bound
+Z_CLIP = 50.0  # per value: each product ≤ 2,500, so 2.7e7 rows fit the moment encoding
 RIDGE = 1e-6  # relative to the mean variance: a dead direction cannot divide by zero
 
 
@@ -47,8 +55,9 @@ class PCADetector(FederatedDetector):
     def fit(self, z: np.ndarray) -> PCADetector:
         return self.fit_sums(moment_sums(z))
 
-    def fit_sums(self, summed: np.ndarray) -> PCADetector:
-        """The detector of all rows whose moment sums are ``summed``."""
+    def fit_sums(self, summed: np.ndarray, noise_std: float = 0.0) -> PCADetector:
+        """The detector of all rows whose moment sums are ``summed``; ``noise_std``: the std
+        of the DP noise on each summed value (0: exact sums)."""
         v = np.asarray(summed, dtype=np.float64)
         d = int((np.sqrt(8 * len(v) + 1) - 3) // 2)  # len = d(d+1)/2 + d + 1
         if moment_length(d) != len(v):
@@ -63,7 +72,8 @@ class PCADetector(FederatedDetector):
         cov = second / n - np.outer(mean, mean)
         values, vectors = np.linalg.eigh((cov + cov.T) / 2)
         order = np.argsort(values)[::-1]
-        values, vectors = np.maximum(values[order], 0.0), vectors[:, order]
+        floor = 2.0 * np.sqrt(d) * noise_std / n  # ≈ the noise's spectral norm on cov
+        values, vectors = np.maximum(values[order], floor), vectors[:, order]
         self.mean_, self.components_ = mean, vectors
         self.eigenvalues_ = values + RIDGE * max(values.mean(), 1e-12)
         return self
@@ -86,8 +96,17 @@ class PCADetector(FederatedDetector):
                    state: GlobalState) -> np.ndarray:
         if action != "moments2":
             return super().contribute(spec, action, k, z, state)
+        if spec.dp_enabled:  # bounds one row's effect on the sum (fed_tasks/dp_sums.py)
+            from fed_tasks.dp_sums import clip_rows
+
+            z = clip_rows(z, spec.dp_row_clip)
         return moment_sums(z)
 
     @classmethod
     def from_state(cls, spec: JobSpec, state: GlobalState) -> PCADetector:
-        return cls().fit_sums(released(state, "moments2:1"))
+        noise = 0.0
+        if spec.dp_enabled:
+            from fed_tasks.dp_sums import noise_std
+
+            noise = noise_std(spec, "moments2")
+        return cls().fit_sums(released(state, "moments2:1"), noise_std=noise)
