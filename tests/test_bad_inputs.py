@@ -27,6 +27,7 @@ import pytest
 from typer.testing import CliRunner
 
 from datasites.cli.main import app
+from fed_tasks.spec import NO_DP_MODELS
 
 BIN = Path(sys.executable).parent / "fedsyft"
 NAME = "bad-input-clinic"
@@ -131,7 +132,18 @@ TABLES: dict[str, tuple[Callable[[Path], Path], list[str], str]] = {
     "truncated-gzip": (_gzip_truncated, [], "not a readable compressed CSV"),
     "non-numeric": (_csv(_with(f2=["a", "b", "c"] * 100)), [],
                     "feature columns ['f2'] are not numeric"),
-    "constant": (_csv(_with(f3=1.5)), [], "feature columns ['f3'] are constant"),
+    "categorical": (_csv(_with(ward=["icu", "er"] * 150, note="x")), [],
+                    "['ward', 'note'] are not numeric (categorical, text or boolean); drop "
+                    "them with --drop-columns ward,note"),
+    "boolean": (_csv(_with(f2=[True, False] * 150)), [], "--drop-columns f2"),
+    "all-constant": (_csv(_with(f1=1.5, f2=0, f3=2)), [],
+                     "every feature column is constant over the whole input ['f1', 'f2', 'f3']"),
+    "drop-unknown-column": (_csv(_frame()), ["--drop-columns", "f2,ward"],
+                            "--drop-columns ['ward'] are not columns of the table"),
+    "drop-the-label": (_csv(_frame()), ["--drop-columns", "anomaly"],
+                       "--drop-columns names the label column 'anomaly'"),
+    "drop-every-feature": (_csv(_frame()), ["--drop-columns", "f1,f2,f3"],
+                           "no feature columns besides the label and the dropped columns"),
     "nan": (_csv(_one("f1", np.nan)), [], "first in column 'f1' at row 7"),
     "inf": (_csv(_one("f3", np.inf)), [], "first in column 'f3' at row 7"),
     "duplicate-columns": (_text(DUPLICATE), [], "duplicate column names ['f1']"),
@@ -155,6 +167,42 @@ def test_bad_table_is_one_line_before_any_site(case, tmp_path):
     write, extra, needle = TABLES[case]
     data, kept = write(tmp_path), tmp_path / "kept"
     result = _cli(["demo", "--data", data, "--keep-sites", kept, "--rounds", "1", *extra])
+    _assert_one_line(result.exit_code, result.stdout, result.stderr, 2, needle)
+    assert not kept.exists() or not any(kept.iterdir()), "a site was provisioned"
+
+
+def _tables(*frames: pd.DataFrame) -> Callable[[Path], list[Path]]:
+    def write(tmp: Path) -> list[Path]:
+        for i, frame in enumerate(frames):
+            frame.to_csv(tmp / f"site{i + 1}.csv", index=False)
+        return [tmp / f"site{i + 1}.csv" for i in range(len(frames))]
+    return write
+
+
+# id -> (write one table per site, extra demo args, what the one line must say)
+MULTI: dict[str, tuple[Callable[[Path], list[Path]], list[str], str]] = {
+    "renamed-column": (_tables(_frame(), _frame(seed=1).rename(columns={"f3": "g3"})), [],
+                       "site2.csv does not have the columns of "),
+    "missing-column": (_tables(_frame(), _frame(), _frame(seed=1).drop(columns="f2")), [],
+                       "site3.csv does not have the columns of"),
+    "text-in-one-table": (_tables(_frame(), _with(f2=["a", "b", "c"] * 100)), [],
+                          "site2.csv: feature columns ['f2'] are not numeric"),
+    "one-class-table": (_tables(_frame(), _with(anomaly=0)), [],
+                        "site2.csv has only one class"),
+    "nan-in-one-table": (_tables(_frame(), _one("f1", np.nan)), [],
+                         "site2.csv: 1 NaN or infinite values, first in column 'f1' at row 7"),
+    "too-few-rows": (_tables(_frame(), _frame(8)), [], "site2.csv has 8 rows, fewer than the 10"),
+    "drop-unknown": (_tables(_frame(), _frame(seed=1)), ["--drop-columns", "ward"],
+                     "--drop-columns ['ward'] are not columns"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(MULTI))
+def test_bad_tables_one_per_site_are_one_line_naming_the_file(case, tmp_path):
+    write, extra, needle = MULTI[case]
+    kept = tmp_path / "kept"
+    data = [a for path in write(tmp_path) for a in ("--data", path)]
+    result = _cli(["demo", *data, "--keep-sites", kept, "--rounds", "1", *extra])
     _assert_one_line(result.exit_code, result.stdout, result.stderr, 2, needle)
     assert not kept.exists() or not any(kept.iterdir()), "a site was provisioned"
 
@@ -191,7 +239,36 @@ def _options_cases() -> dict[str, tuple[list[str], str]]:
         "aggregation-bogus": (["--aggregation", "bogus"],
                               "--aggregation: 'bogus' is not a choice (allowed: plain, "
                               "paillier, secagg)"),
-        "model-bogus": (["--model", "gan"], "--model: 'gan' is not a choice (allowed: ae)"),
+        "model-bogus": (["--model", "gan"], "--model: 'gan' is not a choice (allowed: ae, vae, "
+                        "deepsvdd, pca, hbos, iforest)"),
+        "model-series": (["--model", "lstm-ae"], "--model: 'lstm-ae' is not a choice"),
+        "iforest-secagg": (["--model", "iforest", "--aggregation", "secagg"],
+                           "--model 'iforest' pools each site's trees"),
+        "iforest-paillier": (["--model", "iforest", "--aggregation", "paillier"],
+                             "use --aggregation 'plain'"),
+        **{f"{m}-epsilon": (["--model", m, *eps], f"--model '{m}' releases sums that no site "
+                            "can noise yet") for m in NO_DP_MODELS},
+        "vae-dp-sgd": (["--model", "vae", *eps, "--dp-sgd"], "available for --model 'ae' only"),
+        "target-fpr-0": (["--target-fpr", "0"],
+                         "--target-fpr: 0.0 is out of range (allowed: above 0, below 0.5)"),
+        "target-fpr-half": (["--target-fpr", "0.5"], "--target-fpr: 0.5 is out of range"),
+        "target-fpr-negative": (["--target-fpr", "-0.1"], "--target-fpr: -0.1 is out of range"),
+        "target-fpr-nan": (["--target-fpr", "nan"], "--target-fpr: nan is not a finite number"),
+        "target-fpr-text": (["--target-fpr", "low"], "--target-fpr: 'low' is not a valid number"),
+        "patience-negative": (["--patience", "-1"],
+                              "--patience: -1 is out of range (allowed: 0 to 100)"),
+        "patience-101": (["--patience", "101"], "--patience: 101 is out of range"),
+        "patience-text": (["--patience", "some"], "--patience: 'some' is not a valid integer"),
+        "drop-columns-empty-name": (["--drop-columns", "f1,,f2"],
+                                    "--drop-columns: 'f1,,f2' has an empty column name"),
+        "drop-columns-no-value": (["--drop-columns"], "'--drop-columns' requires an argument"),
+        "data-twice": (["--data", "{tmp}/good.csv", "--data", "{tmp}/good.csv"],
+                       "is given twice (one table per site)"),
+        "data-and-sites-disagree": (["--data", "{tmp}/good.csv", "--data", "{tmp}/file.txt",
+                                     "--sites", "3"],
+                                    "--sites 3 does not match the 2 --data tables"),
+        "data-21-tables": ([a for i in range(21) for a in ("--data", f"{{tmp}}/t{i}.csv")],
+                           "--data: 21 tables, one site each, is more than 20 sites"),
         "unknown-flag": (["--sitez", "3"], "no such option --sitez (did you mean --sites"),
         "extra-argument": (["surplus"], "unexpected extra argument (surplus)"),
         "report-is-directory": (["--report", "{tmp}"], "is a directory; give a file name"),
@@ -216,6 +293,16 @@ def test_bad_demo_option_names_the_flag_and_range(case, tmp_path):
     args = [a.replace("{tmp}", str(tmp_path)) for a in args]
     result = _cli(["demo", *args])
     _assert_one_line(result.exit_code, result.stdout, result.stderr, 2, needle)
+
+
+def test_init_drop_columns_are_checked(tmp_path):
+    _frame().assign(ward="icu").to_csv(tmp_path / "t.csv", index=False)
+    for extra, needle in (([], "drop them with --drop-columns ward"),
+                          (["--drop-columns", "ward,nope"], "--drop-columns ['nope'] are not"),
+                          (["--drop-columns", ",ward"], "has an empty column name")):
+        result = _cli(["init", tmp_path / "fed", "--data", tmp_path / "t.csv", *extra])
+        _assert_one_line(result.exit_code, result.stdout, result.stderr, 2, needle)
+        assert not (tmp_path / "fed" / "federation.toml").exists()
 
 
 def test_root_errors_are_one_line():
@@ -244,6 +331,15 @@ def test_cli_ranges_match_what_the_job_and_the_policy_accept():
     assert opts.ROUNDS_MAX == policy.max_rounds <= _bound(JobSpec, "rounds", "le")
     assert opts.ROUNDS_MIN == _bound(JobSpec, "rounds", "ge")
     assert opts.EPSILON_MAX == policy.epsilon_budget and opts.DELTA_MAX == policy.max_delta
+    from fed_tasks.detectors import REGISTRY
+    from fed_tasks.spec import SERIES_MODELS
+
+    assert set(opts.MODELS) == set(REGISTRY) - set(SERIES_MODELS)  # no --time-column yet
+    assert set(opts.MODELS) <= set(policy.allowed_models)
+    assert opts.TARGET_FPR_MIN == _bound(JobSpec, "target_fpr", "gt")
+    assert opts.TARGET_FPR_MAX == _bound(JobSpec, "target_fpr", "lt")
+    assert 0 == _bound(JobSpec, "patience", "ge") and opts.PATIENCE_MAX <= _bound(
+        JobSpec, "patience", "le")
     # the largest seed the CLI takes still seeds torch for the longest job
     import torch
 
@@ -426,6 +522,8 @@ def test_damaged_site_or_bad_owner_input_is_one_line(case, clinic, tmp_path):
 PROCESS = {
     "sites-1": (["demo", "--sites", "1"], "--sites: 1 is out of range (allowed: 2 to 20)"),
     "epsilon-nan": (["demo", "--epsilon", "nan"], "--epsilon: nan is not a finite number"),
+    "iforest-secagg": (["demo", "--model", "iforest", "--aggregation", "secagg"],
+                       "--model 'iforest' pools each site's trees"),
     "root-unknown-flag": (["--bogus"], "no such option --bogus"),
     "since-after-until": (["audit", "requests", "--site", "x", "--since", "2025-02-01T00:00Z",
                            "--until", "2025-01-01T00:00Z"], "is not before --until"),

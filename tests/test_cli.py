@@ -45,6 +45,17 @@ def test_demo_on_any_labelled_csv_writes_the_report(demo_run):
         assert 0.5 < data[key]["roc_auc"] <= 1.0 and 0.0 < data[key]["pr_auc"] <= 1.0
     assert len(data["per_site"]) == 2 and data["aggregation"] == "plain"
     assert isinstance(data["seconds"], float) and data["rounds"] == 2
+    # the calibrated threshold: per-site counts from the sites, pooled by summing
+    assert data["target_fpr"] == 0.05 and data["threshold"] is not None
+    fed = data["federated"]
+    for k in ("tp", "fp", "fn", "tn"):
+        assert fed[k] == sum(r[k] for r in data["per_site"])
+    assert sum(fed[k] for k in ("tp", "fp", "fn", "tn")) == sum(r["n_test"]
+                                                                for r in data["per_site"])
+    assert all(0.0 <= r["f1"] <= 1.0 for r in data["per_site"]) and 0.0 < fed["f1"] <= 1.0
+    assert fed["f1"] == pytest.approx(2 * fed["tp"] / (2 * fed["tp"] + fed["fp"] + fed["fn"]))
+    assert "F1 at the threshold" in proc.stdout and "alarm threshold" in proc.stdout
+    assert data["dropped_columns"] == {"constant": [], "user": []}
 
 
 def test_demo_keeps_sites_for_the_owner_and_officer_cli(demo_run):
@@ -65,7 +76,8 @@ def test_demo_keeps_sites_for_the_owner_and_officer_cli(demo_run):
             assert OWNER_PW.encode() not in data and officer_pw.encode() not in data, path
     officer = AuditorSession.login(site_dir, officer_email, officer_pw)
     (record,) = officer.requests()
-    assert record.status == "approved" and record.released == 1 + 2 + 1  # stats, 2 fits, eval
+    # stats, 2 fits, 2 calibration passes, evaluation
+    assert record.status == "approved" and record.released == 1 + 2 + 2 + 1
     assert officer.verify().ok
     verify = _run("audit", "verify", "--site", str(site_dir))
     assert verify.returncode == 0 and "hash chain intact" in verify.stdout
@@ -85,3 +97,56 @@ def test_demo_bad_input_exits_2_with_a_named_problem(tmp_path, shuttle_small):
     assert "label column 'label' not in" in proc.stderr
     proc = _run("demo", "--data", str(tmp_path / "missing.csv"))
     assert proc.returncode == 2 and "not found" in proc.stderr
+
+
+def test_one_table_per_site_any_model_constant_and_dropped_columns(tmp_path, shuttle_small):
+    """`--data` once per institution (no split), `--model pca`, a column constant in every
+    table (dropped, named in a warning and the report), one constant at one site only (kept)
+    and a text column left out with --drop-columns: end to end through real datasites."""
+    a = shuttle_small.head(500).assign(unit=7, f5=0, ward="icu")
+    b = shuttle_small.iloc[500:1100].assign(unit=7, ward="er")
+    paths = [tmp_path / "clinic-a.csv", tmp_path / "clinic-b.csv"]
+    for frame, path in zip((a, b), paths, strict=True):
+        frame.to_csv(path, index=False)
+    report = tmp_path / "report.json"
+    proc = _run("demo", "--data", str(paths[0]), "--data", str(paths[1]), "--model", "pca",
+                "--drop-columns", "ward", "--target-fpr", "0.1", "--report", str(report))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "warning: dropped feature columns ['unit']" in proc.stdout
+    data = json.loads(report.read_text())
+    assert data["model"] == "pca" and data["sites"] == 2 and data["target_fpr"] == 0.1
+    assert data["dropped_columns"] == {"constant": ["unit"], "user": ["ward"]}
+    assert data["features"] == [f"f{i}" for i in range(1, 10)]  # f5 kept: it varies in b
+    rows = data["site_rows"]
+    assert [(r["data"], r["train"] + r["test"]) for r in rows] == [(str(paths[0]), 500),
+                                                                   (str(paths[1]), 600)]
+    assert data["federated"]["roc_auc"] > 0.5 and data["threshold"] is not None
+    assert all(r["f1"] is not None for r in data["per_site"])
+
+
+def test_results_table_shows_undefined_metrics_as_a_dash():
+    """A one-class test split has no ROC-AUC; a site with no alarm has no precision."""
+    from rich.console import Console
+
+    from datasites.cli.main import results_table
+
+    site = {"site": "s1", "roc_auc": None, "pr_auc": None, "f1": None}
+    pooled = {"roc_auc": 0.91, "pr_auc": 0.5, "f1": 0.4}
+    report = {"sites": 1, "rounds": 3, "rounds_completed": 2, "model": "vae",
+              "aggregation": "plain", "threshold": 1.5, "per_site": [site],
+              "federated": pooled, "centralized": {**pooled, "per_site": [site]},
+              "local_only": {**pooled, "per_site": [site]}}
+    console = Console(width=200, record=True)
+    console.print(results_table(report))
+    text = console.export_text()
+    assert "- / - / -" in text and "0.910 / 0.500 / 0.40" in text
+    assert "vae, 1 sites, 2 of 3 rounds" in text
+
+
+def test_the_cli_defaults_are_the_demos():
+    from datasites.cli import main
+    from datasites.harness.demo import DemoConfig
+
+    cfg = DemoConfig()
+    assert (cfg.rounds, cfg.patience, cfg.target_fpr) == (main.DEMO_ROUNDS, main.DEMO_PATIENCE,
+                                                          0.05)

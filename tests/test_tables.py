@@ -9,7 +9,14 @@ import pandas as pd
 import pytest
 
 from datasites.harness.partition import dirichlet_split, train_test_split
-from datasites.runtime.tables import TableError, infer_schema, make_mock, read_table, validate
+from datasites.runtime.tables import (
+    TableError,
+    infer_schema,
+    inspect_tables,
+    make_mock,
+    read_table,
+    validate,
+)
 
 
 def _csv(tmp_path, frame: pd.DataFrame, name: str = "t.csv"):
@@ -58,10 +65,99 @@ def test_non_numeric_column_named(shuttle_small):
         infer_schema(bad, "anomaly")
 
 
-def test_constant_column_named(shuttle_small):
+def test_constant_column_dropped_and_named(shuttle_small):
     bad = shuttle_small.head(50).assign(f4=7)
-    with pytest.raises(TableError, match=r"\['f4'\] are constant"):
-        infer_schema(bad, "anomaly")
+    found = inspect_tables(bad, "anomaly")
+    assert found.dropped_constant == ("f4",) and found.dropped_by_user == ()
+    assert "f4" not in found.schema.features and len(found.schema.features) == 8
+    assert "['f4']" in found.warning() and found.warning().count("\n") == 0
+    assert found.report() == {"constant": ["f4"], "user": []}
+    assert list(found.select(bad).columns) == list(found.schema.columns)
+    assert infer_schema(bad, "anomaly") == found.schema
+    assert inspect_tables(shuttle_small.head(50), "anomaly").warning() is None
+
+
+def test_constancy_is_over_all_tables_together(shuttle_small):
+    """Constant at one institution but not in the federation: kept; constant everywhere
+    (the same value in every table): dropped."""
+    a, b = shuttle_small.head(60).assign(f4=7), shuttle_small.iloc[60:120].reset_index(drop=True)
+    assert inspect_tables([a, b], "anomaly").dropped_constant == ()
+    both = inspect_tables([a, b.assign(f4=7, f6=1.5)], "anomaly", names=["a.csv", "b.csv"])
+    assert both.dropped_constant == ("f4",)  # f6 varies in a
+    assert "f4" not in both.schema.features and "f6" in both.schema.features
+
+
+def test_every_feature_constant_is_refused(shuttle_small):
+    bad = shuttle_small.head(50)[["f1", "f2", "anomaly"]].assign(f1=1, f2=2.5)
+    with pytest.raises(TableError, match=r"every feature column is constant .*\['f1', 'f2'\]"):
+        inspect_tables(bad, "anomaly")
+
+
+def test_categorical_columns_named_with_the_option_that_drops_them(shuttle_small):
+    bad = shuttle_small.head(60).assign(ward=["icu", "er", "gp"] * 20, note="n/a",
+                                        flag=[True, False] * 30)
+    with pytest.raises(TableError, match=r"\['ward', 'note', 'flag'\] are not numeric "
+                                         r"\(categorical, text or boolean\); drop them with "
+                                         r"--drop-columns ward,note,flag"):
+        inspect_tables(bad, "anomaly")
+    found = inspect_tables(bad, "anomaly", drop=("note", "ward", "flag"))
+    assert found.dropped_by_user == ("ward", "note", "flag")  # in the table's order
+    assert found.schema.features == tuple(f"f{i}" for i in range(1, 10))
+
+
+def test_drop_columns_must_name_columns_of_the_table(shuttle_small):
+    with pytest.raises(TableError, match=r"--drop-columns \['ward'\] are not columns"):
+        inspect_tables(shuttle_small.head(50), "anomaly", drop=("f2", "ward"))
+    with pytest.raises(TableError, match="names the label column 'anomaly'"):
+        inspect_tables(shuttle_small.head(50), "anomaly", drop=("anomaly",))
+
+
+def test_tables_of_different_columns_name_the_file_and_columns(shuttle_small):
+    a = shuttle_small.head(50)
+    b = shuttle_small.iloc[50:100].rename(columns={"f9": "g9"}).drop(columns="f8")
+    with pytest.raises(TableError, match=r"b.csv does not have the columns of a.csv: missing "
+                                         r"columns \['f8', 'f9'\], unexpected columns \['g9'\]"):
+        inspect_tables([a, b], "anomaly", names=["a.csv", "b.csv"])
+    text = shuttle_small.iloc[50:100].assign(f2="x")
+    with pytest.raises(TableError, match=r"^b.csv: feature columns \['f2'\] are not numeric"):
+        inspect_tables([a, text], "anomaly", names=["a.csv", "b.csv"])
+    shuffled = shuttle_small.iloc[50:100][list(reversed(a.columns))]  # same set, other order
+    assert inspect_tables([a, shuffled], "anomaly").schema.features[0] == "f1"
+
+
+def test_one_site_per_table_in_the_demo(tmp_path, shuttle_small):
+    """k tables: k sites, each its own table (no split across sites), each with its own
+    stratified test split; constant columns judged over all tables."""
+    from datasites.harness.demo import DemoConfig, load_tables
+
+    a = shuttle_small.head(400).assign(c=1, f5=0)
+    b = shuttle_small.iloc[400:1000].assign(c=1)
+    paths = [_csv(tmp_path, a, "a.csv"), _csv(tmp_path, b, "b.csv")]
+    found, splits = load_tables(DemoConfig(data=tuple(paths), sites=2))
+    assert found.dropped_constant == ("c",) and "f5" in found.schema.features
+    assert [len(tr) + len(te) for tr, te in splits] == [400, 600]
+    assert all(list(tr.columns) == list(found.schema.columns) for tr, _ in splits)
+    assert sorted(pd.concat([tr for tr, _ in splits] + [te for _, te in splits])["f1"]) == \
+        sorted(pd.concat([a, b])["f1"])
+    with pytest.raises(TableError, match="--sites 3 does not match the 2 --data files"):
+        DemoConfig(data=tuple(paths), sites=3)
+    normal = _csv(tmp_path, b[b["anomaly"] == 0], "normal.csv")
+    with pytest.raises(TableError, match="test split of .*normal.csv has only one class"):
+        load_tables(DemoConfig(data=(paths[0], normal), sites=2))
+    assert DemoConfig(data=paths[0]).data == (paths[0],)  # one path is taken as a 1-tuple
+
+
+def test_threshold_metrics_are_undefined_not_zero_where_nothing_counts():
+    from datasites.harness.demo import pooled_counts, threshold_metrics
+
+    assert threshold_metrics({"tp": 0, "fp": 0, "fn": 5, "tn": 50}) == {
+        "precision": None, "recall": 0.0, "f1": 0.0}
+    assert threshold_metrics({"tp": 0, "fp": 0, "fn": 0, "tn": 50})["f1"] is None
+    pooled = pooled_counts([{"tp": 3, "fp": 1, "fn": 1, "tn": 10},
+                            {"tp": 1, "fp": 1, "fn": 3, "tn": 20}])
+    assert pooled == {"tp": 4, "fp": 2, "fn": 4, "tn": 30, "precision": 4 / 6, "recall": 0.5,
+                      "f1": 8 / 14}
+    assert pooled_counts([{"roc_auc": 0.9}]) == {}
 
 
 @pytest.mark.parametrize("value", [np.nan, np.inf, -np.inf])
@@ -119,3 +215,17 @@ def test_train_test_split_is_stratified(shuttle_small):
     train, test = train_test_split(shuttle_small, 0.3, seed=0, label="anomaly")
     assert len(train) + len(test) == len(shuttle_small)
     assert abs(test["anomaly"].mean() - shuttle_small["anomaly"].mean()) < 0.01
+
+
+def test_init_leaves_out_constant_and_dropped_columns(tmp_path, shuttle_small):
+    """``fedsyft init --drop-columns``: the site tables hold the schema's columns only."""
+    from datasites.deploy.init import write_example
+
+    data = _csv(tmp_path, shuttle_small.head(300).assign(unit=7, ward="icu"), "rows.csv")
+    said: list[str] = []
+    config = write_example(tmp_path / "fed", data, "anomaly", 2, 0, 8100,
+                           drop_columns=("ward",), log=said.append)
+    assert config.exists() and len(said) == 1 and "['unit']" in said[0]
+    for name in ("site-1", "site-2"):
+        table = read_table(tmp_path / "fed" / "data" / f"{name}.csv")
+        assert list(table.columns) == [*(f"f{i}" for i in range(1, 10)), "anomaly"]

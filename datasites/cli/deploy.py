@@ -17,7 +17,7 @@ import click
 import typer
 
 from datasites.cli import job_options as opts
-from datasites.cli.main import _check_output, _fail, _positive, _say, app
+from datasites.cli.main import _check_output, _column_list, _fail, _positive, _say, app
 
 CONFIG = typer.Option(..., "--config", help="The federation's federation.toml.")
 ONE_SITE = typer.Option(None, "--site", help="Only this member (site or key authority).")
@@ -38,6 +38,9 @@ def init(directory: Path = typer.Argument(..., help="Where to write federation.t
          data: Path = typer.Option(None, help="CSV with numeric features and a 0/1 label "
                                               "[default: the bundled ODDS shuttle table]"),
          label_column: str = typer.Option("anomaly", help="Name of the 0/1 label column."),
+         drop_columns: str = typer.Option(None, "--drop-columns", help=(
+             "Columns to leave out of the site tables, separated by commas (e.g. categorical "
+             "or text columns).")),
          sites: int = typer.Option(3, min=2, max=opts.SITES_MAX, help="Institutions."),
          seed: int = typer.Option(0, min=0, max=opts.SEED_MAX, help="Seed of the split."),
          base_port: int = typer.Option(8100, min=1024, max=65000,
@@ -48,7 +51,7 @@ def init(directory: Path = typer.Argument(..., help="Where to write federation.t
     from datasites.harness.demo import BUNDLED_TABLE
 
     config = write_example(directory, data or BUNDLED_TABLE, label_column, sites, seed,
-                           base_port)
+                           base_port, _column_list(drop_columns, "--drop-columns"), log=_say)
     _say(f"wrote {config} and {sites} site tables in {directory / 'data'}")
     _say("next: set FEDSYFT_OWNER_PASSWORD, FEDSYFT_OFFICER_PASSWORD and "
          f"FEDSYFT_SCIENTIST_PASSWORD, then: fedsyft up --config {config}")
@@ -123,7 +126,8 @@ def submit(
     config: Path = CONFIG,
     rounds: int = typer.Option(10, min=opts.ROUNDS_MIN, max=opts.ROUNDS_MAX,
                                help="Federated rounds."),
-    model: str = typer.Option("ae", click_type=click.Choice(["ae"]), help="Model kind."),
+    model: str = typer.Option("ae", click_type=click.Choice(opts.MODELS), help=(
+        "Detector: ae, vae, deepsvdd, pca, hbos, iforest (plain aggregation only).")),
     aggregation: str = typer.Option("plain", click_type=click.Choice(
         ["plain", "paillier", "secagg"]), help="plain | paillier | secagg."),
     seed: int = typer.Option(0, min=0, max=opts.SEED_MAX, help="Seed of the model."),
@@ -134,6 +138,11 @@ def submit(
                                 help="DP delta (with --epsilon)."),
     clip: float = typer.Option(1.0, "--clip", click_type=_positive(), help="DP clip."),
     dp_sgd: bool = typer.Option(False, "--dp-sgd", help="Sample-level DP-SGD."),
+    target_fpr: float = typer.Option(None, "--target-fpr", click_type=_positive(
+        below=opts.TARGET_FPR_MAX), help="Alarm threshold: the score this fraction of the "
+        "training rows exceed [default: no threshold, ranking only]."),
+    patience: int = typer.Option(0, min=0, max=opts.PATIENCE_MAX, help=(
+        "Early stopping (neural models): rounds without a 1% loss improvement; 0: off.")),
 ) -> None:
     """The data scientist submits a job to every site: prints the job id and request ids."""
     if (dp_sgd or clip != 1.0 or delta != 1e-5) and epsilon is None:
@@ -142,7 +151,8 @@ def submit(
     try:
         opts.check_job_options(sites=len(cfg.site), rounds=rounds, model=model,
                                aggregation=aggregation, seed=seed, epsilon=epsilon,
-                               delta=delta, clip=clip, dp_sgd=dp_sgd)
+                               delta=delta, clip=clip, dp_sgd=dp_sgd, target_fpr=target_fpr,
+                               patience=patience)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
     if aggregation == "paillier" and cfg.key_authority is None:
@@ -161,7 +171,8 @@ def submit(
               **({"trim": 0.0} if dp_sgd else {})}
     spec = JobSpec(model=model, features=tuple(c for c in columns if c != label_column),
                    label_column=label_column, rounds=rounds, seed=seed,
-                   aggregation=aggregation, min_sites=cfg.federation.min_sites, **dp)
+                   aggregation=aggregation, min_sites=cfg.federation.min_sites,
+                   target_fpr=target_fpr, patience=patience, **dp)
     ids = fed.submit(spec)
     save_job(spec, cfg.path, ids)
     _say(f"job {spec.job_id}")

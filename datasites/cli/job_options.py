@@ -5,7 +5,8 @@ bounds, narrowed by the default :class:`DatasetPolicy` (rounds, epsilon budget, 
 sites per aggregate) and by what the sites feed numpy and torch (the seed). The CLI refuses
 anything outside them at once, instead of the sites refusing it after the table was read
 (``tests/test_bad_inputs.py`` checks that they match those sources). This module imports
-pydantic only: the CLI reads these numbers at start-up.
+pydantic only (the detector registry is a dict of names): the CLI reads these numbers at
+start-up.
 """
 
 from __future__ import annotations
@@ -13,26 +14,39 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from fed_tasks.detectors import REGISTRY
+from fed_tasks.spec import NO_DP_MODELS, PLAIN_ONLY_MODELS, SERIES_MODELS
+
 SITES_MIN, SITES_MAX = 2, 20  # DatasetPolicy.min_sites: an aggregate combines >= 2 sites
 ROUNDS_MIN, ROUNDS_MAX = 1, 100  # DatasetPolicy.max_rounds (JobSpec alone allows 1000)
 EPSILON_MAX = 10.0  # DatasetPolicy.epsilon_budget of a new dataset
 DELTA_MAX = 1e-5  # DatasetPolicy.max_delta
 # the sites seed numpy (non-negative) and torch with seed * 100_003 + rounds (< 2**64)
 SEED_MAX = (2**64 - 1 - ROUNDS_MAX) // 100_003
+# every detector a job may name (and a new site's policy allows), but the series models:
+# they need a time column, which the CLI cannot give yet
+MODELS = tuple(m for m in REGISTRY if m not in SERIES_MODELS)
+DP_MODELS = tuple(m for m in MODELS if m not in NO_DP_MODELS)  # those that take --epsilon
+PLAIN_ONLY = tuple(m for m in MODELS if m in PLAIN_ONLY_MODELS)  # --aggregation plain only
+TARGET_FPR_MIN, TARGET_FPR_MAX = 0.0, 0.5  # JobSpec.target_fpr, both bounds excluded
+PATIENCE_MAX = ROUNDS_MAX  # patience beyond the rounds never stops anything
 
 # JobSpec field -> the demo option it comes from
 FLAGS = {"rounds": "--rounds", "seed": "--seed", "aggregation": "--aggregation",
          "model": "--model", "min_sites": "--sites", "dp_epsilon": "--epsilon",
          "dp_delta": "--delta", "dp_clip": "--clip", "dp_sgd": "--dp-sgd",
-         "label_column": "--label-column", "features": "--data"}
+         "label_column": "--label-column", "features": "--data",
+         "target_fpr": "--target-fpr", "patience": "--patience"}
 ALLOWED = {"--sites": f"{SITES_MIN} to {SITES_MAX}",
            "--rounds": f"{ROUNDS_MIN} to {ROUNDS_MAX}",
            "--seed": f"0 to {SEED_MAX}",
            "--aggregation": "plain, paillier, secagg",
-           "--model": "ae",
+           "--model": ", ".join(MODELS),
            "--epsilon": f"a finite number above 0, at most {EPSILON_MAX:g}",
            "--delta": f"above 0, at most {DELTA_MAX:g}",
-           "--clip": "a finite number above 0"}
+           "--clip": "a finite number above 0",
+           "--target-fpr": f"above {TARGET_FPR_MIN:g}, below {TARGET_FPR_MAX:g}",
+           "--patience": f"0 to {PATIENCE_MAX}"}
 
 
 class JobOptionError(ValueError):
@@ -61,7 +75,8 @@ def spec_error_line(exc: Any) -> str:
 
 
 def check_job_options(*, sites: int, rounds: int, model: str, aggregation: str, seed: int,
-                      epsilon: float | None, delta: float, clip: float, dp_sgd: bool) -> None:
+                      epsilon: float | None, delta: float, clip: float, dp_sgd: bool,
+                      target_fpr: float | None = None, patience: int = 0) -> None:
     """Build the :class:`JobSpec` the demo would build (with a stand-in feature), so that a
     bad option fails in milliseconds, before the table is read or a site exists."""
     from pydantic import ValidationError
@@ -74,6 +89,6 @@ def check_job_options(*, sites: int, rounds: int, model: str, aggregation: str, 
               **({"trim": 0.0} if dp_sgd else {})}
     try:
         JobSpec(model=model, features=("x",), rounds=rounds, seed=seed, aggregation=aggregation,
-                min_sites=min(2, sites), **dp)
+                min_sites=min(2, sites), target_fpr=target_fpr, patience=patience, **dp)
     except ValidationError as exc:
         raise JobOptionError(spec_error_line(exc)) from None

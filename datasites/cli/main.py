@@ -30,6 +30,8 @@ from datasites.cli import job_options as opts
 
 console = Console()
 err = Console(stderr=True)
+DEMO_ROUNDS = 10  # the demo's rounds (a maximum: see DEMO_PATIENCE)
+DEMO_PATIENCE = 0  # early stopping of the demo's neural models (0: every round)
 
 
 def _one_line(exc: BaseException) -> str:
@@ -126,11 +128,29 @@ def _root() -> None:
     """Federated anomaly detection across PySyft datasites."""
 
 
+def _num(value: float | None, digits: int = 3) -> str:
+    """A metric for the table; "-" where it is undefined (e.g. ROC-AUC of a one-class test
+    split, precision when nothing raised an alarm)."""
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def _rounds(report: dict[str, Any]) -> str:
+    """'N rounds, ' for a model trained in rounds ('N of M' if it stopped early)."""
+    done = report.get("rounds_completed", report["rounds"])
+    if not done:
+        return ""  # built from summed statistics, not trained in rounds
+    of = "" if done == report["rounds"] else f" of {report['rounds']}"
+    return f"{done}{of} rounds, "
+
+
 def results_table(report: dict[str, Any]) -> Table:
-    """Federated vs centralized vs local-only, per site and pooled (ROC-AUC / PR-AUC)."""
-    table = Table(title=f"ROC-AUC / PR-AUC on the sites' private test splits\n"
-                        f"{report['sites']} sites, {report['rounds']} rounds, "
-                        f"{report['aggregation']} aggregation"
+    """Federated vs centralized vs local-only, per site and pooled: ROC-AUC / PR-AUC, and F1
+    at the calibrated alarm threshold when the job has one."""
+    with_f1 = report.get("threshold") is not None
+    metrics = "ROC-AUC / PR-AUC" + (" / F1 at the threshold" if with_f1 else "")
+    table = Table(title=f"{metrics} on the sites' private test splits\n"
+                        f"{report.get('model', 'ae')}, {report['sites']} sites, "
+                        f"{_rounds(report)}{report['aggregation']} aggregation"
                         + (f", {report['dp']} epsilon {report['epsilon_spent']:.3g}"
                            if report.get("dp") else ""))
     sites = [row["site"] for row in report["per_site"]]
@@ -141,12 +161,29 @@ def results_table(report: dict[str, Any]) -> Table:
     rows = (("federated", report["per_site"], report["federated"]),
             ("centralized", report["centralized"]["per_site"], report["centralized"]),
             ("local-only", report["local_only"]["per_site"], report["local_only"]))
+
+    def cell(r: dict[str, Any]) -> str:
+        text = f"{_num(r.get('roc_auc'))} / {_num(r.get('pr_auc'))}"
+        return text + (f" / {_num(r.get('f1'), 2)}" if with_f1 else "")
+
     for label, per_site, pooled in rows:
-        cells = [f"{r['roc_auc']:.3f} / {r['pr_auc']:.3f}" for r in per_site]
-        table.add_row(label, *cells, f"{pooled['roc_auc']:.3f} / {pooled['pr_auc']:.3f}")
+        table.add_row(label, *(cell(r) for r in per_site), cell(pooled))
     table.caption = ("pooled = union of all test splits; local-only = mean over sites of a "
                      "model trained on one site alone")
     return table
+
+
+def _threshold_line(report: dict[str, Any]) -> str:
+    """The alarm threshold and the pooled precision / recall / F1 at it, in one line."""
+    if report.get("threshold") is None:
+        why = ("no threshold under differential privacy (the score counts are not noised "
+               "yet)" if report.get("dp") else "no alarm threshold (ranking only)")
+        return why if report.get("target_fpr") is not None else "no alarm threshold"
+    fed = report["federated"]
+    return (f"alarm threshold {report['threshold']:.4g} (exceeded by {report['target_fpr']:.1%} "
+            f"of the training rows): pooled precision {_num(fed.get('precision'))}, recall "
+            f"{_num(fed.get('recall'))}, F1 {_num(fed.get('f1'))} "
+            f"(tp {fed.get('tp')}, fp {fed.get('fp')}, fn {fed.get('fn')}, tn {fed.get('tn')})")
 
 
 def _kept_site_passwords(keep_sites: Path | None, sites: int, authority: bool = False
@@ -213,8 +250,8 @@ class _PositiveFinite(click.FloatRange):
     """A finite float above 0: typer's own min/max can neither exclude the bound itself nor
     refuse NaN (which passes every comparison and reached the job as a vaguer error)."""
 
-    def __init__(self, at_most: float | None = None) -> None:
-        super().__init__(min=0.0, min_open=True, max=at_most)
+    def __init__(self, at_most: float | None = None, max_open: bool = False) -> None:
+        super().__init__(min=0.0, min_open=True, max=at_most, max_open=max_open)
 
     def convert(self, value: Any, param: click.Parameter | None,
                 ctx: click.Context | None) -> Any:
@@ -224,24 +261,76 @@ class _PositiveFinite(click.FloatRange):
         return number
 
 
-def _positive(at_most: float | None = None) -> click.FloatRange:
+def _positive(at_most: float | None = None, below: float | None = None) -> click.FloatRange:
+    """A finite float above 0, and at most ``at_most`` or below ``below``."""
+    if below is not None:
+        return _PositiveFinite(below, max_open=True)
     return _PositiveFinite(at_most)
+
+
+def _column_list(value: str | None, flag: str) -> tuple[str, ...]:
+    """``a,b`` as ("a", "b"); an empty name is refused."""
+    if value is None:
+        return ()
+    names = tuple(part.strip() for part in value.split(","))
+    if not all(names):
+        raise _fail(f"{flag}: {value!r} has an empty column name (give names separated by "
+                    "commas, e.g. ward,note)")
+    return names
+
+
+def _demo_tables(data: list[Path] | None, sites: int | None) -> tuple[tuple[Path, ...], int]:
+    """The input tables and the number of sites: one table is split into ``--sites`` (default
+    3); k >= 2 tables are k sites, one each (``--sites``, if given, must be k)."""
+    from datasites.harness.demo import BUNDLED_TABLE
+
+    files = tuple(data or ())
+    if len(files) < 2:
+        return files or (BUNDLED_TABLE,), 3 if sites is None else sites
+    seen: dict[Path, Path] = {}
+    for path in files:
+        key = path.expanduser().resolve()
+        if key in seen:
+            raise _fail(f"--data {path} is given twice (one table per site)")
+        seen[key] = path
+    if len(files) > opts.SITES_MAX:
+        raise _fail(f"--data: {len(files)} tables, one site each, is more than "
+                    f"{opts.SITES_MAX} sites")
+    if sites is not None and sites != len(files):
+        raise _fail(f"--sites {sites} does not match the {len(files)} --data tables (one site "
+                    "per table); leave --sites out")
+    return files, len(files)
 
 
 @app.command()
 def demo(
-    data: Path = typer.Option(None, help="CSV with numeric features and a 0/1 label column "
-                                         "[default: bundled ODDS shuttle table]"),
+    data: list[Path] = typer.Option(None, show_default=False, help=(
+        "CSV with numeric features and a 0/1 label column [default: bundled ODDS shuttle "
+        "table]. One table is split across --sites non-IID sites; give --data once per "
+        "institution (k >= 2 times) for k sites holding one table each.")),
     label_column: str = typer.Option("anomaly", help="Name of the 0/1 label column."),
-    sites: int = typer.Option(3, min=opts.SITES_MIN, max=opts.SITES_MAX,
-                              help="Number of institutions."),
-    rounds: int = typer.Option(10, min=opts.ROUNDS_MIN, max=opts.ROUNDS_MAX,
-                               help="Federated rounds."),
-    model: str = typer.Option("ae", click_type=click.Choice(["ae"]),
-                              help="Model kind: ae (dense autoencoder)."),
+    drop_columns: str = typer.Option(None, "--drop-columns", show_default=False, help=(
+        "Columns to leave out, separated by commas (e.g. categorical or text columns).")),
+    sites: int = typer.Option(None, min=opts.SITES_MIN, max=opts.SITES_MAX, show_default=False,
+                              help=(
+        "Number of institutions one table is split into [default: 3; with several --data: "
+        "one per table].")),
+    rounds: int = typer.Option(DEMO_ROUNDS, min=opts.ROUNDS_MIN, max=opts.ROUNDS_MAX,
+                               help="Federated rounds, at most (see --patience)."),
+    model: str = typer.Option("ae", click_type=click.Choice(opts.MODELS), help=(
+        "Detector: ae (autoencoder), vae (variational autoencoder), deepsvdd, pca, hbos, "
+        f"iforest (isolation forest). --aggregation plain only: {', '.join(opts.PLAIN_ONLY)}; "
+        f"--epsilon: {', '.join(opts.DP_MODELS)} only.")),
     aggregation: str = typer.Option("plain", click_type=click.Choice(
         ["plain", "paillier", "secagg"]), help="How updates are combined: plain | paillier "
         "(key authority decrypts sums only) | secagg."),
+    target_fpr: float = typer.Option(0.05, "--target-fpr", click_type=_positive(
+        below=opts.TARGET_FPR_MAX), help=(
+        "Alarm threshold: the score this fraction of the training rows exceed (calibrated "
+        "from summed score histograms; no score leaves a site).")),
+    patience: int = typer.Option(DEMO_PATIENCE, min=0, max=opts.PATIENCE_MAX, help=(
+        "Early stopping of the neural models: stop once the federated loss improved by less "
+        "than 1% for this many rounds in a row; 0 runs every round.")),
     seed: int = typer.Option(0, min=0, max=opts.SEED_MAX,
                              help="Seed for the split and the model."),
     report: Path = typer.Option(None, help="Write the JSON report here."),
@@ -262,33 +351,43 @@ def demo(
         "Sample-level DP-SGD (Opacus) during local training instead of client-level "
         "DP-FedAvg (with --epsilon).")),
 ) -> None:
-    """Split a table across non-IID sites, provision datasites, train, evaluate, report."""
+    """Split a table across non-IID sites (or take one table per site), provision datasites,
+    train, calibrate the alarm threshold, evaluate, report."""
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
     if (dp_sgd or clip != 1.0 or delta != 1e-5) and epsilon is None:
         raise _fail("--delta, --clip and --dp-sgd need --epsilon")
+    tables, n_sites = _demo_tables(data, sites)
+    dropped = _column_list(drop_columns, "--drop-columns")
     try:  # every option against the job it becomes, before any file is read or written
-        opts.check_job_options(sites=sites, rounds=rounds, model=model, aggregation=aggregation,
-                               seed=seed, epsilon=epsilon, delta=delta, clip=clip,
-                               dp_sgd=dp_sgd)
+        opts.check_job_options(sites=n_sites, rounds=rounds, model=model,
+                               aggregation=aggregation, seed=seed, epsilon=epsilon,
+                               delta=delta, clip=clip, dp_sgd=dp_sgd, target_fpr=target_fpr,
+                               patience=patience)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
     if report is not None:
         _check_output(report, "--report", create_parents=True)
     if keep_sites is not None:  # syft's store URL needs an absolute path
         keep_sites = keep_sites.expanduser().resolve()
-    passwords = _kept_site_passwords(keep_sites, sites,  # checks --keep-sites first
+    passwords = _kept_site_passwords(keep_sites, n_sites,  # checks --keep-sites first
                                      authority=aggregation == "paillier")
     from datasites.errors import AuthenticationError, ProvisioningError
-    from datasites.harness.demo import BUNDLED_TABLE, DemoConfig, run_demo
+    from datasites.harness.demo import DemoConfig, run_demo
     from datasites.runtime.tables import TableError
     from fed_tasks.interface import SiteRefusedError
 
-    cfg = DemoConfig(data=data or BUNDLED_TABLE, label_column=label_column, sites=sites,
-                     rounds=rounds, model=model, seed=seed, aggregation=aggregation,
+    cfg = DemoConfig(data=tables, label_column=label_column, sites=n_sites, rounds=rounds,
+                     model=model, drop_columns=dropped, target_fpr=target_fpr,
+                     patience=patience, seed=seed, aggregation=aggregation,
                      keep_sites=keep_sites, passwords=passwords,
                      epsilon=epsilon, delta=delta, clip=clip, dp_sgd=dp_sgd)
+
+    def log(msg: str) -> None:
+        style = "yellow" if msg.startswith("warning:") else "dim"
+        console.print(msg, style=style, markup=False, highlight=False)
+
     try:
-        result = run_demo(cfg, log=lambda msg: console.print(f"[dim]{msg}[/dim]"))
+        result = run_demo(cfg, log=log)
     except (TableError, ProvisioningError, AuthenticationError, SiteRefusedError,
             ValueError, PermissionError) as exc:
         from pydantic import ValidationError
@@ -298,6 +397,10 @@ def demo(
     finally:
         _print_kept_sites(cfg)
     console.print(results_table(result))
+    _say(_threshold_line(result))
+    if result["dropped_columns"]["constant"] or result["dropped_columns"]["user"]:
+        _say(f"columns left out: constant {result['dropped_columns']['constant']}, "
+             f"--drop-columns {result['dropped_columns']['user']}")
     if result.get("dp"):
         console.print(f"differential privacy ({result['dp']}): epsilon spent "
                       f"{result['epsilon_spent']:.3g} (max over sites' ledgers) at delta "

@@ -3,16 +3,19 @@
 One table per institution, cut from a public table the way the demo cuts it (non-IID by
 the first feature's quantiles, Dirichlet alpha 0.5, seeded), so a deployment trains on
 exactly the demo's rows; each site splits its own table into train and test at
-provisioning, as the demo does.
+provisioning, as the demo does. Columns constant over the whole table and ``drop_columns``
+are left out of the site tables (the demo's rule).
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from datasites.deploy.config import ConfigError
 from datasites.harness.partition import dirichlet_split
-from datasites.runtime.tables import infer_schema, read_table
+from datasites.runtime.tables import inspect_tables, read_table
 
 CONFIG_NAME = "federation.toml"
 
@@ -58,8 +61,10 @@ officer = "officer@key-authority.example"
 
 
 def write_example(directory: Path, data: Path, label_column: str, sites: int, seed: int,
-                  base_port: int) -> Path:
-    """Write DIR/federation.toml and DIR/data/site-N.csv; returns the config's path."""
+                  base_port: int, drop_columns: tuple[str, ...] = (),
+                  log: Callable[[str], Any] = lambda _: None) -> Path:
+    """Write DIR/federation.toml and DIR/data/site-N.csv; returns the config's path. ``log``
+    gets the warning naming constant columns left out."""
     directory = Path(directory)
     config = directory / CONFIG_NAME
     if config.exists():
@@ -67,7 +72,10 @@ def write_example(directory: Path, data: Path, label_column: str, sites: int, se
     if directory.exists() and (directory / "data").exists():
         raise ConfigError(f"{directory / 'data'} already exists; choose an empty directory")
     frame = read_table(data)
-    schema = infer_schema(frame, label_column)
+    found = inspect_tables(frame, label_column, drop_columns, names=[str(data)])
+    if found.warning():
+        log(found.warning())
+    frame, schema = found.select(frame), found.schema
     parts = dirichlet_split(frame, sites, by=schema.features[0], alpha=0.5, seed=seed)
     names = [f"site-{i + 1}" for i in range(sites)]
     (directory / "data").mkdir(parents=True, exist_ok=True)

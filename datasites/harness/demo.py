@@ -1,9 +1,10 @@
 """The end-to-end job behind ``fedsyft demo`` and ``make demo``.
 
-The harness plays every role: it splits one public table into non-IID institutions (so it
-holds all the rows, which is why it may also compute reference models), provisions one
-PySyft datasite per institution, submits the data scientist's job, has each data owner
-review and approve it, runs the rounds, and gathers the sites' own metrics.
+The harness plays every role: it splits one public table into non-IID institutions, or takes
+one table per institution (either way it holds all the rows, which is why it may also compute
+reference models), provisions one PySyft datasite per institution, submits the data
+scientist's job, has each data owner review and approve it, runs the rounds, and gathers the
+sites' own metrics.
 """
 
 from __future__ import annotations
@@ -16,8 +17,14 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from datasites.harness.partition import dirichlet_split, train_test_split
-from datasites.runtime.tables import FederationSchema, TableError, infer_schema, read_table
+from datasites.harness.partition import MIN_ROWS_PER_SITE, dirichlet_split, train_test_split
+from datasites.runtime.tables import (
+    FederationSchema,
+    SchemaResult,
+    TableError,
+    inspect_tables,
+    read_table,
+)
 from fed_tasks.evaluation import detection_metrics
 from fed_tasks.local import LocalSite
 from fed_tasks.orchestrator import FederatedTrainer, TrainingResult
@@ -29,11 +36,17 @@ BUNDLED_LABEL = "anomaly"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    data: Path = BUNDLED_TABLE
+    # one table: split into `sites` non-IID institutions; k >= 2 tables: one site each
+    data: tuple[Path, ...] = (BUNDLED_TABLE,)
     label_column: str = BUNDLED_LABEL
     sites: int = 3
-    rounds: int = 10
+    rounds: int = 10  # at most: training stops earlier once the loss stops improving
     model: str = "ae"
+    drop_columns: tuple[str, ...] = ()  # left out of the schema (e.g. categorical columns)
+    target_fpr: float | None = 0.05  # alarm threshold: this share of training rows above it
+    patience: int = 0  # early stopping (neural models): rounds without improvement
+    min_delta: float = 0.01  # relative loss improvement that counts as one
+    min_local_steps: int = 20  # minibatch steps per site and round, at least
     aggregation: str = "plain"
     seed: int = 0
     split_by: str | None = None
@@ -47,6 +60,17 @@ class DemoConfig:
     dp_sgd: bool = False  # sample-level DP-SGD instead of client-level DP-FedAvg
     # site name -> {"owner": ..., "officer": ...}; never part of the report
     passwords: dict[str, dict[str, str]] | None = field(default=None, repr=False)
+
+    def __post_init__(self) -> None:
+        # one path is accepted too (benchmarks and scripts pass a single table)
+        data = (self.data,) if isinstance(self.data, (str, Path)) else self.data
+        object.__setattr__(self, "data", tuple(Path(d) for d in data))
+        object.__setattr__(self, "drop_columns", tuple(self.drop_columns))
+        if not self.data:
+            raise TableError("no input table")
+        if len(self.data) > 1 and self.sites != len(self.data):
+            raise TableError(f"--sites {self.sites} does not match the {len(self.data)} --data "
+                             "files (one site per file); leave --sites out")
 
 
 def partition(frame: pd.DataFrame, schema: FederationSchema, cfg: DemoConfig
@@ -65,11 +89,77 @@ def partition(frame: pd.DataFrame, schema: FederationSchema, cfg: DemoConfig
     return splits
 
 
+def table_splits(frames: list[pd.DataFrame], schema: FederationSchema, cfg: DemoConfig
+                 ) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """One institution per table, no split across sites: each keeps its own stratified test
+    split."""
+    for path, frame in zip(cfg.data, frames, strict=True):
+        if len(frame) < MIN_ROWS_PER_SITE:
+            raise TableError(f"{path} has {len(frame)} rows, fewer than the {MIN_ROWS_PER_SITE} "
+                             "a site needs")
+    splits = [train_test_split(f.reset_index(drop=True), cfg.test_fraction, seed=cfg.seed + i,
+                               label=schema.label) for i, f in enumerate(frames)]
+    for path, (_, test) in zip(cfg.data, splits, strict=True):
+        if schema.label and test[schema.label].nunique() < 2:
+            raise TableError(f"the test split of {path} has only one class: its site needs "
+                             "both normal (0) and anomalous (1) rows to be evaluated")
+    return splits
+
+
+def load_tables(cfg: DemoConfig) -> tuple[SchemaResult, list[tuple[pd.DataFrame, pd.DataFrame]]]:
+    """Read the input table(s), infer the schema over all of them together (constant
+    columns: constant over the whole input) and cut the sites' train/test splits."""
+    frames = [read_table(path) for path in cfg.data]
+    found = inspect_tables(frames, cfg.label_column, cfg.drop_columns,
+                           names=[str(p) for p in cfg.data])
+    frames = [found.select(f) for f in frames]
+    if len(frames) == 1:
+        return found, partition(frames[0], found.schema, cfg)
+    return found, table_splits(frames, found.schema, cfg)
+
+
+def threshold_metrics(counts: dict[str, Any]) -> dict[str, float | None]:
+    """Precision, recall and F1 at the alarm threshold from tp/fp/fn/tn (None: undefined,
+    e.g. precision when nothing raised an alarm)."""
+    tp, fp, fn = (int(counts[k]) for k in ("tp", "fp", "fn"))
+    return {"precision": tp / (tp + fp) if tp + fp else None,
+            "recall": tp / (tp + fn) if tp + fn else None,
+            "f1": 2 * tp / (2 * tp + fp + fn) if 2 * tp + fp + fn else None}
+
+
+def _with_threshold_metrics(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    return [{**r, **threshold_metrics(r)} if "tp" in r else r for r in rows]
+
+
+def pooled_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """Summed tp/fp/fn/tn over sites and the pooled precision, recall and F1 ({} when the
+    sites report no counts: no threshold)."""
+    if not rows or any("tp" not in r for r in rows):
+        return {}
+    counts = {k: sum(int(r[k]) for r in rows) for k in ("tp", "fp", "fn", "tn")}
+    return {**counts, **threshold_metrics(counts)}
+
+
+def _counts(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, int]:
+    """Counts at the threshold, as a site's evaluation gives them (score above = alarm)."""
+    alarm = scores > threshold
+    return {"tp": int(np.sum(alarm & (labels == 1))), "fp": int(np.sum(alarm & (labels == 0))),
+            "fn": int(np.sum(~alarm & (labels == 1))), "tn": int(np.sum(~alarm & (labels == 0)))}
+
+
 def _pooled(result: TrainingResult, tests: list[pd.DataFrame], schema: FederationSchema
-            ) -> dict[str, float]:
+            ) -> dict[str, Any]:
+    """Metrics of ``result`` on the union of ``tests``, computed by the harness (which holds
+    every row): ROC-AUC, PR-AUC and, with a threshold, the summed counts and P/R/F1."""
     union = pd.concat(tests, ignore_index=True)
     scores = result.score_samples(union.loc[:, list(schema.features)].to_numpy(np.float64))
-    return detection_metrics(union[schema.label].to_numpy(), scores)
+    labels = union[schema.label].to_numpy().astype(int)
+    metrics: dict[str, Any] = detection_metrics(labels, scores)
+    threshold = result.threshold
+    if threshold is None:
+        return metrics
+    counts = _counts(labels, scores, threshold)
+    return {**metrics, **counts, **threshold_metrics(counts)}
 
 
 def _train_local(spec: JobSpec, sites: list[LocalSite]) -> tuple[TrainingResult, list[dict]]:
@@ -91,19 +181,24 @@ def reference_models(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFram
     local_rows = []
     for name, (train, test) in zip(names, splits, strict=True):
         alone, metrics = _train_local(spec, [LocalSite(name, spec, train, test)])
-        local_rows.append({"site": name, **metrics[0], "pooled": _pooled(alone, tests, schema)})
+        local_rows.append({"site": name, **_with_threshold_metrics(metrics)[0],
+                           "pooled": _pooled(alone, tests, schema)})
     return {
         "centralized": {**_pooled(central, tests, schema), "per_site": central_sites},
-        "local_only": {
-            "roc_auc": float(np.mean([r["pooled"]["roc_auc"] for r in local_rows])),
-            "pr_auc": float(np.mean([r["pooled"]["pr_auc"] for r in local_rows])),
-            "per_site": local_rows,
-        },
+        "local_only": {**{k: _mean([r["pooled"].get(k) for r in local_rows])
+                          for k in ("roc_auc", "pr_auc", "f1")},
+                       "per_site": local_rows},
     }
 
 
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the defined values (None if none is)."""
+    known = [v for v in values if v is not None]
+    return float(np.mean(known)) if known else None
+
+
 def _site_metrics(result: TrainingResult, test: pd.DataFrame, schema: FederationSchema
-                  ) -> dict[str, float]:
+                  ) -> dict[str, Any]:
     return _pooled(result, [test], schema)
 
 
@@ -151,7 +246,7 @@ def preflight(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFrame]],
 
     from datasites.governance.policy import DatasetPolicy
     from fed_tasks.encoding import STATS_CODEC
-    from fed_tasks.site_step import new_model, stats
+    from fed_tasks.site_step import initial_weights, stats
 
     policy = DatasetPolicy()
     problems = policy.violations(spec, remaining=policy.epsilon_budget)
@@ -159,7 +254,7 @@ def preflight(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFrame]],
         raise JobRefusedError("the sites' default policy would refuse the job: "
                               + "; ".join(problems))
     try:
-        new_model(spec)
+        initial_weights(spec)
         torch.Generator().manual_seed(spec.seed * 100_003 + spec.rounds)
     except (RuntimeError, OverflowError, ValueError):
         raise JobRefusedError(f"--seed {spec.seed} is out of range (0 to "
@@ -176,21 +271,23 @@ def preflight(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFrame]],
 def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
     """Run the whole job; returns the report (see the README for its fields)."""
     started = time.perf_counter()
-    frame = read_table(cfg.data)
-    if cfg.label_column not in frame.columns:
-        raise TableError(f"label column {cfg.label_column!r} not in {cfg.data}; columns are "
-                         f"{list(frame.columns)}")
-    schema = infer_schema(frame, cfg.label_column)
-    splits = partition(frame, schema, cfg)
-    names = [f"site-{i + 1}" for i in range(cfg.sites)]
+    found, splits = load_tables(cfg)
+    schema = found.schema
+    if found.warning():
+        log(found.warning())
+    names = [f"site-{i + 1}" for i in range(len(splits))]
     dp: dict[str, Any] = {}
     if cfg.epsilon is not None:
         dp = {"dp_epsilon": cfg.epsilon, "dp_delta": cfg.delta, "dp_clip": cfg.clip,
               "dp_sgd": cfg.dp_sgd, **({"trim": 0.0} if cfg.dp_sgd else {})}
     spec = JobSpec(model=cfg.model, features=schema.features, label_column=schema.label,
                    rounds=cfg.rounds, seed=cfg.seed, aggregation=cfg.aggregation,
-                   min_sites=min(2, cfg.sites), **dp)
-    log(f"{len(frame):,} rows, {schema.describe()}; {cfg.sites} sites "
+                   min_sites=min(2, len(splits)), target_fpr=cfg.target_fpr,
+                   patience=cfg.patience, min_delta=cfg.min_delta,
+                   min_local_steps=cfg.min_local_steps, **dp)
+    rows = sum(len(tr) + len(te) for tr, te in splits)
+    how = "one table per site" if len(cfg.data) > 1 else "non-IID split"
+    log(f"{rows:,} rows, {schema.describe()}; {len(splits)} sites, {how} "
         f"(rows {[len(tr) + len(te) for tr, te in splits]})")
     preflight(spec, splits, names)  # what would fail after provisioning fails here instead
     from datasites.harness.federation import Federation  # imports syft (~10 s): after input checks
@@ -200,7 +297,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
                           passwords=cfg.passwords,
                           key_authority=cfg.aggregation == "paillier") as fed:
         provision_s = time.perf_counter() - t0
-        log(f"provisioned {cfg.sites} datasites in {provision_s:.1f} s; "
+        log(f"provisioned {len(names)} datasites in {provision_s:.1f} s; "
             f"submitting job {spec.job_id}")
         requests = fed.submit(spec)
         for name, rid in requests.items():
@@ -214,19 +311,27 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         if result.stopped_early:
             log(f"stopped after {result.rounds_completed} of {spec.rounds} rounds: "
                 f"{result.stop_reason}")
-        per_site = trainer.evaluate(result)
+        elif result.converged:
+            log(f"early stopping after {result.rounds_completed} of {spec.rounds} rounds: the "
+                f"loss improved by less than {spec.min_delta:.0%} for {spec.patience} rounds")
+        per_site = _with_threshold_metrics(trainer.evaluate(result))
         privacy = privacy_report(spec, [fed.site(n) for n in names], result.rounds_completed)
-    federated = _pooled(result, [t for _, t in splits], schema)
+    # ROC/PR-AUC of the union (the harness holds it); counts: the sites' own, summed
+    federated = {**_pooled(result, [t for _, t in splits], schema), **pooled_counts(per_site)}
     log("training reference models (centralized, each site alone) ...")
     refs = reference_models(spec, splits, schema, names)
     return {
         "job_id": spec.job_id,
-        "data": str(cfg.data),
-        "sites": cfg.sites,
+        "data": [str(p) for p in cfg.data],
+        "sites": len(names),
         "rounds": cfg.rounds,
         "model": cfg.model,
         "seed": cfg.seed,
         "aggregation": spec.aggregation,
+        "features": list(schema.features),
+        "dropped_columns": found.report(),
+        "target_fpr": spec.target_fpr,
+        "threshold": result.threshold,
         "federated": {**federated, "losses": [None if np.isnan(v) else v for v in result.losses]},
         **privacy,
         "rounds_completed": result.rounds_completed,
@@ -234,8 +339,9 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         **refs,
         "per_site": per_site,
         "site_rows": [{"site": n, "train": len(tr), "test": len(te),
-                       "test_anomalies": int(te[schema.label].sum())}
-                      for n, (tr, te) in zip(names, splits, strict=True)],
+                       "test_anomalies": int(te[schema.label].sum()),
+                       **({"data": str(cfg.data[i])} if len(cfg.data) > 1 else {})}
+                      for i, (n, (tr, te)) in enumerate(zip(names, splits, strict=True))],
         "timing": {"provision_s": provision_s, "train_s": train_s,
                    "round_s": result.round_seconds},
         "seconds": time.perf_counter() - started,

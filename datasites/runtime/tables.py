@@ -81,23 +81,103 @@ def _check_header(path: Path, header: list[str]) -> None:
                          "column its own name")
 
 
-def infer_schema(frame: pd.DataFrame, label: str | None) -> FederationSchema:
-    """Every column but the label is a feature; the result is then validated."""
-    if label is not None and label not in frame.columns:
-        raise TableError(f"label column {label!r} not in table; columns are {list(frame.columns)}")
-    features = tuple(str(c) for c in frame.columns if c != label)
+@dataclass(frozen=True)
+class SchemaResult:
+    """The federation's schema and the columns left out of it, for the warning and report."""
+
+    schema: FederationSchema
+    dropped_constant: tuple[str, ...] = ()  # the same value in every row of every input file
+    dropped_by_user: tuple[str, ...] = ()  # --drop-columns
+
+    def select(self, frame: pd.DataFrame) -> pd.DataFrame:
+        """``frame`` with exactly the schema's columns, in the schema's order."""
+        return frame.loc[:, list(self.schema.columns)]
+
+    def warning(self) -> str | None:
+        """One line naming the constant columns dropped (None if there were none)."""
+        if not self.dropped_constant:
+            return None
+        return (f"warning: dropped feature columns {list(self.dropped_constant)}: each holds "
+                "one value in every row of the input, so it carries no information")
+
+    def report(self) -> dict[str, list[str]]:
+        return {"constant": list(self.dropped_constant), "user": list(self.dropped_by_user)}
+
+
+def inspect_tables(frames: pd.DataFrame | list[pd.DataFrame], label: str | None,
+                   drop: tuple[str, ...] | list[str] = (),
+                   names: list[str] | None = None) -> SchemaResult:
+    """The federation schema of one or more input tables (one per institution).
+
+    Every column but the label and ``drop`` is a feature. All tables must hold the same
+    columns (the first one's order is kept); features must be numeric; a feature holding one
+    value over *all* tables together is dropped (constant at one institution only is kept:
+    the federation's variance is not zero). Constancy is decided here, on the whole input,
+    never by a site, which sees only its own rows. ``names`` name the tables in errors.
+    """
+    frames = [frames] if isinstance(frames, pd.DataFrame) else list(frames)
+    if not frames:
+        raise TableError("no input table")
+    names = list(names) if names is not None else (
+        ["input table"] if len(frames) == 1 else [f"table {i + 1}" for i in range(len(frames))])
+    first = [str(c) for c in frames[0].columns]
+    for name, frame in zip(names, frames, strict=True):
+        if label is not None and label not in frame.columns:
+            where = "table" if len(frames) == 1 else name
+            raise TableError(f"label column {label!r} not in {where}; columns are "
+                             f"{list(frame.columns)}")
+    for name, frame in zip(names[1:], frames[1:], strict=True):
+        cols = [str(c) for c in frame.columns]
+        missing = [c for c in first if c not in cols]
+        extra = [c for c in cols if c not in first]
+        if missing or extra:
+            raise TableError(f"{name} does not have the columns of {names[0]}: missing columns "
+                             f"{missing}, unexpected columns {extra}")
+    drop = tuple(str(c) for c in drop)
+    unknown = [c for c in drop if c not in first]
+    if unknown:
+        raise TableError(f"--drop-columns {unknown} are not columns of the table; columns "
+                         f"are {first}")
+    if label is not None and label in drop:
+        raise TableError(f"--drop-columns names the label column {label!r}; use "
+                         "--label-column for the label")
+    features = tuple(c for c in first if c != label and c not in drop)
     if not features:
-        raise TableError("table has no feature columns besides the label")
+        raise TableError("table has no feature columns besides the label"
+                         + (" and the dropped columns" if drop else ""))
+    for name, frame in zip(names, frames, strict=True):
+        text = [c for c in features if not pd.api.types.is_numeric_dtype(frame[c])
+                or pd.api.types.is_bool_dtype(frame[c])]
+        if text:
+            where = "" if len(frames) == 1 else f"{name}: "
+            raise TableError(f"{where}feature columns {text} are not numeric (categorical, "
+                             f"text or boolean); drop them with --drop-columns {','.join(text)}")
     schema = FederationSchema(features, label)
-    validate(frame, schema, where="input table")
-    constant = [c for c in features if frame[c].nunique(dropna=False) <= 1]
-    if constant:
-        raise TableError(f"feature columns {constant} are constant: they carry no information")
-    if label is not None and frame[label].nunique() < 2:
-        only = frame[label].iloc[0]
-        raise TableError(f"label column {label!r} holds only {only} (one class): evaluation "
-                         "needs both normal (0) and anomalous (1) rows")
-    return schema
+    for name, frame in zip(names, frames, strict=True):
+        validate(frame.loc[:, list(schema.columns)], schema, where=name)
+    low = np.min([f.loc[:, list(features)].to_numpy(np.float64).min(axis=0) for f in frames],
+                 axis=0)
+    high = np.max([f.loc[:, list(features)].to_numpy(np.float64).max(axis=0) for f in frames],
+                  axis=0)
+    constant = tuple(c for c, lo, hi in zip(features, low, high, strict=True) if lo == hi)
+    kept = tuple(c for c in features if c not in constant)
+    if not kept:
+        raise TableError(f"every feature column is constant over the whole input {list(constant)}"
+                         ": nothing to learn from")
+    if label is not None:
+        classes = set().union(*(set(pd.unique(f[label])) for f in frames))
+        if len(classes) < 2:
+            raise TableError(f"label column {label!r} holds only {classes.pop()} (one class): "
+                             "evaluation needs both normal (0) and anomalous (1) rows")
+    user = tuple(c for c in first if c in drop)
+    return SchemaResult(FederationSchema(kept, label), constant, user)
+
+
+def infer_schema(frame: pd.DataFrame, label: str | None,
+                 drop: tuple[str, ...] | list[str] = ()) -> FederationSchema:
+    """The schema of one table (see :func:`inspect_tables`, which also names the columns
+    it left out): every column but the label, ``drop`` and constant columns is a feature."""
+    return inspect_tables(frame, label, drop).schema
 
 
 def validate(frame: pd.DataFrame, schema: FederationSchema, where: str = "table",
