@@ -114,9 +114,10 @@ class PlainSum(_Immediate):
     Each vector is signed by its site; the next call forwards all of them so that every
     site can form the sum itself (and so sees the others' updates too)."""
 
-    def __init__(self, min_sites: int = 1) -> None:
+    def __init__(self, min_sites: int = 1, spec: JobSpec | None = None) -> None:
         super().__init__()
         self.min_sites = min_sites
+        self.spec = spec  # the job whose strategy combines a round (None: a plain sum)
 
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -125,7 +126,8 @@ class PlainSum(_Immediate):
             raise TooFewSitesError(f"{len(replies)} sites answered, job needs {self.min_sites}")
         signed = [r["contribution"] for r in replies]
         parsed = [SignedContribution.from_str(c) for c in signed]
-        total = combine(action, {c.site_id: decode_array(c.payload, length) for c in parsed})
+        total = combine(action, {c.site_id: decode_array(c.payload, length) for c in parsed},
+                        self.spec)
         return total, {"kind": "plain", "action": action,
                        "round": int(message.get("round", 0)), "contributions": signed,
                        "heads": _heads(replies)}

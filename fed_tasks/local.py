@@ -29,7 +29,8 @@ def unchecked_sum(spec: JobSpec, evidence: AggregateEvidence) -> np.ndarray:
     """The sum of a plain aggregate's vectors, signatures unchecked (trusted simulation)."""
     length = site_step.vector_length(spec, evidence.action)
     parsed = [SignedContribution.from_str(c) for c in evidence.contributions]
-    return combine(evidence.action, {c.site_id: decode_array(c.payload, length) for c in parsed})
+    return combine(evidence.action, {c.site_id: decode_array(c.payload, length) for c in parsed},
+                   spec)
 
 
 class LocalSite(SiteConnection):

@@ -102,7 +102,9 @@ class FederatedTrainer:
         if not isinstance(self.strategy, FedAvg) or self.strategy.server_lr != 1.0:
             raise ValueError("the sites form each round's model themselves (plain FedAvg); "
                              "another strategy would diverge from theirs")
-        self.secure_sum = secure_sum or PlainSum(spec.min_sites)
+        self.secure_sum = secure_sum or PlainSum(spec.min_sites, spec)
+        if isinstance(self.secure_sum, PlainSum):  # the sites combine rounds by the spec's
+            self.secure_sum.spec = spec  # strategy; the orchestrator must do the same
         self._chosen: FederatedTrainer | None = None  # model="auto": the winner's trainer
 
     def _submit(self, action: str, message: dict[str, Any]) -> list[Released]:

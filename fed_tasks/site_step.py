@@ -15,7 +15,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fed_tasks import calibration, dp_step
+from fed_tasks import calibration, dp_step, dp_sums
 from fed_tasks.codec import PayloadError
 from fed_tasks.detectors import rules_for
 from fed_tasks.detectors._torch import TorchDetector
@@ -25,6 +25,7 @@ from fed_tasks.preprocessing import Moments, Standardizer
 from fed_tasks.schedule import has_phase
 from fed_tasks.schedule import vector_length as vector_length
 from fed_tasks.spec import JobSpec
+from fed_tasks.strategies import strategy_for
 from fed_tasks.strategy import pack_update
 
 ACTIONS = ("stats", "fit", "moments2", "hist", "center", "trees", "calibrate", "evaluate")
@@ -95,8 +96,12 @@ def detector(spec: JobSpec, state: GlobalState):
 
 
 def contribute(spec: JobSpec, action: str, train: pd.DataFrame,
-               given: StepInput) -> dict[str, Any]:
-    """A summed phase other than training: moments, histograms, a centre, score counts."""
+               given: StepInput, noise_shares: int | None = None) -> dict[str, Any]:
+    """A summed phase other than training: moments, histograms, a centre, score counts.
+
+    Under DP (pca, hbos) the sum carries this site's share of the release's Gaussian noise
+    (see :mod:`fed_tasks.dp_sums`; ``noise_shares`` as for :func:`fit`); a DP job's sum no
+    mechanism covers is refused, never released un-noised."""
     if not has_phase(spec, action):
         raise PayloadError(f"job {spec.job_id!r} ({spec.model}) has no {action!r} step")
     state = _state(given)
@@ -108,6 +113,12 @@ def contribute(spec: JobSpec, action: str, train: pd.DataFrame,
         vector = calibration.local_counts(spec, k, state.extra, scores)
     else:
         vector = rules_for(spec).contribute(spec, action, k, z, state)
+    if spec.dp_enabled:
+        if not dp_sums.covers(spec, action):  # fail closed
+            raise PayloadError(f"job {spec.job_id!r} asks for {action!r} under differential "
+                               "privacy, which no site can noise")
+        shares = noise_shares or dp_step.noise_shares(spec)
+        vector = dp_sums.privatize(spec, action, vector, shares)
     return {"vector": np.asarray(vector, dtype=np.float64), "round": k}
 
 
@@ -133,7 +144,7 @@ def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
         return {"vector": dp_step.release(model.get_weights() - start), "round": rnd}
     loss = model.fit(x, epochs=spec.local_epochs, batch_size=spec.batch_size, lr=spec.lr,
                      seed=spec.seed * 100_003 + rnd, trim=spec.trim,
-                     min_steps=spec.min_local_steps)
+                     min_steps=spec.min_local_steps, **strategy_for(spec).local_options())
     delta = model.get_weights() - start
     if spec.dp_enabled:
         shares = noise_shares or dp_step.noise_shares(spec)
@@ -172,5 +183,5 @@ def run(spec: JobSpec, action: str, given: StepInput, train: pd.DataFrame,
     if action == "evaluate":
         return evaluate(spec, test, given)
     if action in ACTIONS:
-        return contribute(spec, action, train, given)
+        return contribute(spec, action, train, given, noise_shares)
     raise PayloadError(f"unknown action {action!r}; expected one of {ACTIONS}")

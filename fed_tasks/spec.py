@@ -15,12 +15,18 @@ NEURAL_MODELS = ("ae", "vae", "deepsvdd", "lstm-ae")
 #: detectors of one series in time order (they need the job's time column)
 SERIES_MODELS = ("lstm-ae",)
 #: detectors with a summed phase that no site can noise yet: refused under DP (fail closed)
-NO_DP_MODELS = ("deepsvdd", "pca", "hbos", "iforest")
+NO_DP_MODELS = ("deepsvdd", "iforest")
+#: detectors built from sums alone whose every summed release a DP site noises per row
+#: (row-level Gaussian mechanism on the sum, fed_tasks/dp_sums.py)
+ROW_DP_MODELS = ("pca", "hbos")
 #: detectors whose aggregate is pooled, not summed: plain mode only
 PLAIN_ONLY_MODELS = ("iforest",)
 #: what ``model="auto"`` compares when the spec names no candidates
 DEFAULT_CANDIDATES = ("pca", "hbos", "ae", "iforest")
 Aggregation = Literal["plain", "paillier", "secagg"]
+StrategyName = Literal["fedavg", "fedprox", "median", "trimmed-mean", "krum"]
+#: strategies that need every site's update in clear (plain mode only)
+INDIVIDUAL_STRATEGIES = ("median", "trimmed-mean", "krum")
 
 
 class JobSpec(BaseModel):
@@ -60,6 +66,11 @@ class JobSpec(BaseModel):
     min_delta: float = Field(default=0.01, ge=0.0, lt=1.0)
     evaluations: int = Field(default=1, ge=0, le=10)
     aggregation: Aggregation = "plain"
+    # how a round's updates are combined (fed_tasks/strategies): every party applies it
+    strategy: StrategyName = "fedavg"
+    prox_mu: float = Field(default=0.01, ge=0.0, le=10.0, allow_inf_nan=False)  # fedprox
+    trim_ratio: float = Field(default=0.2, ge=0.0, lt=0.5)  # trimmed-mean: cut per side
+    krum_byzantine: int = Field(default=1, ge=0, le=100)  # krum: sites that may be malicious
     min_sites: int = Field(default=2, ge=1, le=1000)
     update_bound: float = Field(default=2.0**24, gt=0)
     frac_bits: int = Field(default=16, ge=0, le=32)
@@ -72,10 +83,16 @@ class JobSpec(BaseModel):
     # adds its share of Gaussian noise. dp_sgd=True: sample-level DP-SGD (Opacus) during local
     # training, dp_clip bounding each row's gradient norm. Either way the site charges the
     # job's epsilon to the dataset's ledger round by round, and withholds the loss.
+    # pca/hbos (ROW_DP_MODELS): per row, Gaussian noise on each summed release (moments or
+    # histograms, then the threshold's counts), charged release by release; dp_clip unused.
     dp_epsilon: float | None = Field(default=None, gt=0, allow_inf_nan=False)
     dp_delta: float = Field(default=1e-5, gt=0, lt=1)
     dp_clip: float = Field(default=1.0, gt=0, allow_inf_nan=False)
     dp_sgd: bool = False
+    # pca under DP: each standardized row is clipped to this L2 norm before its moments are
+    # summed, which bounds one row's effect on the sum (fed_tasks/dp_sums.py); 3 is about the
+    # norm of a typical row of 9 standardized features
+    dp_row_clip: float = Field(default=3.0, gt=0, le=100, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _label_not_a_feature(self) -> JobSpec:
@@ -100,10 +117,11 @@ class JobSpec(BaseModel):
                              "batch couples rows, which doubles DP-SGD's per-row sensitivity")
         if self.dp_enabled and self.model in NO_DP_MODELS:
             raise ValueError(f"model {self.model!r} releases sums that no site can noise yet: "
-                             "differential privacy is available for ae and vae only")
+                             "differential privacy is available for ae, vae and lstm-ae "
+                             "(per site or DP-SGD) and for pca and hbos (per row) only")
         if self.dp_sgd and self.model != "ae":
-            raise ValueError("dp_sgd=True is available for model 'ae' only; use client-level "
-                             "DP (dp_sgd=False) for 'vae'")
+            raise ValueError("sample-level DP-SGD is available for model 'ae' only; use "
+                             "client-level DP for 'vae' and 'lstm-ae'")
         return self
 
     @model_validator(mode="after")
@@ -145,6 +163,23 @@ class JobSpec(BaseModel):
         if type(index) is not int or not 0 <= index < len(names):
             raise ValueError(f"candidate {index!r} is outside 0..{len(names) - 1}")
         return _candidate_spec(self, index)
+
+    @model_validator(mode="after")
+    def _strategy_fits(self) -> JobSpec:
+        if self.strategy == "fedavg":
+            return self
+        if self.model not in NEURAL_MODELS and self.model != "auto":
+            raise ValueError(f"strategy {self.strategy!r} combines training rounds; model "
+                             f"{self.model!r} has none (use strategy 'fedavg')")
+        if self.strategy in INDIVIDUAL_STRATEGIES and self.aggregation != "plain":
+            raise ValueError(f"strategy {self.strategy!r} needs every site's update in clear, "
+                             f"which {self.aggregation!r} never shows: use aggregation "
+                             "'plain', or 'fedavg'/'fedprox' (in the secure modes each site "
+                             "bounds only its own update)")
+        if self.strategy == "krum" and self.min_sites < self.krum_byzantine + 3:
+            raise ValueError(f"strategy 'krum' with krum_byzantine={self.krum_byzantine} "
+                             f"needs min_sites >= {self.krum_byzantine + 3}")
+        return self
 
     @model_validator(mode="after")
     def _aggregation_fits_model(self) -> JobSpec:

@@ -100,7 +100,7 @@ def plain_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvid
         except PayloadError as exc:
             raise AggregateRefused(f"the signed contribution of {sender!r} holds no valid "
                                    f"vector: {exc}") from None
-    return combine(evidence.action, vectors)
+    return combine(evidence.action, vectors, spec)
 
 
 def authority_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvidence,
