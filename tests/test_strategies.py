@@ -132,3 +132,21 @@ def test_robust_aggregation_survives_a_poisoning_site_that_fedavg_does_not(five_
     assert poisoned["fedavg"] < clean["fedavg"] - 0.05, (clean, poisoned)
     for s in ("median", "trimmed-mean", "krum"):
         assert poisoned[s] >= clean[s] - 0.02, (s, clean, poisoned)
+
+
+def test_the_sites_combine_a_round_by_the_robust_strategy_themselves(federation, partitions,
+                                                                     schema):
+    """Each site forms the median of the signed updates itself: the model it evaluates is
+    the orchestrator's, and both equal the in-memory run."""
+    spec = JobSpec(model="ae", features=schema.features, label_column=schema.label, rounds=2,
+                   strategy="median")
+    federation.approve_all(federation.submit(spec))
+    via_syft = federation.trainer(spec, progress=False)
+    result = via_syft.fit()
+    local = FederatedTrainer(spec, [LocalSite(s.name, spec, tr, te) for s, (tr, te) in
+                                    zip(federation.sites, partitions, strict=True)],
+                             progress=False)
+    expected = local.fit()
+    assert np.allclose(result.weights, expected.weights, atol=1e-6)
+    for got, want in zip(via_syft.evaluate(result), local.evaluate(expected), strict=True):
+        assert got["roc_auc"] == pytest.approx(want["roc_auc"], abs=1e-9)
