@@ -13,12 +13,13 @@ densities, the threshold) is derived from there by the same functions on every s
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
 from fed_tasks.codec import PayloadError
 from fed_tasks.preprocessing import Moments, Standardizer
-from fed_tasks.strategy import FedAvg, SummedUpdate
+from fed_tasks.strategy import SummedUpdate
 
 
 def extra_key(action: str, rnd: int) -> str:
@@ -33,16 +34,21 @@ class GlobalState:
     norm: Standardizer | None = None
     loss: float = float("nan")  # mean training loss of the last applied round
     extra: dict[str, np.ndarray] = field(default_factory=dict)
+    # a server optimizer's moments (FedAdam, FedYogi): derived from the sums like the weights
+    server: dict[str, np.ndarray] = field(default_factory=dict)
 
-    def advance(self, action: str, summed: np.ndarray, strategy: FedAvg | None = None,
+    def advance(self, action: str, summed: np.ndarray, strategy: Any = None,
                 rnd: int = 1) -> None:
-        """Apply one released sum: statistics set the scaling, a round moves the weights,
-        any other sum is kept for the detector to derive its model from."""
+        """Apply one released sum: statistics set the scaling, a round moves the weights
+        (by the job's strategy, :mod:`fed_tasks.strategies`), any other sum is kept for the
+        detector to derive its model from."""
         if action == "stats":
             self.norm = Standardizer.from_moments(Moments.from_vector(summed))
         elif action == "fit":
+            from fed_tasks.strategies.base import Strategy
+
             update = SummedUpdate(np.asarray(summed, dtype=np.float64))
-            self.weights = (strategy or FedAvg()).aggregate(self.weights, update)
+            self.weights = (strategy or Strategy()).step(self.weights, update, self.server)
             self.loss = update.mean_loss
         elif action in ("moments2", "hist", "center", "trees", "calibrate"):
             self.extra[extra_key(action, rnd)] = np.asarray(summed, dtype=np.float64).copy()

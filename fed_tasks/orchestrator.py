@@ -25,7 +25,7 @@ from fed_tasks.preprocessing import Standardizer
 from fed_tasks.schedule import phases, training_done, vector_length
 from fed_tasks.site_step import detector, initial_weights
 from fed_tasks.spec import JobSpec
-from fed_tasks.strategy import FedAvg
+from fed_tasks.strategies import strategy_for
 
 log = logging.getLogger(__name__)
 
@@ -87,21 +87,18 @@ class FederatedTrainer:
     """
 
     def __init__(self, spec: JobSpec, sites: Sequence[SiteConnection],
-                 strategy: FedAvg | None = None, progress: bool = True,
+                 progress: bool = True,
                  on_round: Callable[[int, float], None] | None = None,
                  secure_sum: SecureSum | None = None) -> None:
         if not sites:
             raise ValueError("a federated job needs at least one site")
         self.spec = spec
         self.sites = list(sites)
-        self.strategy = strategy or FedAvg()
+        self.strategy = strategy_for(spec) if spec.model != "auto" else None
         self.progress = progress
         self.on_round = on_round
         if secure_sum is None and spec.aggregation != "plain":
             raise ValueError(f"a {spec.aggregation!r} job needs its secure_sum")
-        if not isinstance(self.strategy, FedAvg) or self.strategy.server_lr != 1.0:
-            raise ValueError("the sites form each round's model themselves (plain FedAvg); "
-                             "another strategy would diverge from theirs")
         self.secure_sum = secure_sum or PlainSum(spec.min_sites, spec)
         if isinstance(self.secure_sum, PlainSum):  # the sites combine rounds by the spec's
             self.secure_sum.spec = spec  # strategy; the orchestrator must do the same

@@ -28,6 +28,7 @@ from fed_tasks.global_state import GlobalState
 from fed_tasks.preprocessing import Standardizer
 from fed_tasks.schedule import may_follow, slot_index, vector_length
 from fed_tasks.spec import JobSpec
+from fed_tasks.strategies import strategy_for
 
 
 class ModelStateError(PayloadError):
@@ -88,9 +89,11 @@ class SiteModelState:
             norm = raw.get("norm")
             extra = {k: decode_array(v, _extra_length(spec, k))
                      for k, v in dict(raw.get("extra") or {}).items()}
+            server = {k: decode_array(v, len(weights))
+                      for k, v in dict(raw.get("server") or {}).items()}
             state = GlobalState(decode_array(raw["weights"], len(weights)),
                                 Standardizer.from_dict(norm) if norm else None,
-                                float(raw.get("loss", "nan")), extra)
+                                float(raw.get("loss", "nan")), extra, server)
             return cls(spec, state, str(raw["digest"]), int(raw["applied"]),
                        int(raw["trained"]), raw.get("reply"), path)
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
@@ -105,7 +108,8 @@ class SiteModelState:
             "applied": self.applied, "trained": self.trained, "reply": self.reply,
             "weights": encode_array(self.state.weights), "loss": repr(self.state.loss),
             "norm": self.state.norm.to_dict() if self.state.norm is not None else None,
-            "extra": {k: encode_array(v) for k, v in self.state.extra.items()}})
+            "extra": {k: encode_array(v) for k, v in self.state.extra.items()},
+            "server": {k: encode_array(v) for k, v in self.state.server.items()}})
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -126,7 +130,7 @@ class SiteModelState:
         if not self.expects(index):
             raise ModelStateError(f"aggregate {action} round {rnd} is not the next one for this "
                                   f"site (it holds the model after aggregate {self.applied})")
-        self.state.advance(action, summed, rnd=rnd)
+        self.state.advance(action, summed, strategy_for(self.spec), rnd=rnd)
         self.digest = _h(self.digest, action, str(index), sum_digest(summed))
         self.applied = index
 

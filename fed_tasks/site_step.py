@@ -153,23 +153,50 @@ def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
     return {"vector": pack_update(delta, loss, len(train)), "round": rnd}
 
 
-def evaluate(spec: JobSpec, test: pd.DataFrame, given: StepInput) -> dict[str, Any]:
-    """Metrics of the site's verified model on its private test split; only numbers leave."""
+def _metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | None
+             ) -> dict[str, Any]:
+    """ROC-AUC and PR-AUC (None for a one-class split), and counts at the threshold."""
+    metrics: dict[str, Any] = (detection_metrics(labels, scores) if len(set(labels)) == 2
+                               else {"roc_auc": None, "pr_auc": None})  # one class: no ranking
+    if threshold is not None:  # counts at the calibrated threshold: pooled by summing
+        alarm = scores > threshold
+        metrics |= {"tp": int(np.sum(alarm & (labels == 1))),
+                    "fp": int(np.sum(alarm & (labels == 0))),
+                    "fn": int(np.sum(~alarm & (labels == 1))),
+                    "tn": int(np.sum(~alarm & (labels == 0)))}
+    return metrics
+
+
+def personalized(spec: JobSpec, model: TorchDetector, x_train: np.ndarray) -> TorchDetector:
+    """The site's own copy of the global model, fine-tuned on its rows for
+    ``personalize_epochs``; it never leaves the site (only its metrics do)."""
+    model.fit(x_train, epochs=spec.personalize_epochs, batch_size=spec.batch_size, lr=spec.lr,
+              seed=spec.seed * 100_003 + spec.rounds + 1, trim=spec.trim,
+              min_steps=spec.min_local_steps)
+    return model
+
+
+def evaluate(spec: JobSpec, test: pd.DataFrame, given: StepInput,
+             train: pd.DataFrame | None = None) -> dict[str, Any]:
+    """Metrics of the site's verified model on its private test split; only numbers leave.
+
+    With ``personalize_epochs``, also those of the site's fine-tuned copy, alarmed at its
+    own threshold (the same target quantile of its own training rows' scores, kept local).
+    """
     if spec.label_column is None or spec.label_column not in test.columns:
         raise PayloadError("evaluation needs the job's label column in the site's test split")
     state = _state(given)
     assert state.norm is not None
     model = detector(spec, state)
-    scores = model.score_samples(state.norm.transform(feature_matrix(spec, test)))
+    x_test = state.norm.transform(feature_matrix(spec, test))
     labels = in_order(spec, test)[spec.label_column].to_numpy().astype(int)
-    metrics: dict[str, Any] = (detection_metrics(labels, scores) if len(set(labels)) == 2
-                               else {"roc_auc": None, "pr_auc": None})  # one class: no ranking
-    if model.threshold_ is not None:  # counts at the calibrated threshold: pooled by summing
-        alarm = scores > model.threshold_
-        metrics |= {"tp": int(np.sum(alarm & (labels == 1))),
-                    "fp": int(np.sum(alarm & (labels == 0))),
-                    "fn": int(np.sum(~alarm & (labels == 1))),
-                    "tn": int(np.sum(~alarm & (labels == 0)))}
+    metrics = _metrics(labels, model.score_samples(x_test), model.threshold_)
+    if spec.personalize_epochs and train is not None and isinstance(model, TorchDetector):
+        x_train = state.norm.transform(feature_matrix(spec, train))
+        own = personalized(spec, model, x_train)
+        threshold = (float(np.quantile(own.score_samples(x_train), 1.0 - spec.target_fpr))
+                     if spec.target_fpr is not None else None)
+        metrics["personalized"] = _metrics(labels, own.score_samples(x_test), threshold)
     return {**metrics, "n_test": int(len(test)), "n_pos": int(labels.sum())}
 
 
@@ -181,7 +208,7 @@ def run(spec: JobSpec, action: str, given: StepInput, train: pd.DataFrame,
     if action == "fit":
         return fit(spec, train, given, noise_shares)
     if action == "evaluate":
-        return evaluate(spec, test, given)
+        return evaluate(spec, test, given, train)
     if action in ACTIONS:
         return contribute(spec, action, train, given, noise_shares)
     raise PayloadError(f"unknown action {action!r}; expected one of {ACTIONS}")

@@ -24,7 +24,8 @@ PLAIN_ONLY_MODELS = ("iforest",)
 #: what ``model="auto"`` compares when the spec names no candidates
 DEFAULT_CANDIDATES = ("pca", "hbos", "ae", "iforest")
 Aggregation = Literal["plain", "paillier", "secagg"]
-StrategyName = Literal["fedavg", "fedprox", "median", "trimmed-mean", "krum"]
+StrategyName = Literal["fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedadam",
+                       "fedyogi"]
 #: strategies that need every site's update in clear (plain mode only)
 INDIVIDUAL_STRATEGIES = ("median", "trimmed-mean", "krum")
 
@@ -71,6 +72,10 @@ class JobSpec(BaseModel):
     prox_mu: float = Field(default=0.01, ge=0.0, le=10.0, allow_inf_nan=False)  # fedprox
     trim_ratio: float = Field(default=0.2, ge=0.0, lt=0.5)  # trimmed-mean: cut per side
     krum_byzantine: int = Field(default=1, ge=0, le=100)  # krum: sites that may be malicious
+    server_lr: float = Field(default=0.01, gt=0.0, le=10.0, allow_inf_nan=False)  # fedadam/yogi
+    # after the global rounds each site fine-tunes its own copy for this many epochs and
+    # reports global and personalized metrics (the copy never leaves the site)
+    personalize_epochs: int = Field(default=0, ge=0, le=100)
     min_sites: int = Field(default=2, ge=1, le=1000)
     update_bound: float = Field(default=2.0**24, gt=0)
     frac_bits: int = Field(default=16, ge=0, le=32)
@@ -166,6 +171,9 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> JobSpec:
+        if self.personalize_epochs and self.model not in NEURAL_MODELS:
+            raise ValueError(f"personalization fine-tunes a model trained in rounds; model "
+                             f"{self.model!r} has none")
         if self.strategy == "fedavg":
             return self
         if self.model not in NEURAL_MODELS and self.model != "auto":

@@ -34,15 +34,3 @@ class SummedUpdate:
     @property
     def mean_loss(self) -> float:
         return float(self.vector[-2] / self.total_weight)
-
-
-class FedAvg:
-    """Weighted federated averaging (McMahan et al. 2017), optional server learning rate."""
-
-    def __init__(self, server_lr: float = 1.0) -> None:
-        self.server_lr = server_lr
-
-    def aggregate(self, weights: np.ndarray, summed: SummedUpdate) -> np.ndarray:
-        if summed.total_weight <= 0:
-            raise ValueError("no site contributed any samples this round")
-        return weights + self.server_lr * summed.mean_delta

@@ -12,7 +12,8 @@ from fed_tasks.models import AutoencoderDetector
 from fed_tasks.orchestrator import FederatedTrainer
 from fed_tasks.preprocessing import Moments, Standardizer
 from fed_tasks.spec import JobSpec
-from fed_tasks.strategy import FedAvg, SummedUpdate, pack_update
+from fed_tasks.strategies.fedavg import FedAvg
+from fed_tasks.strategy import SummedUpdate, pack_update
 
 
 def test_array_codec_round_trip_and_errors():
@@ -46,7 +47,7 @@ def test_fedavg_is_the_sample_weighted_mean_of_deltas():
     w = np.zeros(4)
     d1, d2 = np.array([1.0, 1, 1, 1]), np.array([4.0, 0, 0, 0])
     summed = SummedUpdate(pack_update(d1, 0.5, 10) + pack_update(d2, 1.0, 30))
-    assert np.allclose(FedAvg().aggregate(w, summed), [3.25, 0.25, 0.25, 0.25])
+    assert np.allclose(FedAvg().step(w, summed, {}), [3.25, 0.25, 0.25, 0.25])
     assert summed.mean_loss == pytest.approx((5 + 30) / 40)
 
 

@@ -12,7 +12,7 @@ from datasites.harness.demo import BUNDLED_LABEL
 from fed_tasks.evaluation import detection_metrics
 from fed_tasks.local import LocalSite
 from fed_tasks.orchestrator import FederatedTrainer
-from fed_tasks.site_step import StepInput, initial_weights
+from fed_tasks.site_step import StepInput, initial_weights, personalized
 from fed_tasks.spec import JobSpec
 from fed_tasks.strategies import strategy_for
 from fed_tasks.strategy import pack_update
@@ -150,3 +150,41 @@ def test_the_sites_combine_a_round_by_the_robust_strategy_themselves(federation,
     assert np.allclose(result.weights, expected.weights, atol=1e-6)
     for got, want in zip(via_syft.evaluate(result), local.evaluate(expected), strict=True):
         assert got["roc_auc"] == pytest.approx(want["roc_auc"], abs=1e-9)
+
+
+@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+def test_a_server_optimizer_trains_and_every_site_holds_its_moments(federation, partitions,
+                                                                    schema, name):
+    """The moments follow from the released sums alone: in a secure-sum job the sites, who
+    open each sum themselves, move to exactly the orchestrator's model."""
+    spec = JobSpec(model="ae", features=schema.features, label_column=schema.label, rounds=3,
+                   strategy=name, server_lr=0.01, aggregation="secagg")
+    federation.approve_all(federation.submit(spec))
+    trainer = federation.trainer(spec, progress=False)
+    result = trainer.fit()
+    assert result.losses[-1] < result.losses[0]
+    assert result.state is not None and set(result.state.server) == {"m", "v"}
+    for e, (_, test) in zip(trainer.evaluate(result), partitions, strict=True):
+        ours = result.score_samples(test[list(schema.features)].to_numpy(np.float64))
+        want = detection_metrics(test[schema.label].to_numpy(), ours)["roc_auc"]
+        assert e["roc_auc"] == pytest.approx(want, abs=1e-6)  # the site's model is ours
+
+
+def test_each_site_keeps_a_personalized_copy_and_reports_both(partitions, schema):
+    spec = JobSpec(model="ae", features=schema.features, label_column=schema.label, rounds=3,
+                   personalize_epochs=3, target_fpr=0.05)
+    sites = [LocalSite(f"s{i}", spec, tr, te) for i, (tr, te) in enumerate(partitions)]
+    trainer = FederatedTrainer(spec, sites, progress=False)
+    result = trainer.fit()
+    for e, (_, te) in zip(trainer.evaluate(result), partitions, strict=True):
+        own = e["personalized"]
+        assert own["roc_auc"] is not None
+        assert own["tp"] + own["fp"] + own["fn"] + own["tn"] == len(te)
+    # the copy is the global model fine-tuned on the site's own rows: it fits them better
+    train = partitions[1][0]
+    x = result.norm.transform(train[list(schema.features)].to_numpy(np.float64))
+    before = np.median(result.model().score_samples(x))
+    after = np.median(personalized(spec, result.model(), x).score_samples(x))
+    assert after < 0.97 * before, (before, after)
+    with pytest.raises(ValueError, match="personalization fine-tunes a model trained in"):
+        JobSpec(model="pca", features=schema.features, personalize_epochs=2)

@@ -22,6 +22,8 @@ REGISTRY: dict[str, str] = {
     "median": "fed_tasks.strategies.median:FedMedian",
     "trimmed-mean": "fed_tasks.strategies.trimmed_mean:FedTrimmedAvg",
     "krum": "fed_tasks.strategies.krum:Krum",
+    "fedadam": "fed_tasks.strategies.fedadam:FedAdam",
+    "fedyogi": "fed_tasks.strategies.fedyogi:FedYogi",
 }
 
 

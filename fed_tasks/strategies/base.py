@@ -8,6 +8,7 @@ import numpy as np
 
 from fed_tasks.codec import PayloadError
 from fed_tasks.spec import JobSpec
+from fed_tasks.strategy import SummedUpdate
 
 
 class Strategy:
@@ -30,6 +31,14 @@ class Strategy:
     def local_options(self) -> dict[str, Any]:
         """Options of the sites' local training (e.g. FedProx's proximal term)."""
         return {}
+
+    def step(self, weights: np.ndarray, update: SummedUpdate,
+             server: dict[str, np.ndarray]) -> np.ndarray:
+        """The next global weights from the round's aggregate: the mean Δ, applied as it is
+        (a server optimizer keeps its moments in ``server``, which every party holds)."""
+        if update.total_weight <= 0:
+            raise PayloadError("no site contributed any samples this round")
+        return weights + update.mean_delta
 
 
 def per_site(updates: dict[str, np.ndarray]) -> tuple[list[str], np.ndarray, np.ndarray]:
