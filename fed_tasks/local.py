@@ -79,7 +79,8 @@ class LocalSite(SiteConnection):
                                                     evidence.round) > self.model.applied:
             self.model.apply(evidence.action, evidence.round, unchecked_sum(self.spec, evidence))
         rnd = int(getattr(msg, "round", 0))
-        result = self.step(action, site_step.StepInput(rnd, self.model.state))
+        result = self.step(action, site_step.StepInput(rnd, self.model.state,
+                                                       self.model.private))
         if "vector" not in result:
             return result
         payload = encode_array(result.pop("vector"))

@@ -69,6 +69,9 @@ class SiteModelState:
     applied: int = -1  # aggregate index last applied (-1: none yet)
     trained: int = 0  # slot of the last summed call this site computed (with ``reply``)
     reply: dict | None = None  # the last such reply; a retry gets exactly it again
+    # what only this site knows and keeps between rounds (SCAFFOLD's control variate):
+    # never released, not part of the digest
+    private: dict[str, np.ndarray] = field(default_factory=dict)
     path: Path | None = field(default=None, repr=False)
 
     @classmethod
@@ -94,8 +97,10 @@ class SiteModelState:
             state = GlobalState(decode_array(raw["weights"], len(weights)),
                                 Standardizer.from_dict(norm) if norm else None,
                                 float(raw.get("loss", "nan")), extra, server)
+            private = {k: decode_array(v, len(weights))
+                       for k, v in dict(raw.get("private") or {}).items()}
             return cls(spec, state, str(raw["digest"]), int(raw["applied"]),
-                       int(raw["trained"]), raw.get("reply"), path)
+                       int(raw["trained"]), raw.get("reply"), private, path)
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ModelStateError(f"model state file {path.name} is unreadable: "
                                   f"{type(exc).__name__}") from None
@@ -109,7 +114,8 @@ class SiteModelState:
             "weights": encode_array(self.state.weights), "loss": repr(self.state.loss),
             "norm": self.state.norm.to_dict() if self.state.norm is not None else None,
             "extra": {k: encode_array(v) for k, v in self.state.extra.items()},
-            "server": {k: encode_array(v) for k, v in self.state.server.items()}})
+            "server": {k: encode_array(v) for k, v in self.state.server.items()},
+            "private": {k: encode_array(v) for k, v in self.private.items()}})
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:

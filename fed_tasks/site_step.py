@@ -69,6 +69,9 @@ class StepInput:
 
     round: int = 0
     model: GlobalState | None = None
+    # the site's own state kept between rounds (SCAFFOLD's control variate); a step may
+    # update it in place, and the site saves it with its model state, never releases it
+    private: dict[str, np.ndarray] | None = None
 
 
 def _state(given: StepInput) -> GlobalState:
@@ -142,6 +145,8 @@ def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
     if spec.dp_sgd:
         dp_step.fit_dp_sgd(model, x, spec)
         return {"vector": dp_step.release(model.get_weights() - start), "round": rnd}
+    if spec.strategy == "scaffold":
+        return _fit_scaffold(spec, model, x, given, len(train))
     loss = model.fit(x, epochs=spec.local_epochs, batch_size=spec.batch_size, lr=spec.lr,
                      seed=spec.seed * 100_003 + rnd, trim=spec.trim,
                      min_steps=spec.min_local_steps, **strategy_for(spec).local_options())
@@ -174,6 +179,25 @@ def personalized(spec: JobSpec, model: TorchDetector, x_train: np.ndarray) -> To
               seed=spec.seed * 100_003 + spec.rounds + 1, trim=spec.trim,
               min_steps=spec.min_local_steps)
     return model
+
+
+def _fit_scaffold(spec: JobSpec, model: TorchDetector, x: np.ndarray, given: StepInput,
+                  n_rows: int) -> dict[str, Any]:
+    """A SCAFFOLD round (:mod:`fed_tasks.strategies.scaffold`): local steps corrected by
+    ``c − c_i``, the site's new ``c_i`` kept at the site, its change sent with the update."""
+    if given.private is None or given.model is None:
+        raise PayloadError("a SCAFFOLD round needs the site's own state")
+    start = model.get_weights()
+    c = given.model.server.get("c", np.zeros_like(start))
+    c_site = given.private.get("control", np.zeros_like(start))
+    c_new = model.full_gradient(x)  # at the global model, before any local step
+    loss = model.fit(x, epochs=spec.local_epochs, batch_size=spec.batch_size, lr=spec.lr,
+                     seed=spec.seed * 100_003 + int(given.round), trim=spec.trim,
+                     min_steps=spec.min_local_steps, correction=c - c_site)
+    given.private["control"] = c_new
+    vector = np.concatenate([n_rows * (model.get_weights() - start), c_new - c_site, [1.0],
+                             [n_rows * loss, float(n_rows)]])
+    return {"vector": vector, "round": int(given.round)}
 
 
 def evaluate(spec: JobSpec, test: pd.DataFrame, given: StepInput,

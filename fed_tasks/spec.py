@@ -25,7 +25,7 @@ PLAIN_ONLY_MODELS = ("iforest",)
 DEFAULT_CANDIDATES = ("pca", "hbos", "ae", "iforest")
 Aggregation = Literal["plain", "paillier", "secagg"]
 StrategyName = Literal["fedavg", "fedprox", "median", "trimmed-mean", "krum", "fedadam",
-                       "fedyogi"]
+                       "fedyogi", "scaffold"]
 #: strategies that need every site's update in clear (plain mode only)
 INDIVIDUAL_STRATEGIES = ("median", "trimmed-mean", "krum")
 
@@ -184,6 +184,9 @@ class JobSpec(BaseModel):
                              f"which {self.aggregation!r} never shows: use aggregation "
                              "'plain', or 'fedavg'/'fedprox' (in the secure modes each site "
                              "bounds only its own update)")
+        if self.strategy == "scaffold" and self.dp_enabled:
+            raise ValueError("strategy 'scaffold' sends control variates that no site can "
+                             "noise yet: not available with differential privacy")
         if self.strategy == "krum" and self.min_sites < self.krum_byzantine + 3:
             raise ValueError(f"strategy 'krum' with krum_byzantine={self.krum_byzantine} "
                              f"needs min_sites >= {self.krum_byzantine + 3}")

@@ -188,3 +188,31 @@ def test_each_site_keeps_a_personalized_copy_and_reports_both(partitions, schema
     assert after < 0.97 * before, (before, after)
     with pytest.raises(ValueError, match="personalization fine-tunes a model trained in"):
         JobSpec(model="pca", features=schema.features, personalize_epochs=2)
+
+
+def test_scaffold_sites_equal_in_memory_and_keep_their_control_variate_on_disk(
+        federation, partitions, schema):
+    """A datasite reloads its model state from its directory on every call, as after a
+    restart; its SCAFFOLD variate c_i lives there (private, owner-only), so the run through
+    the datasites equals the in-memory one, round by round."""
+    import stat
+
+    from datasites.runtime.site_entry import _model_path
+    from fed_tasks.site_state import SiteModelState
+
+    spec = JobSpec(model="ae", features=schema.features, label_column=schema.label, rounds=3,
+                   strategy="scaffold")
+    federation.approve_all(federation.submit(spec))
+    result = federation.trainer(spec, progress=False).fit()
+    local = FederatedTrainer(spec, [LocalSite(s.name, spec, tr, te) for s, (tr, te) in
+                                    zip(federation.sites, partitions, strict=True)],
+                             progress=False).fit()
+    assert np.allclose(result.weights, local.weights, atol=1e-6)
+    assert result.losses[-1] < result.losses[0]
+    assert result.state is not None and np.linalg.norm(result.state.server["c"]) > 0
+    path = _model_path(federation.sites[0].directory, spec)
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    kept = SiteModelState.load(spec, initial_weights(spec), path)
+    assert np.linalg.norm(kept.private["control"]) > 0
+    assert kept.reply is not None and set(kept.reply) <= {"round", "contribution",
+                                                           "audit_head"}  # what left

@@ -106,7 +106,7 @@ class _ModelCall:
                            action=f"{evidence.action} {evidence.round}")
 
     def step_input(self) -> StepInput:
-        return StepInput(self.round, self.state.state)
+        return StepInput(self.round, self.state.state, self.state.private)
 
     def release(self, step: dict[str, Any]) -> dict[str, Any]:
         """Protect what the step returns and remember it (a retry gets the same bytes)."""

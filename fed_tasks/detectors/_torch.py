@@ -85,7 +85,9 @@ class TorchDetector(FederatedDetector, ABC):
     def phases(cls, spec: JobSpec) -> tuple:
         from fed_tasks.schedule import Phase, fit_codec
 
-        return (Phase("fit", spec.rounds, _n_params(cls, spec) + 2, fit_codec(spec)),)
+        n = _n_params(cls, spec)  # SCAFFOLD sends its control variate's change and a count too
+        length = 2 * n + 3 if spec.strategy == "scaffold" else n + 2
+        return (Phase("fit", spec.rounds, length, fit_codec(spec)),)
 
     @classmethod
     def initial_weights(cls, spec: JobSpec) -> np.ndarray:
@@ -145,7 +147,7 @@ class TorchDetector(FederatedDetector, ABC):
     # ---- training and scoring --------------------------------------------------------
     def fit(self, x: np.ndarray, epochs: int = 1, batch_size: int = 256, lr: float = 1e-3,
             seed: int = 0, prox_mu: float = 0.0, trim: float = 0.0,
-            min_steps: int = 0) -> float:
+            min_steps: int = 0, correction: np.ndarray | None = None) -> float:
         """Train on standardized rows; returns the mean loss of the last epoch.
 
         ``trim`` drops that fraction of highest-loss units from each batch's loss: training
@@ -153,6 +155,8 @@ class TorchDetector(FederatedDetector, ABC):
         reconstruct. ``prox_mu`` > 0 adds FedProx's proximal term towards the start weights.
         ``min_steps`` > 0 runs further whole epochs until at least that many minibatch
         steps ran: a site with 160 rows at batch 256 would otherwise take one step an epoch.
+        ``correction`` (flat, like the weights) is added to every gradient: SCAFFOLD's
+        ``c − c_i``, which steers a site's steps towards the federation's direction.
         """
         if not 0.0 <= trim < 1.0:
             raise ValueError("trim must be in [0, 1)")
@@ -163,10 +167,45 @@ class TorchDetector(FederatedDetector, ABC):
             units = self._units(x)
             if units.shape[0] == 0:
                 raise ValueError("cannot fit on an empty table")
-            return self._fit(units, epochs, batch_size, lr, seed, prox_mu, trim, min_steps)
+            return self._fit(units, epochs, batch_size, lr, seed, prox_mu, trim, min_steps,
+                             self._shaped(correction))
+
+    def _shaped(self, flat: np.ndarray | None) -> list[torch.Tensor] | None:
+        """A flat vector as one tensor per parameter (the weights' layout)."""
+        if flat is None:
+            return None
+        flat = np.asarray(flat, dtype=np.float64)
+        if flat.size != self.n_params:
+            raise ValueError(f"correction has {flat.size} values, model needs {self.n_params}")
+        out, offset = [], 0
+        for shape in self._shapes:
+            n = int(np.prod(shape))
+            out.append(torch.from_numpy(flat[offset:offset + n]).reshape(shape).float())
+            offset += n
+        return out
+
+    def full_gradient(self, x: np.ndarray) -> np.ndarray:
+        """The gradient of the mean training loss over all of ``x`` at the current weights
+        (flat): SCAFFOLD's control variate of a site (option I of Karimireddy et al.)."""
+        with _single_thread():
+            units = self._units(x)
+            self.net.train()
+            for p in self.net.parameters():
+                p.grad = None
+            total = len(units)
+            for start in range(0, total, 1024):
+                loss = self.per_row_loss(units[start:start + 1024]).sum() / total
+                loss.backward()
+            grads = [p.grad if p.grad is not None else torch.zeros_like(p)
+                     for p in self.net.parameters()]
+            flat = torch.cat([g.detach().reshape(-1) for g in grads]).double().numpy()
+            for p in self.net.parameters():
+                p.grad = None
+            return flat
 
     def _fit(self, xt: torch.Tensor, epochs: int, batch_size: int, lr: float, seed: int,
-             prox_mu: float, trim: float, min_steps: int) -> float:
+             prox_mu: float, trim: float, min_steps: int,
+             correction: list[torch.Tensor] | None = None) -> float:
         gen = torch.Generator().manual_seed(seed)
         opt = self._optimizer(lr)
         anchor = [p.detach().clone() for p in self.net.parameters()] if prox_mu else None
@@ -188,6 +227,9 @@ class TorchDetector(FederatedDetector, ABC):
                     objective = loss + 0.5 * prox_mu * prox
                 opt.zero_grad()
                 objective.backward()
+                if correction is not None:
+                    for p, corr in zip(self.net.parameters(), correction, strict=True):
+                        p.grad.add_(corr)
                 opt.step()
                 total += float(loss.detach()) * per_row.numel()
                 count += per_row.numel()

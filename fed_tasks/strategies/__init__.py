@@ -24,6 +24,7 @@ REGISTRY: dict[str, str] = {
     "krum": "fed_tasks.strategies.krum:Krum",
     "fedadam": "fed_tasks.strategies.fedadam:FedAdam",
     "fedyogi": "fed_tasks.strategies.fedyogi:FedYogi",
+    "scaffold": "fed_tasks.strategies.scaffold:Scaffold",
 }
 
 
