@@ -187,8 +187,9 @@ MULTI: dict[str, tuple[Callable[[Path], list[Path]], list[str], str]] = {
                        "site3.csv does not have the columns of"),
     "text-in-one-table": (_tables(_frame(), _with(f2=["a", "b", "c"] * 100)), [],
                           "site2.csv: feature columns ['f2'] are not numeric"),
-    "one-class-table": (_tables(_frame(), _with(anomaly=0)), [],
-                        "site2.csv has only one class"),
+    # one table with one class is a site whose own ROC-AUC is "-"; all of them: refused
+    "one-class-everywhere": (_tables(_with(anomaly=0), _with(anomaly=0)), [],
+                             "label column 'anomaly' holds only 0 (one class)"),
     "nan-in-one-table": (_tables(_frame(), _one("f1", np.nan)), [],
                          "site2.csv: 1 NaN or infinite values, first in column 'f1' at row 7"),
     "too-few-rows": (_tables(_frame(), _frame(8)), [], "site2.csv has 8 rows, fewer than the 10"),
@@ -205,6 +206,66 @@ def test_bad_tables_one_per_site_are_one_line_naming_the_file(case, tmp_path):
     result = _cli(["demo", *data, "--keep-sites", kept, "--rounds", "1", *extra])
     _assert_one_line(result.exit_code, result.stdout, result.stderr, 2, needle)
     assert not kept.exists() or not any(kept.iterdir()), "a site was provisioned"
+
+
+# ---- series: `fedsyft demo --model lstm-ae --time-column t --data FILE` --------------------
+def _series(rows: int = 300, seed: int = 0) -> pd.DataFrame:
+    """A 5-minute series: time as text, one value, a 0/1 label."""
+    rng = np.random.default_rng(seed)
+    times = pd.date_range("2024-03-01", periods=rows, freq="5min").strftime("%Y-%m-%d %H:%M:%S")
+    return pd.DataFrame({"t": times, "value": rng.normal(size=rows),
+                         "anomaly": (np.arange(rows) % 10 == 0).astype(int)})
+
+
+def _series_with(row: int, value: object) -> pd.DataFrame:
+    frame = _series()
+    frame.loc[row, "t"] = value
+    return frame
+
+
+SERIES = ["--model", "lstm-ae", "--time-column", "t"]
+# id -> (write the tables, demo args, what the one line must say)
+SERIES_CASES: dict[str, tuple[Callable[[Path], list[Path]], list[str], str]] = {
+    "not-a-time": (_tables(_series_with(7, "soon")), SERIES,
+                   "time column 't': 'soon' at row 7 is not a date/time"),
+    "empty-time": (_tables(_series_with(12, None)), SERIES, "at row 12 is not a date/time"),
+    "same-time-twice": (_tables(_series_with(9, "2024-03-01 00:15:00")), SERIES,
+                        "time column 't': rows 3 and 9 hold the same time"),
+    "no-such-time-column": (_tables(_series()), ["--model", "lstm-ae", "--time-column", "ts"],
+                            "time column 'ts' not in table"),
+    "time-is-the-label": (_tables(_series().assign(t=np.arange(300))),
+                          ["--model", "lstm-ae", "--time-column", "anomaly"],
+                          "--time-column 'anomaly' is also the label column"),
+    "time-dropped": (_tables(_series()), [*SERIES, "--drop-columns", "t"],
+                     "--time-column 't' is also a dropped column"),
+    "series-too-short-for-sites": (_tables(_series(150)), [*SERIES, "--sites", "3"],
+                                   "series has 150 rows, fewer than the 3 sites need (64 "
+                                   "consecutive rows per site"),
+    "one-device-too-short": (_tables(_series(), _series(30, seed=1)), SERIES,
+                             "site2.csv has 30 rows, fewer than the 64 (two windows)"),
+    "devices-one-class": (_tables(_series().assign(anomaly=0), _series(seed=1).assign(anomaly=0)),
+                          SERIES, "label column 'anomaly' holds only 0 (one class)"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(SERIES_CASES))
+def test_bad_series_is_one_line_before_any_site(case, tmp_path):
+    write, args, needle = SERIES_CASES[case]
+    kept = tmp_path / "kept"
+    data = [a for path in write(tmp_path) for a in ("--data", path)]
+    result = _cli(["demo", *data, "--keep-sites", kept, "--rounds", "1", *args])
+    _assert_one_line(result.exit_code, result.stdout, result.stderr, 2, needle)
+    assert not kept.exists() or not any(kept.iterdir()), "a site was provisioned"
+
+
+def test_init_time_column_is_checked(tmp_path):
+    _series_with(7, "soon").to_csv(tmp_path / "s.csv", index=False)
+    for extra, needle in ((["--time-column", "t"], "'soon' at row 7 is not a date/time"),
+                          (["--time-column", "when"], "time column 'when' not in table"),
+                          (["--time-column", ""], "--time-column: give the name")):
+        result = _cli(["init", tmp_path / "fed", "--data", tmp_path / "s.csv", *extra])
+        _assert_one_line(result.exit_code, result.stdout, result.stderr, 2, needle)
+        assert not (tmp_path / "fed" / "federation.toml").exists()
 
 
 # ---- options: `fedsyft demo`, `fedsyft` ------------------------------------------------------
@@ -240,8 +301,21 @@ def _options_cases() -> dict[str, tuple[list[str], str]]:
                               "--aggregation: 'bogus' is not a choice (allowed: plain, "
                               "paillier, secagg)"),
         "model-bogus": (["--model", "gan"], "--model: 'gan' is not a choice (allowed: ae, vae, "
-                        "deepsvdd, pca, hbos, iforest)"),
-        "model-series": (["--model", "lstm-ae"], "--model: 'lstm-ae' is not a choice"),
+                        "deepsvdd, lstm-ae, pca, hbos, iforest)"),
+        "series-model-without-time-column": (["--model", "lstm-ae"],
+                                             "--model lstm-ae reads each site's series in time "
+                                             "order: name the table's time column with "
+                                             "--time-column"),
+        "time-column-with-a-row-model": (["--time-column", "timestamp"],
+                                         "--time-column orders the rows of a series model "
+                                         "(lstm-ae); --model ae scores rows independently"),
+        "time-column-with-pca": (["--model", "pca", "--time-column", "t"],
+                                 "--model pca scores rows independently"),
+        "time-column-empty": (["--model", "lstm-ae", "--time-column", " "],
+                              "--time-column: give the name of the table's time column"),
+        "time-column-no-value": (["--time-column"], "'--time-column' requires an argument"),
+        "lstm-ae-dp-sgd": (["--model", "lstm-ae", "--time-column", "t", *eps, "--dp-sgd"],
+                           "available for --model 'ae' only"),
         "iforest-secagg": (["--model", "iforest", "--aggregation", "secagg"],
                            "--model 'iforest' pools each site's trees"),
         "iforest-paillier": (["--model", "iforest", "--aggregation", "paillier"],
@@ -334,7 +408,7 @@ def test_cli_ranges_match_what_the_job_and_the_policy_accept():
     from fed_tasks.detectors import REGISTRY
     from fed_tasks.spec import SERIES_MODELS
 
-    assert set(opts.MODELS) == set(REGISTRY) - set(SERIES_MODELS)  # no --time-column yet
+    assert set(opts.MODELS) == set(REGISTRY) and set(SERIES_MODELS) <= set(opts.MODELS)
     assert set(opts.MODELS) <= set(policy.allowed_models)
     assert opts.TARGET_FPR_MIN == _bound(JobSpec, "target_fpr", "gt")
     assert opts.TARGET_FPR_MAX == _bound(JobSpec, "target_fpr", "lt")
@@ -524,6 +598,7 @@ PROCESS = {
     "epsilon-nan": (["demo", "--epsilon", "nan"], "--epsilon: nan is not a finite number"),
     "iforest-secagg": (["demo", "--model", "iforest", "--aggregation", "secagg"],
                        "--model 'iforest' pools each site's trees"),
+    "lstm-ae-without-time": (["demo", "--model", "lstm-ae"], "name the table's time column"),
     "root-unknown-flag": (["--bogus"], "no such option --bogus"),
     "since-after-until": (["audit", "requests", "--site", "x", "--since", "2025-02-01T00:00Z",
                            "--until", "2025-01-01T00:00Z"], "is not before --until"),

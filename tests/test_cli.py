@@ -150,3 +150,78 @@ def test_the_cli_defaults_are_the_demos():
     cfg = DemoConfig()
     assert (cfg.rounds, cfg.patience, cfg.target_fpr) == (main.DEMO_ROUNDS, main.DEMO_PATIENCE,
                                                           0.05)
+
+
+def test_series_demo_on_two_nab_devices(tmp_path):
+    """`--model lstm-ae --time-column`: two real NAB server-CPU series (1000x apart in
+    scale), one device each, each evaluated on its whole series; no centralized model."""
+    import pandas as pd
+
+    nab = Path(__file__).parents[1] / "datasites" / "data" / "nab"
+    paths = []
+    for name, start in (("ec2_cpu_utilization_fe7f93", 500), ("rds_cpu_utilization_e47b3b", 700)):
+        path = tmp_path / f"{name}.csv"
+        rows = pd.read_csv(nab / f"{name}.csv.gz").iloc[start:start + 600]
+        rows.sample(frac=1.0, random_state=0).to_csv(path, index=False)  # order: by time
+        paths.append(path)
+    report = tmp_path / "series.json"
+    proc = _run("demo", "--model", "lstm-ae", "--data", str(paths[0]), "--data", str(paths[1]),
+                "--time-column", "timestamp", "--rounds", "2", "--report", str(report))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(report.read_text())
+    assert data["model"] == "lstm-ae" and data["time_column"] == "timestamp"
+    assert data["features"] == ["value"] and data["sites"] == 2
+    assert [(r["train"], r["test"]) for r in data["site_rows"]] == [(600, 600), (600, 600)]
+    for row in data["per_site"]:
+        assert isinstance(row["roc_auc"], float) and 0.0 <= row["roc_auc"] <= 1.0
+        assert row["n_test"] == 600
+    assert data["centralized"] is None and "invent transitions" in data["centralized_why_not"]
+    assert len(data["local_only"]["per_site"]) == 2
+    assert isinstance(data["federated"]["roc_auc"], float)
+    fed = data["federated"]
+    assert sum(fed[k] for k in ("tp", "fp", "fn", "tn")) == 1200
+    said = " ".join(proc.stdout.split())
+    assert "local-only" in said and "centralized: not applicable" in said
+
+
+def test_series_results_table_has_no_centralized_row():
+    from rich.console import Console
+
+    from datasites.cli.main import results_table
+
+    site = {"site": "s1", "roc_auc": 0.7, "pr_auc": 0.4}
+    report = {"sites": 1, "rounds": 2, "model": "lstm-ae", "aggregation": "plain",
+              "time_column": "t", "per_site": [site], "federated": site, "centralized": None,
+              "centralized_why_not": "not applicable to series",
+              "local_only": {**site, "per_site": [site]}}
+    console = Console(width=200, record=True)
+    console.print(results_table(report))
+    text = " ".join(console.export_text().split())
+    assert "whole private series" in text and "centralized: not applicable" in text
+    assert "│ centralized" not in text and "local-only" in text
+
+
+def test_train_lines_and_report_cope_with_undefined_metrics():
+    """`fedsyft train`: a site with a one-class test split has no ROC-AUC ("-", left out of
+    the mean); F1 at the threshold is shown when the job has one."""
+    from types import SimpleNamespace as NS
+
+    from datasites.cli.deploy import _train_report, site_line
+    from datasites.harness.demo import _with_threshold_metrics
+    from fed_tasks.spec import JobSpec
+
+    rows = _with_threshold_metrics([
+        {"site": "a", "roc_auc": None, "pr_auc": None, "tp": 0, "fp": 2, "fn": 0, "tn": 98,
+         "n_test": 100},
+        {"site": "b", "roc_auc": 0.8, "pr_auc": 0.5, "tp": 3, "fp": 1, "fn": 1, "tn": 45,
+         "n_test": 50}])
+    assert site_line(rows[0]).split() == ["a", "ROC-AUC", "-", "PR-AUC", "-", "F1", "0.00",
+                                          "at", "the", "threshold", "(100", "test", "rows)"]
+    assert "ROC-AUC 0.800  PR-AUC 0.500  F1 0.75 at the threshold" in site_line(rows[1])
+    assert "F1" not in site_line({"site": "c", "roc_auc": 0.9, "pr_auc": 0.7, "n_test": 9})
+    result = NS(losses=[0.5], rounds_completed=1, stop_reason="", round_seconds=[1.0],
+                weights=__import__("numpy").zeros(2))
+    out = _train_report(JobSpec(features=("x",)), NS(path="f.toml", site=[1, 2]), result,
+                        rows, 1.0)
+    assert out["federated"]["roc_auc_mean"] == 0.8 and out["federated"]["tp"] == 3
+    assert out["federated"]["f1"] == pytest.approx(6 / 10)  # pooled: tp 3, fp 3, fn 1

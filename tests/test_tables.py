@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -141,9 +142,14 @@ def test_one_site_per_table_in_the_demo(tmp_path, shuttle_small):
         sorted(pd.concat([a, b])["f1"])
     with pytest.raises(TableError, match="--sites 3 does not match the 2 --data files"):
         DemoConfig(data=tuple(paths), sites=3)
+    # a site whose test split has one class is evaluated with "-"; the pooled rows need both
     normal = _csv(tmp_path, b[b["anomaly"] == 0], "normal.csv")
-    with pytest.raises(TableError, match="test split of .*normal.csv has only one class"):
-        load_tables(DemoConfig(data=(paths[0], normal), sites=2))
+    _, splits = load_tables(DemoConfig(data=(paths[0], normal), sites=2))
+    assert splits[1][1]["anomaly"].nunique() == 1
+    one = _csv(tmp_path, pd.concat([a[a["anomaly"] == 1].head(1), a[a["anomaly"] == 0]]),
+               "one.csv")  # 1 anomaly: none in a 30 % test split
+    with pytest.raises(TableError, match="test splits together hold only one class"):
+        load_tables(DemoConfig(data=(one, normal), sites=2))
     assert DemoConfig(data=paths[0]).data == (paths[0],)  # one path is taken as a 1-tuple
 
 
@@ -229,3 +235,169 @@ def test_init_leaves_out_constant_and_dropped_columns(tmp_path, shuttle_small):
     for name in ("site-1", "site-2"):
         table = read_table(tmp_path / "fed" / "data" / f"{name}.csv")
         assert list(table.columns) == [*(f"f{i}" for i in range(1, 10)), "anomaly"]
+
+
+# ---- series: a time column (real NAB server-CPU series) --------------------------------------
+NAB = Path(__file__).parents[1] / "datasites" / "data" / "nab"
+
+
+def _nab(name: str, start: int, rows: int) -> pd.DataFrame:
+    return pd.read_csv(NAB / f"{name}.csv.gz").iloc[start:start + rows].reset_index(drop=True)
+
+
+def test_time_column_is_parsed_to_seconds_and_sorted(tmp_path):
+    real = _nab("ec2_cpu_utilization_fe7f93", 500, 200)
+    path = _csv(tmp_path, real.sample(frac=1.0, random_state=3), "shuffled.csv")
+    series = read_table(path, time_column="timestamp")
+    assert series["timestamp"].dtype == np.int64 and series["timestamp"].is_monotonic_increasing
+    first = pd.Timestamp(real["timestamp"].iloc[0], tz="UTC")
+    assert series["timestamp"].iloc[0] == int(first.timestamp())
+    assert np.all(np.diff(series["timestamp"]) == 300)  # NAB's 5-minute samples
+    assert series["value"].tolist() == real["value"].tolist()  # rows back in time order
+    # numbers are seconds since 1970; a zone is converted to UTC
+    seconds = _csv(tmp_path, series.iloc[::-1], "seconds.csv")
+    assert read_table(seconds, time_column="timestamp").equals(series)
+    zoned = real.head(3).assign(timestamp=[f"{t}+02:00" for t in real["timestamp"].head(3)])
+    back = read_table(_csv(tmp_path, zoned, "zoned.csv"), time_column="timestamp")
+    assert (back["timestamp"] == series["timestamp"].head(3) - 7200).all()
+
+
+def test_bad_times_are_named_with_file_column_and_row(tmp_path):
+    real = _nab("ec2_cpu_utilization_fe7f93", 0, 40).astype({"timestamp": object})
+    bad = real.copy()
+    bad.loc[7, "timestamp"] = "2014-02-31 25:00:00"
+    with pytest.raises(TableError, match=r"bad.csv: time column 'timestamp': "
+                                         r"'2014-02-31 25:00:00' at row 7 is not a date/time$"):
+        read_table(_csv(tmp_path, bad, "bad.csv"), time_column="timestamp")
+    twice = real.copy()
+    twice.loc[9, "timestamp"] = real.loc[3, "timestamp"]
+    with pytest.raises(TableError, match=r"twice.csv: time column 'timestamp': rows 3 and 9 "
+                                         f"hold the same time '{real.loc[3, 'timestamp']}'"):
+        read_table(_csv(tmp_path, twice, "twice.csv"), time_column="timestamp")
+    with pytest.raises(TableError, match=r"time column 'when' not in table .*columns are "
+                                         r"\['timestamp', 'value', 'anomaly'\]"):
+        read_table(_csv(tmp_path, real, "ok.csv"), time_column="when")
+
+
+def test_time_column_is_in_the_schema_but_never_a_feature(tmp_path):
+    from datasites.runtime.tables import FederationSchema
+
+    series = read_table(_csv(tmp_path, _nab("ec2_cpu_utilization_fe7f93", 500, 200)),
+                        time_column="timestamp")
+    found = inspect_tables(series.assign(load=series["value"] * 2), "anomaly", time="timestamp")
+    assert found.schema == FederationSchema(("value", "load"), "anomaly", "timestamp")
+    assert found.schema.columns == ("timestamp", "value", "load", "anomaly")
+    assert "time column 'timestamp'" in found.schema.describe()
+    assert list(found.select(series.assign(load=1.0)).columns) == list(found.schema.columns)
+    for kwargs, needle in (({"time": "anomaly"}, "also the label column"),
+                           ({"time": "timestamp", "drop": ("timestamp",)}, "a dropped column")):
+        with pytest.raises(TableError, match=needle):
+            inspect_tables(series, "anomaly", **kwargs)
+    with pytest.raises(TableError, match="time column 'timestamp' must hold integer seconds"):
+        validate(series.astype({"timestamp": float}),
+                 FederationSchema(("value",), "anomaly", "timestamp"))
+
+
+def test_mock_time_column_is_public_and_independent_of_the_private_times(tmp_path):
+    from datasites.runtime.tables import MOCK_TIME_STEP
+
+    tables = [read_table(_csv(tmp_path, _nab(name, start, 300), f"{name}.csv"),
+                         time_column="timestamp")
+              for name, start in (("ec2_cpu_utilization_fe7f93", 500),
+                                  ("rds_cpu_utilization_e47b3b", 2000))]
+    schema = inspect_tables(tables, "anomaly", time="timestamp").schema
+    mocks = [make_mock(t, schema, rows=100, seed=i) for i, t in enumerate(tables)]
+    public = np.arange(100, dtype=np.int64) * MOCK_TIME_STEP
+    for table, mock in zip(tables, mocks, strict=True):
+        validate(mock, schema)
+        assert mock["timestamp"].tolist() == public.tolist()  # the same at every site
+        assert not set(mock["timestamp"]) & set(table["timestamp"])
+    assert not mocks[0]["value"].equals(mocks[1]["value"])  # features: drawn per site
+
+
+def test_contiguous_split_keeps_the_series_order():
+    from datasites.harness.partition import contiguous_split
+
+    series = _nab("ec2_cpu_utilization_fe7f93", 0, 650)
+    parts = contiguous_split(series, 3, min_rows=64)
+    assert [len(p) for p in parts] == [217, 216, 217]
+    assert pd.concat(parts, ignore_index=True).equals(series)
+    with pytest.raises(TableError, match="series has 650 rows, fewer than the 11 sites need "
+                                         r"\(64 consecutive rows per site"):
+        contiguous_split(series, 11, min_rows=64)
+
+
+def test_series_demo_sites_hold_whole_series(tmp_path):
+    """One series + --sites N: N consecutive segments; k series: one device each; each site
+    trains and is evaluated on its whole series."""
+    from datasites.harness.demo import DemoConfig, load_tables
+
+    a = _csv(tmp_path, _nab("ec2_cpu_utilization_fe7f93", 500, 300), "a.csv")
+    b = _csv(tmp_path, _nab("rds_cpu_utilization_e47b3b", 700, 200), "b.csv")
+    found, splits = load_tables(DemoConfig(data=(a,), sites=2, model="lstm-ae",
+                                           time_column="timestamp"))
+    assert [len(tr) for tr, _ in splits] == [150, 150] and all(tr is te for tr, te in splits)
+    assert splits[0][0]["timestamp"].max() < splits[1][0]["timestamp"].min()
+    _, splits = load_tables(DemoConfig(data=(a, b), sites=2, model="lstm-ae",
+                                       time_column="timestamp"))
+    assert [len(tr) for tr, _ in splits] == [300, 200]
+    assert all(tr["timestamp"].is_monotonic_increasing for tr, _ in splits)
+    with pytest.raises(TableError, match="leave --time-column out"):
+        DemoConfig(data=(a,), model="ae", time_column="timestamp")
+
+
+def test_pooled_series_metrics_are_the_sites_own_scores_concatenated(tmp_path):
+    """Each device's series is scored in its own order and scale: the harness's pooled
+    counts equal the sum of the sites' own evaluations, whatever order the rows are in."""
+    from datasites.harness.demo import DemoConfig, _pooled, load_tables, pooled_counts
+    from fed_tasks.local import LocalSite
+    from fed_tasks.orchestrator import FederatedTrainer
+    from fed_tasks.spec import JobSpec
+
+    a = _csv(tmp_path, _nab("ec2_cpu_utilization_fe7f93", 600, 300), "a.csv")
+    b = _csv(tmp_path, _nab("rds_cpu_utilization_e47b3b", 800, 300), "b.csv")
+    found, splits = load_tables(DemoConfig(data=(a, b), sites=2, model="lstm-ae",
+                                           time_column="timestamp"))
+    s = found.schema
+    spec = JobSpec(model="lstm-ae", features=s.features, label_column=s.label,
+                   time_column=s.time, rounds=1, target_fpr=0.05, min_local_steps=2)
+    sites = [LocalSite(f"s{i}", spec, tr, te.sample(frac=1.0, random_state=i))
+             for i, (tr, te) in enumerate(splits)]
+    trainer = FederatedTrainer(spec, sites, progress=False)
+    result = trainer.fit()
+    own = trainer.evaluate(result)
+    pooled = _pooled(result, [site.test for site in sites], s)
+    assert {k: pooled[k] for k in ("tp", "fp", "fn", "tn")} == {
+        k: v for k, v in pooled_counts(own).items() if k in ("tp", "fp", "fn", "tn")}
+    assert [_pooled(result, [site.test], s)["roc_auc"] for site in sites] == [
+        r["roc_auc"] for r in own]
+
+
+def test_encoding_bounds_are_checked_from_the_row_counts():
+    from datasites.harness.demo import encoding_problems
+    from fed_tasks.spec import JobSpec
+
+    pca = JobSpec(model="pca", features=("a", "b"), target_fpr=0.05)
+    assert encoding_problems(pca, 10_000) == []
+    too_many = encoding_problems(pca, 40_000_000)
+    assert any(p.startswith("pca moments2: up to 1e+11") for p in too_many)
+    assert encoding_problems(JobSpec(features=("a",)), 20_000_000)[0].startswith("ae fit")
+
+
+def test_init_cuts_a_series_and_the_deploy_path_reads_it(tmp_path):
+    """``fedsyft init --time-column``: consecutive segments, the column recorded per site;
+    provisioning reads each site's table in time order, whole (train = test)."""
+    from datasites.deploy.config import load
+    from datasites.deploy.init import write_example
+    from datasites.deploy.provision import site_tables
+
+    data = _csv(tmp_path, _nab("ec2_cpu_utilization_fe7f93", 500, 300), "series.csv")
+    config = write_example(tmp_path / "fed", data, "anomaly", 2, 0, 8100,
+                           time_column="timestamp")
+    cfg = load(config)
+    assert [s.time_column for s in cfg.site] == ["timestamp", "timestamp"]
+    schema, splits = site_tables(cfg)
+    assert schema.time == "timestamp" and schema.features == ("value",)
+    (tr1, te1), (tr2, _) = splits.values()
+    assert tr1 is te1 and len(tr1) == len(tr2) == 150
+    assert tr1["timestamp"].max() < tr2["timestamp"].min()

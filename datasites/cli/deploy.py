@@ -44,14 +44,20 @@ def init(directory: Path = typer.Argument(..., help="Where to write federation.t
          sites: int = typer.Option(3, min=2, max=opts.SITES_MAX, help="Institutions."),
          seed: int = typer.Option(0, min=0, max=opts.SEED_MAX, help="Seed of the split."),
          base_port: int = typer.Option(8100, min=1024, max=65000,
-                                       help="Port of the first site; the others follow.")
+                                       help="Port of the first site; the others follow."),
+         time_column: str = typer.Option(None, "--time-column", show_default=False, help=(
+             "The table is one series with this date/time column: each site gets a "
+             "consecutive segment (for --model lstm-ae jobs)."))
          ) -> None:
     """Write an example federation that `fedsyft up` runs as it is."""
     from datasites.deploy.init import write_example
     from datasites.harness.demo import BUNDLED_TABLE
 
+    if time_column is not None and not time_column.strip():
+        raise _fail("--time-column: give the name of the table's time column")
     config = write_example(directory, data or BUNDLED_TABLE, label_column, sites, seed,
-                           base_port, _column_list(drop_columns, "--drop-columns"), log=_say)
+                           base_port, _column_list(drop_columns, "--drop-columns"), log=_say,
+                           time_column=time_column)
     _say(f"wrote {config} and {sites} site tables in {directory / 'data'}")
     _say("next: set FEDSYFT_OWNER_PASSWORD, FEDSYFT_OFFICER_PASSWORD and "
          f"FEDSYFT_SCIENTIST_PASSWORD, then: fedsyft up --config {config}")
@@ -127,7 +133,11 @@ def submit(
     rounds: int = typer.Option(10, min=opts.ROUNDS_MIN, max=opts.ROUNDS_MAX,
                                help="Federated rounds."),
     model: str = typer.Option("ae", click_type=click.Choice(opts.MODELS), help=(
-        "Detector: ae, vae, deepsvdd, pca, hbos, iforest (plain aggregation only).")),
+        "Detector: ae, vae, deepsvdd, lstm-ae (a series: needs a time column), pca, hbos, "
+        "iforest (plain aggregation only).")),
+    time_column: str = typer.Option(None, "--time-column", show_default=False, help=(
+        "A series job's time column [default for --model lstm-ae: the config's "
+        "time_column].")),
     aggregation: str = typer.Option("plain", click_type=click.Choice(
         ["plain", "paillier", "secagg"]), help="plain | paillier | secagg."),
     seed: int = typer.Option(0, min=0, max=opts.SEED_MAX, help="Seed of the model."),
@@ -148,13 +158,19 @@ def submit(
     if (dp_sgd or clip != 1.0 or delta != 1e-5) and epsilon is None:
         raise _fail("--delta, --clip and --dp-sgd need --epsilon")
     cfg = _load(config)
+    sites_time = cfg.site[0].time_column  # the sites' time column: never a feature
+    if time_column is None and model in opts.SERIES_MODELS:
+        time_column = sites_time
     try:
         opts.check_job_options(sites=len(cfg.site), rounds=rounds, model=model,
                                aggregation=aggregation, seed=seed, epsilon=epsilon,
                                delta=delta, clip=clip, dp_sgd=dp_sgd, target_fpr=target_fpr,
-                               patience=patience)
+                               patience=patience, time_column=time_column)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
+    if sites_time is not None and time_column not in (None, sites_time):
+        raise _fail(f"--time-column {time_column}: the sites' time column is {sites_time} "
+                    f"(time_column in {cfg.path})")
     if aggregation == "paillier" and cfg.key_authority is None:
         raise _fail(f"--aggregation paillier needs a [key_authority] in {cfg.path}")
     from datasites.deploy.jobs import save_job
@@ -165,12 +181,16 @@ def submit(
     if label_column not in columns:
         raise _fail(f"--label-column {label_column}: not a column of the sites' tables "
                     f"({', '.join(columns)})")
+    if time_column is not None and time_column not in columns:
+        raise _fail(f"--time-column {time_column}: not a column of the sites' tables "
+                    f"({', '.join(columns)})")
     dp: dict[str, Any] = {}
     if epsilon is not None:
         dp = {"dp_epsilon": epsilon, "dp_delta": delta, "dp_clip": clip, "dp_sgd": dp_sgd,
               **({"trim": 0.0} if dp_sgd else {})}
-    spec = JobSpec(model=model, features=tuple(c for c in columns if c != label_column),
-                   label_column=label_column, rounds=rounds, seed=seed,
+    not_features = (label_column, time_column, sites_time)
+    spec = JobSpec(model=model, features=tuple(c for c in columns if c not in not_features),
+                   label_column=label_column, time_column=time_column, rounds=rounds, seed=seed,
                    aggregation=aggregation, min_sites=cfg.federation.min_sites,
                    target_fpr=target_fpr, patience=patience, **dp)
     ids = fed.submit(spec)
@@ -212,11 +232,12 @@ def train(config: Path = CONFIG,
     started = time.perf_counter()
     result = trainer.fit(checkpoint=record.checkpoint, resume=resume and
                          record.checkpoint.exists())
-    per_site = trainer.evaluate(result)
+    from datasites.harness.demo import _with_threshold_metrics
+
+    per_site = _with_threshold_metrics(trainer.evaluate(result))
     out = _train_report(spec, cfg, result, per_site, time.perf_counter() - started)
     for row in per_site:
-        _say(f"{row['site']:<16} ROC-AUC {row['roc_auc']:.3f}  PR-AUC {row['pr_auc']:.3f}  "
-             f"({row['n_test']} test rows)")
+        _say(site_line(row))
     if result.stopped_early:
         _say(f"stopped after {result.rounds_completed} rounds: {result.stop_reason}")
     if report is not None:
@@ -225,21 +246,40 @@ def train(config: Path = CONFIG,
         _say(f"report written to {report}")
 
 
+def site_line(row: dict[str, Any]) -> str:
+    """One site's evaluation: "-" for a metric it cannot have (ROC-AUC of a one-class test
+    split, F1 where nothing counts); F1 at the alarm threshold when the job has one."""
+    from datasites.cli.main import _num
+
+    f1 = f"  F1 {_num(row.get('f1'), 2)} at the threshold" if "tp" in row else ""
+    return (f"{row['site']:<16} ROC-AUC {_num(row.get('roc_auc'))}  PR-AUC "
+            f"{_num(row.get('pr_auc'))}{f1}  ({row['n_test']} test rows)")
+
+
+def _weighted_mean(per_site: list[dict[str, Any]], key: str) -> float | None:
+    """Mean of ``key`` over the sites that have it, weighted by test rows (None if none)."""
+    known = [(r[key], r["n_test"]) for r in per_site if r.get(key) is not None]
+    total = sum(n for _, n in known)
+    return sum(v * n for v, n in known) / total if total else None
+
+
 def _train_report(spec: Any, cfg: Any, result: Any, per_site: list[dict[str, Any]],
                   seconds: float) -> dict[str, Any]:
     import math
 
+    from datasites.harness.demo import pooled_counts
     from fed_tasks.dp_step import cumulative_epsilon, noise_multiplier
 
-    n = sum(r["n_test"] for r in per_site)
     dp = None if not spec.dp_enabled else ("dp_sgd" if spec.dp_sgd else "dp_fedavg")
     return {
         "job_id": spec.job_id, "config": str(cfg.path), "sites": len(cfg.site),
         "rounds": spec.rounds, "model": spec.model, "seed": spec.seed,
         "aggregation": spec.aggregation,
         "federated": {
-            "roc_auc_mean": sum(r["roc_auc"] * r["n_test"] for r in per_site) / n,
-            "pr_auc_mean": sum(r["pr_auc"] * r["n_test"] for r in per_site) / n,
+            # over the sites with both classes in their test split, weighted by test rows
+            "roc_auc_mean": _weighted_mean(per_site, "roc_auc"),
+            "pr_auc_mean": _weighted_mean(per_site, "pr_auc"),
+            **pooled_counts(per_site),  # summed counts and P/R/F1 at the threshold, if any
             "losses": [None if math.isnan(v) else v for v in result.losses]},
         "dp": dp, "delta": spec.dp_delta if dp else None,
         "epsilon_accountant": (cumulative_epsilon(spec, result.rounds_completed)

@@ -23,9 +23,9 @@ EPSILON_MAX = 10.0  # DatasetPolicy.epsilon_budget of a new dataset
 DELTA_MAX = 1e-5  # DatasetPolicy.max_delta
 # the sites seed numpy (non-negative) and torch with seed * 100_003 + rounds (< 2**64)
 SEED_MAX = (2**64 - 1 - ROUNDS_MAX) // 100_003
-# every detector a job may name (and a new site's policy allows), but the series models:
-# they need a time column, which the CLI cannot give yet
-MODELS = tuple(m for m in REGISTRY if m not in SERIES_MODELS)
+# every detector a job may name (and a new site's policy allows); the series models
+# (SERIES_MODELS) need --time-column, which the others refuse
+MODELS = tuple(REGISTRY)
 DP_MODELS = tuple(m for m in MODELS if m not in NO_DP_MODELS)  # those that take --epsilon
 PLAIN_ONLY = tuple(m for m in MODELS if m in PLAIN_ONLY_MODELS)  # --aggregation plain only
 TARGET_FPR_MIN, TARGET_FPR_MAX = 0.0, 0.5  # JobSpec.target_fpr, both bounds excluded
@@ -36,7 +36,8 @@ FLAGS = {"rounds": "--rounds", "seed": "--seed", "aggregation": "--aggregation",
          "model": "--model", "min_sites": "--sites", "dp_epsilon": "--epsilon",
          "dp_delta": "--delta", "dp_clip": "--clip", "dp_sgd": "--dp-sgd",
          "label_column": "--label-column", "features": "--data",
-         "target_fpr": "--target-fpr", "patience": "--patience"}
+         "target_fpr": "--target-fpr", "patience": "--patience",
+         "time_column": "--time-column"}
 ALLOWED = {"--sites": f"{SITES_MIN} to {SITES_MAX}",
            "--rounds": f"{ROUNDS_MIN} to {ROUNDS_MAX}",
            "--seed": f"0 to {SEED_MAX}",
@@ -76,19 +77,30 @@ def spec_error_line(exc: Any) -> str:
 
 def check_job_options(*, sites: int, rounds: int, model: str, aggregation: str, seed: int,
                       epsilon: float | None, delta: float, clip: float, dp_sgd: bool,
-                      target_fpr: float | None = None, patience: int = 0) -> None:
+                      target_fpr: float | None = None, patience: int = 0,
+                      time_column: str | None = None) -> None:
     """Build the :class:`JobSpec` the demo would build (with a stand-in feature), so that a
     bad option fails in milliseconds, before the table is read or a site exists."""
     from pydantic import ValidationError
 
     from fed_tasks.spec import JobSpec
 
+    if time_column is not None and not time_column.strip():
+        raise JobOptionError("--time-column: give the name of the table's time column")
+    if model in SERIES_MODELS and time_column is None:
+        raise JobOptionError(f"--model {model} reads each site's series in time order: name "
+                             "the table's time column with --time-column")
+    if model not in SERIES_MODELS and time_column is not None:
+        raise JobOptionError(f"--time-column orders the rows of a series model "
+                             f"({', '.join(SERIES_MODELS)}); --model {model} scores rows "
+                             "independently: leave --time-column out")
     dp: dict[str, Any] = {}
     if epsilon is not None:  # as datasites.harness.demo.run_demo sets them
         dp = {"dp_epsilon": epsilon, "dp_delta": delta, "dp_clip": clip, "dp_sgd": dp_sgd,
               **({"trim": 0.0} if dp_sgd else {})}
     try:
-        JobSpec(model=model, features=("x",), rounds=rounds, seed=seed, aggregation=aggregation,
+        JobSpec(model=model, features=("x" if time_column != "x" else "y",),
+                time_column=time_column, rounds=rounds, seed=seed, aggregation=aggregation,
                 min_sites=min(2, sites), target_fpr=target_fpr, patience=patience, **dp)
     except ValidationError as exc:
         raise JobOptionError(spec_error_line(exc)) from None

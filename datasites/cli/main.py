@@ -148,7 +148,9 @@ def results_table(report: dict[str, Any]) -> Table:
     at the calibrated alarm threshold when the job has one."""
     with_f1 = report.get("threshold") is not None
     metrics = "ROC-AUC / PR-AUC" + (" / F1 at the threshold" if with_f1 else "")
-    table = Table(title=f"{metrics} on the sites' private test splits\n"
+    series = report.get("time_column") is not None
+    where = "each site's whole private series" if series else "the sites' private test splits"
+    table = Table(title=f"{metrics} on {where}\n"
                         f"{report.get('model', 'ae')}, {report['sites']} sites, "
                         f"{_rounds(report)}{report['aggregation']} aggregation"
                         + (f", {report['dp']} epsilon {report['epsilon_spent']:.3g}"
@@ -158,8 +160,9 @@ def results_table(report: dict[str, Any]) -> Table:
     for name in sites:
         table.add_column(name, justify="right")
     table.add_column("pooled", justify="right", style="bold")
+    central = report.get("centralized")
     rows = (("federated", report["per_site"], report["federated"]),
-            ("centralized", report["centralized"]["per_site"], report["centralized"]),
+            *((("centralized", central["per_site"], central),) if central else ()),
             ("local-only", report["local_only"]["per_site"], report["local_only"]))
 
     def cell(r: dict[str, Any]) -> str:
@@ -170,6 +173,10 @@ def results_table(report: dict[str, Any]) -> Table:
         table.add_row(label, *(cell(r) for r in per_site), cell(pooled))
     table.caption = ("pooled = union of all test splits; local-only = mean over sites of a "
                      "model trained on one site alone")
+    if series:
+        table.caption = ("pooled = each site's series scored by itself, concatenated; "
+                         "local-only = mean over sites of a model trained on one site alone; "
+                         f"centralized: {report.get('centralized_why_not', 'not applicable')}")
     return table
 
 
@@ -318,9 +325,15 @@ def demo(
     rounds: int = typer.Option(DEMO_ROUNDS, min=opts.ROUNDS_MIN, max=opts.ROUNDS_MAX,
                                help="Federated rounds, at most (see --patience)."),
     model: str = typer.Option("ae", click_type=click.Choice(opts.MODELS), help=(
-        "Detector: ae (autoencoder), vae (variational autoencoder), deepsvdd, pca, hbos, "
-        f"iforest (isolation forest). --aggregation plain only: {', '.join(opts.PLAIN_ONLY)}; "
+        "Detector: ae (autoencoder), vae (variational autoencoder), deepsvdd, lstm-ae (LSTM "
+        "autoencoder of a series; needs --time-column), pca, hbos, iforest (isolation "
+        f"forest). --aggregation plain only: {', '.join(opts.PLAIN_ONLY)}; "
         f"--epsilon: {', '.join(opts.DP_MODELS)} only.")),
+    time_column: str = typer.Option(None, "--time-column", show_default=False, help=(
+        "A series job (--model lstm-ae): the column holding each row's date/time (numbers: "
+        "seconds since 1970). Rows are sorted by it, never trained on; one --data series is "
+        "cut into --sites consecutive segments (no shuffle), several --data are one device "
+        "each; every site is evaluated on its whole series.")),
     aggregation: str = typer.Option("plain", click_type=click.Choice(
         ["plain", "paillier", "secagg"]), help="How updates are combined: plain | paillier "
         "(key authority decrypts sums only) | secagg."),
@@ -362,7 +375,7 @@ def demo(
         opts.check_job_options(sites=n_sites, rounds=rounds, model=model,
                                aggregation=aggregation, seed=seed, epsilon=epsilon,
                                delta=delta, clip=clip, dp_sgd=dp_sgd, target_fpr=target_fpr,
-                               patience=patience)
+                               patience=patience, time_column=time_column)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
     if report is not None:
@@ -378,6 +391,7 @@ def demo(
 
     cfg = DemoConfig(data=tables, label_column=label_column, sites=n_sites, rounds=rounds,
                      model=model, drop_columns=dropped, target_fpr=target_fpr,
+                     time_column=time_column,
                      patience=patience, seed=seed, aggregation=aggregation,
                      keep_sites=keep_sites, passwords=passwords,
                      epsilon=epsilon, delta=delta, clip=clip, dp_sgd=dp_sgd)

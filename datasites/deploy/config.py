@@ -54,6 +54,9 @@ class MemberConfig(_Strict):
 class SiteConfig(MemberConfig):
     data: Path
     label_column: str = "anomaly"
+    # a series site: the table's time column (rows sorted by it, never a feature); the site
+    # is then evaluated on its whole series and test_fraction is unused
+    time_column: str | None = None
     test_fraction: float = Field(0.3, gt=0.0, lt=1.0)
 
 

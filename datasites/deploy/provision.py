@@ -43,19 +43,29 @@ def is_provisioned(directory: Path) -> bool:
 def site_tables(cfg: FederationFile) -> tuple[FederationSchema, dict[str, tuple[pd.DataFrame,
                                                                              pd.DataFrame]]]:
     """Each site's table, checked against the federation's schema (the first site's header),
-    then split into train and test with the federation's seed."""
+    then split into train and test with the federation's seed. A series site (its
+    ``time_column``) keeps its whole series, in time order, as both: it is evaluated on
+    all of it (labels only at evaluation), as in the demo."""
     schema: FederationSchema | None = None
     splits = {}
     for i, site in enumerate(cfg.site):
         frame = _read(site)
+        if site.time_column != cfg.site[0].time_column:
+            raise ConfigError(f"site {site.name!r}: time_column {site.time_column!r} differs "
+                              f"from site {cfg.site[0].name!r}'s ({cfg.site[0].time_column!r})")
+        others = (site.label_column, site.time_column)
         if schema is None:
-            schema = FederationSchema(tuple(str(c) for c in frame.columns
-                                            if c != site.label_column), site.label_column)
-        elif [c for c in frame.columns if c != site.label_column] != list(schema.features):
+            schema = FederationSchema(tuple(str(c) for c in frame.columns if c not in others),
+                                      site.label_column, site.time_column)
+        elif [c for c in frame.columns if c not in others] != list(schema.features):
             raise ConfigError(f"site {site.name!r}: data file {site.data} has columns "
                               f"{list(frame.columns)}, not those of site "
-                              f"{cfg.site[0].name!r} ({[*schema.features, schema.label]})")
-        validate(frame, schema, where=f"site {site.name!r} data file {site.data}", min_rows=3)
+                              f"{cfg.site[0].name!r} ({list(schema.columns)})")
+        validate(frame.loc[:, list(schema.columns)], schema,
+                 where=f"site {site.name!r} data file {site.data}", min_rows=3)
+        if site.time_column is not None:
+            splits[site.name] = (frame, frame)
+            continue
         splits[site.name] = train_test_split(frame, site.test_fraction,
                                              seed=cfg.federation.seed + i,
                                              label=site.label_column)
@@ -65,7 +75,7 @@ def site_tables(cfg: FederationFile) -> tuple[FederationSchema, dict[str, tuple[
 
 def _read(site: SiteConfig) -> pd.DataFrame:
     try:
-        frame = read_table(site.data)
+        frame = read_table(site.data, time_column=site.time_column)
     except TableError as exc:
         raise ConfigError(f"site {site.name!r}: {exc}") from None
     if site.label_column not in frame.columns:

@@ -17,21 +17,31 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from datasites.harness.partition import MIN_ROWS_PER_SITE, dirichlet_split, train_test_split
+from datasites.harness.partition import (
+    MIN_ROWS_PER_SITE,
+    SERIES_MIN_ROWS,
+    contiguous_split,
+    dirichlet_split,
+    train_test_split,
+)
 from datasites.runtime.tables import (
     FederationSchema,
     SchemaResult,
     TableError,
+    check_time_role,
     inspect_tables,
     read_table,
 )
 from fed_tasks.evaluation import detection_metrics
 from fed_tasks.local import LocalSite
 from fed_tasks.orchestrator import FederatedTrainer, TrainingResult
-from fed_tasks.spec import JobSpec
+from fed_tasks.spec import SERIES_MODELS, JobSpec
 
 BUNDLED_TABLE = Path(__file__).parents[1] / "data" / "shuttle.csv.gz"
 BUNDLED_LABEL = "anomaly"
+#: why a series job has no centralized reference model
+NO_CENTRAL_SERIES = ("not applicable to series: concatenating the devices' series into one "
+                     "would invent transitions between devices that never happened")
 
 
 @dataclass(frozen=True)
@@ -39,6 +49,9 @@ class DemoConfig:
     # one table: split into `sites` non-IID institutions; k >= 2 tables: one site each
     data: tuple[Path, ...] = (BUNDLED_TABLE,)
     label_column: str = BUNDLED_LABEL
+    # a series job (model lstm-ae): one file is cut into `sites` consecutive segments, k
+    # files are k devices; each site is evaluated on its whole series (no split, no shuffle)
+    time_column: str | None = None
     sites: int = 3
     rounds: int = 10  # at most: training stops earlier once the loss stops improving
     model: str = "ae"
@@ -71,6 +84,11 @@ class DemoConfig:
         if len(self.data) > 1 and self.sites != len(self.data):
             raise TableError(f"--sites {self.sites} does not match the {len(self.data)} --data "
                              "files (one site per file); leave --sites out")
+        check_time_role(self.time_column, self.label_column, self.drop_columns)
+        if self.time_column is not None and self.model not in SERIES_MODELS:
+            raise TableError(f"--time-column orders the rows of a series model "
+                             f"({', '.join(SERIES_MODELS)}); model {self.model!r} scores rows "
+                             "independently: leave --time-column out")
 
 
 def partition(frame: pd.DataFrame, schema: FederationSchema, cfg: DemoConfig
@@ -80,13 +98,10 @@ def partition(frame: pd.DataFrame, schema: FederationSchema, cfg: DemoConfig
     if by not in schema.features:
         raise TableError(f"split column {by!r} is not a feature column")
     parts = dirichlet_split(frame, cfg.sites, by=by, alpha=cfg.alpha, seed=cfg.seed)
-    splits = [train_test_split(p, cfg.test_fraction, seed=cfg.seed + i, label=schema.label)
-              for i, p in enumerate(parts)]
-    for i, (_, test) in enumerate(splits):
-        if schema.label and test[schema.label].nunique() < 2:
-            raise TableError(f"site {i + 1}'s test split has only one class; use fewer sites "
-                             "or a larger --alpha")
-    return splits
+    # a site whose test split has one class is fine: its own ROC-AUC is undefined ("-"),
+    # the pooled one is not (load_tables checks the pooled test rows)
+    return [train_test_split(p, cfg.test_fraction, seed=cfg.seed + i, label=schema.label)
+            for i, p in enumerate(parts)]
 
 
 def table_splits(frames: list[pd.DataFrame], schema: FederationSchema, cfg: DemoConfig
@@ -97,25 +112,45 @@ def table_splits(frames: list[pd.DataFrame], schema: FederationSchema, cfg: Demo
         if len(frame) < MIN_ROWS_PER_SITE:
             raise TableError(f"{path} has {len(frame)} rows, fewer than the {MIN_ROWS_PER_SITE} "
                              "a site needs")
-    splits = [train_test_split(f.reset_index(drop=True), cfg.test_fraction, seed=cfg.seed + i,
-                               label=schema.label) for i, f in enumerate(frames)]
-    for path, (_, test) in zip(cfg.data, splits, strict=True):
-        if schema.label and test[schema.label].nunique() < 2:
-            raise TableError(f"the test split of {path} has only one class: its site needs "
-                             "both normal (0) and anomalous (1) rows to be evaluated")
-    return splits
+    return [train_test_split(f.reset_index(drop=True), cfg.test_fraction, seed=cfg.seed + i,
+                             label=schema.label) for i, f in enumerate(frames)]
+
+
+def series_splits(frames: list[pd.DataFrame], cfg: DemoConfig
+                  ) -> list[tuple[pd.DataFrame, pd.DataFrame]]:
+    """Series sites: one series cut into ``cfg.sites`` consecutive segments, or one device
+    per file. Each site trains on its whole series and is evaluated on it too: training is
+    unsupervised (the label never enters it) and anomalies sit anywhere in a series, so a
+    held-out tail would leave most devices with none (NAB's convention: score the whole
+    series, labels only at evaluation)."""
+    if len(frames) == 1:
+        parts = contiguous_split(frames[0], cfg.sites, SERIES_MIN_ROWS)
+    else:
+        for path, frame in zip(cfg.data, frames, strict=True):
+            if len(frame) < SERIES_MIN_ROWS:
+                raise TableError(f"{path} has {len(frame)} rows, fewer than the "
+                                 f"{SERIES_MIN_ROWS} (two windows) a series site needs")
+        parts = frames
+    return [(p, p) for p in parts]
 
 
 def load_tables(cfg: DemoConfig) -> tuple[SchemaResult, list[tuple[pd.DataFrame, pd.DataFrame]]]:
     """Read the input table(s), infer the schema over all of them together (constant
     columns: constant over the whole input) and cut the sites' train/test splits."""
-    frames = [read_table(path) for path in cfg.data]
+    frames = [read_table(path, time_column=cfg.time_column) for path in cfg.data]
     found = inspect_tables(frames, cfg.label_column, cfg.drop_columns,
-                           names=[str(p) for p in cfg.data])
+                           names=[str(p) for p in cfg.data], time=cfg.time_column)
     frames = [found.select(f) for f in frames]
-    if len(frames) == 1:
-        return found, partition(frames[0], found.schema, cfg)
-    return found, table_splits(frames, found.schema, cfg)
+    if cfg.time_column is not None:
+        return found, series_splits(frames, cfg)
+    splits = (partition(frames[0], found.schema, cfg) if len(frames) == 1
+              else table_splits(frames, found.schema, cfg))
+    label = found.schema.label
+    if label and pd.concat([t[label] for _, t in splits]).nunique() < 2:
+        raise TableError("the sites' test splits together hold only one class: the pooled "
+                         "evaluation needs both normal (0) and anomalous (1) rows; use fewer "
+                         "sites or more anomalous rows")
+    return found, splits
 
 
 def threshold_metrics(counts: dict[str, Any]) -> dict[str, float | None]:
@@ -150,11 +185,21 @@ def _counts(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[st
 def _pooled(result: TrainingResult, tests: list[pd.DataFrame], schema: FederationSchema
             ) -> dict[str, Any]:
     """Metrics of ``result`` on the union of ``tests``, computed by the harness (which holds
-    every row): ROC-AUC, PR-AUC and, with a threshold, the summed counts and P/R/F1."""
-    union = pd.concat(tests, ignore_index=True)
-    scores = result.score_samples(union.loc[:, list(schema.features)].to_numpy(np.float64))
-    labels = union[schema.label].to_numpy().astype(int)
-    metrics: dict[str, Any] = detection_metrics(labels, scores)
+    every row): ROC-AUC, PR-AUC (None with one class) and, with a threshold, the summed
+    counts and P/R/F1.
+
+    Each test split is scored by itself and the scores concatenated: for a row detector
+    that is the union's scores; for a series model it is what each site's own evaluation
+    computes (its series in time order, scaled by itself), never one invented series of all
+    the devices' rows."""
+    ordered = [t if schema.time is None else t.sort_values(schema.time, kind="stable")
+               for t in tests]
+    scores = np.concatenate([
+        result.score_samples(t.loc[:, list(schema.features)].to_numpy(np.float64))
+        for t in ordered])
+    labels = np.concatenate([t[schema.label].to_numpy().astype(int) for t in ordered])
+    metrics: dict[str, Any] = (detection_metrics(labels, scores) if len(set(labels)) == 2
+                               else {"roc_auc": None, "pr_auc": None})
     threshold = result.threshold
     if threshold is None:
         return metrics
@@ -170,21 +215,28 @@ def _train_local(spec: JobSpec, sites: list[LocalSite]) -> tuple[TrainingResult,
 
 def reference_models(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFrame]],
                      schema: FederationSchema, names: list[str]) -> dict[str, Any]:
-    """Centralized (union of train splits) and each-site-alone models, same budget."""
+    """Centralized (union of train splits) and each-site-alone models, same budget.
+
+    A series job has no centralized model (``None``, see ``NO_CENTRAL_SERIES``): one series
+    made of every device's rows would be a series that never existed."""
     spec = JobSpec.model_validate({**spec.model_dump(), "aggregation": "plain", "min_sites": 1,
                                    "dp_epsilon": None, "dp_sgd": False})  # non-private bounds
     tests = [t for _, t in splits]
-    union_train = pd.concat([tr for tr, _ in splits], ignore_index=True)
-    central, _ = _train_local(spec, [LocalSite("central", spec, union_train, tests[0])])
-    central_sites = [{"site": n, **_site_metrics(central, t, schema)}
-                     for n, t in zip(names, tests, strict=True)]
+    centralized: dict[str, Any] | None = None
+    if schema.time is None:
+        union_train = pd.concat([tr for tr, _ in splits], ignore_index=True)
+        central, _ = _train_local(spec, [LocalSite("central", spec, union_train, tests[0])])
+        central_sites = [{"site": n, **_site_metrics(central, t, schema)}
+                         for n, t in zip(names, tests, strict=True)]
+        centralized = {**_pooled(central, tests, schema), "per_site": central_sites}
     local_rows = []
     for name, (train, test) in zip(names, splits, strict=True):
         alone, metrics = _train_local(spec, [LocalSite(name, spec, train, test)])
         local_rows.append({"site": name, **_with_threshold_metrics(metrics)[0],
                            "pooled": _pooled(alone, tests, schema)})
     return {
-        "centralized": {**_pooled(central, tests, schema), "per_site": central_sites},
+        "centralized": centralized,
+        **({} if centralized else {"centralized_why_not": NO_CENTRAL_SERIES}),
         "local_only": {**{k: _mean([r["pooled"].get(k) for r in local_rows])
                           for k in ("roc_auc", "pr_auc", "f1")},
                        "per_site": local_rows},
@@ -239,8 +291,10 @@ def preflight(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFrame]],
     provisioned, so that a job the sites must refuse costs seconds, not a federation.
 
     Checked: the default :class:`DatasetPolicy` (rounds, model, DP, delta, and an epsilon
-    above a fresh dataset's budget), the seeds torch is given (site model and training), and
-    that each site's statistics fit the fixed-point encoding they are summed in.
+    above a fresh dataset's budget), the seeds torch is given (site model and training),
+    that each site's statistics fit the fixed-point encoding they are summed in, and every
+    later phase's encoding bound that the table alone bounds (see
+    :func:`encoding_problems`).
     """
     import torch
 
@@ -266,6 +320,36 @@ def preflight(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFrame]],
             raise JobRefusedError(
                 f"{name}'s values are too large for the secure sum of the column statistics "
                 f"(a sum of squares above {STATS_CODEC.bound:g}); rescale the table") from None
+        problems = encoding_problems(spec, len(train))
+        if problems:
+            raise JobRefusedError(f"{name} has too many rows for the job's secure sums: "
+                                  + "; ".join(problems))
+
+
+def encoding_problems(spec: JobSpec, rows: int) -> list[str]:
+    """The phases after the statistics whose sum a site of ``rows`` training rows could
+    overflow, judged from the row count alone (the statistics are checked exactly, by
+    encoding them). What the table bounds: a histogram or calibration count is at most
+    ``rows``; a PCA moment term at most ``Z_CLIP**2``; a training update carries its row
+    count ``n`` (plain and secure modes). What it cannot bound, so is left to the site,
+    which refuses the call: the rest of a training update (``n·Δ``, ``n·loss`` come out of
+    training), a Deep SVDD centre (the network's embeddings of the rows) and a site's
+    isolation trees (their values are tree structure, the bound only refuses garbage)."""
+    from fed_tasks.detectors.pca import Z_CLIP
+    from fed_tasks.schedule import phases
+
+    per_row = {"hist": 1.0, "calibrate": 1.0, "moments2": Z_CLIP ** 2,
+               **({} if spec.dp_enabled else {"fit": 1.0})}  # DP updates carry no count
+    specs = ([spec.candidate_spec(i) for i in range(len(spec.candidate_models))]
+             if spec.model == "auto" else [spec])
+    problems = []
+    for one in specs:
+        for phase in phases(one):
+            worst = per_row.get(phase.action, 0.0) * rows
+            if worst > phase.codec.bound:
+                problems.append(f"{one.model} {phase.action}: up to {worst:.3g} per value, "
+                                f"above the encoding's bound {phase.codec.bound:g}")
+    return problems
 
 
 def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
@@ -284,11 +368,14 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
                    rounds=cfg.rounds, seed=cfg.seed, aggregation=cfg.aggregation,
                    min_sites=min(2, len(splits)), target_fpr=cfg.target_fpr,
                    patience=cfg.patience, min_delta=cfg.min_delta,
-                   min_local_steps=cfg.min_local_steps, **dp)
-    rows = sum(len(tr) + len(te) for tr, te in splits)
-    how = "one table per site" if len(cfg.data) > 1 else "non-IID split"
-    log(f"{rows:,} rows, {schema.describe()}; {len(splits)} sites, {how} "
-        f"(rows {[len(tr) + len(te) for tr, te in splits]})")
+                   min_local_steps=cfg.min_local_steps, time_column=schema.time, **dp)
+    series = schema.time is not None  # a series site's test split is its whole series
+    site_sizes = [len(tr) if series else len(tr) + len(te) for tr, te in splits]
+    how = {(False, False): "non-IID split", (False, True): "one table per site",
+           (True, False): "consecutive segments of one series",
+           (True, True): "one series per site"}[(series, len(cfg.data) > 1)]
+    log(f"{sum(site_sizes):,} rows, {schema.describe()}; {len(splits)} sites, {how} "
+        f"(rows {site_sizes})")
     preflight(spec, splits, names)  # what would fail after provisioning fails here instead
     from datasites.harness.federation import Federation  # imports syft (~10 s): after input checks
 
@@ -318,7 +405,8 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         privacy = privacy_report(spec, [fed.site(n) for n in names], result.rounds_completed)
     # ROC/PR-AUC of the union (the harness holds it); counts: the sites' own, summed
     federated = {**_pooled(result, [t for _, t in splits], schema), **pooled_counts(per_site)}
-    log("training reference models (centralized, each site alone) ...")
+    log("training reference models (" + ("each site alone; no centralized model for a "
+        "series" if series else "centralized, each site alone") + ") ...")
     refs = reference_models(spec, splits, schema, names)
     return {
         "job_id": spec.job_id,
@@ -329,6 +417,10 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         "seed": cfg.seed,
         "aggregation": spec.aggregation,
         "features": list(schema.features),
+        "time_column": schema.time,
+        "evaluation": ("each site's whole series (unsupervised: labels only at evaluation, as "
+                       "in NAB)" if series else f"stratified {cfg.test_fraction:.0%} test split "
+                       "per site"),
         "dropped_columns": found.report(),
         "target_fpr": spec.target_fpr,
         "threshold": result.threshold,

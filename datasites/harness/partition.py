@@ -1,4 +1,5 @@
-"""Splitting one public table across simulated institutions, non-IID, for demos and tests."""
+"""Splitting one public table across simulated institutions, non-IID (or one series into
+consecutive segments), for demos and tests."""
 
 from __future__ import annotations
 
@@ -6,10 +7,13 @@ import numpy as np
 import pandas as pd
 
 from datasites.runtime.tables import TableError
+from fed_tasks.spec import JobSpec
 
 # Each site keeps a train split and a stratified test split with both classes: with fewer
 # rows per site the split fails later with a vaguer message, or a site trains on nothing.
 MIN_ROWS_PER_SITE = 10
+#: a site's series needs two windows of the job's series model
+SERIES_MIN_ROWS = 2 * JobSpec.model_fields["window"].default
 
 
 def dirichlet_split(frame: pd.DataFrame, n_sites: int, by: str, alpha: float = 0.5,
@@ -41,6 +45,22 @@ def dirichlet_split(frame: pd.DataFrame, n_sites: int, by: str, alpha: float = 0
                     for s in range(n_sites)]
     raise TableError(f"could not split {len(frame)} rows into {n_sites} sites of at least "
                      f"{min_rows} rows; use fewer sites or a larger alpha")
+
+
+def contiguous_split(frame: pd.DataFrame, n_sites: int, min_rows: int) -> list[pd.DataFrame]:
+    """One series (rows in time order) cut into ``n_sites`` consecutive segments of nearly
+    equal length: each device of a fleet holds its own stretch of time. No shuffle: a
+    series model reads each segment in order. Each segment needs ``min_rows`` rows (a
+    series model's two windows)."""
+    if n_sites < 1:
+        raise TableError("need at least one site")
+    if len(frame) < n_sites * min_rows:
+        raise TableError(f"series has {len(frame)} rows, fewer than the {n_sites} sites need "
+                         f"({min_rows} consecutive rows per site, two windows; "
+                         f"{n_sites * min_rows} in all): use fewer sites")
+    bounds = np.linspace(0, len(frame), n_sites + 1).round().astype(int)
+    return [frame.iloc[a:b].reset_index(drop=True)
+            for a, b in zip(bounds[:-1], bounds[1:], strict=True)]
 
 
 def train_test_split(frame: pd.DataFrame, test_fraction: float = 0.3, seed: int = 0,

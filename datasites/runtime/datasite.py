@@ -68,7 +68,13 @@ from datasites.runtime.site_files import (
     write_private,
     write_site_info,
 )
-from datasites.runtime.tables import MOCK_ROWS, FederationSchema, make_mock, validate
+from datasites.runtime.tables import (
+    MOCK_ROWS,
+    MOCK_TIME_STEP,
+    FederationSchema,
+    make_mock,
+    validate,
+)
 from fed_tasks.spec import JobSpec
 
 DATASET_NAME = POLICY_DATASET  # the one dataset a site publishes (see datasites.governance.policy)
@@ -159,11 +165,14 @@ class Datasite:
         description = (f"Private table of {name}: {schema.describe()}. "
                        "Mocks are synthetic: a fixed number of rows (not the private count), "
                        "each column drawn independently with secret randomness from a normal "
-                       "with the column's rounded mean and std; no row-level information.")
+                       "with the column's rounded mean and std; no row-level information."
+                       + (f" The mocks' time column {schema.time!r} is 0, {MOCK_TIME_STEP}, "
+                          f"{2 * MOCK_TIME_STEP}, ... seconds, never the private times."
+                          if schema.time else ""))
         return cls._provision(name, directory, scientist, owner_email, private, mocks,
                               description, owner_password=owner_password,
                               officer_email=officer_email, officer_password=officer_password,
-                              commit=commit, store=store)
+                              commit=commit, store=store, time_column=schema.time)
 
     @classmethod
     def _provision(cls, name: str, directory: str | Path, scientist: Account,
@@ -171,7 +180,7 @@ class Datasite:
                    mocks: dict[str, pd.DataFrame], description: str, *,
                    owner_password: str | None = None, officer_email: str | None = None,
                    officer_password: str | None = None, commit: bool = True,
-                   store: str | None = None) -> Datasite:
+                   store: str | None = None, time_column: str | None = None) -> Datasite:
         """Build the site in a temporary directory beside ``directory``; with ``commit``
         move it into place at once (:meth:`commit`), else the caller adds what else the
         site needs (federation config, keys) and commits it.
@@ -240,7 +249,7 @@ class Datasite:
             site = cls(name, directory, server, accounts, guard, lock=lock)
             site.target = target
             site._users.save(site._syft_users())  # the accounts just made: the baseline
-            site._publish(private, mocks, description)
+            site._publish(private, mocks, description, time_column)
             secure_directory(directory, keep=_SWEEP_KEEP)  # what syft wrote with the umask
             register_guard(site.guard)
             site.start_watching()
@@ -290,10 +299,12 @@ class Datasite:
             shutil.rmtree(self.directory, ignore_errors=True)
 
     def _publish(self, private: dict[str, pd.DataFrame], mocks: dict[str, pd.DataFrame],
-                 description: str) -> None:
+                 description: str, time_column: str | None = None) -> None:
+        # the time column is on record so that the schema check can keep it out of features
         assets_facts = {k: {"rows": len(v), "columns": [str(c) for c in v.columns],
                             "sha256": frame_fingerprint(v), "mock_rows": len(mocks[k]),
-                            "mock_sha256": frame_fingerprint(mocks[k])}
+                            "mock_sha256": frame_fingerprint(mocks[k]),
+                            **({"time_column": time_column} if time_column else {})}
                         for k, v in private.items()}
         self.guard.audit.append(self.operator.email, AuditRole.DATA_OWNER,
                                 Action.DATASET_PUBLISHED, objects={"dataset_id": DATASET_NAME},
@@ -747,13 +758,23 @@ class Datasite:
         return int(rows) if isinstance(rows, int) else None
 
     def _schema_violations(self, spec: JobSpec | None) -> list[str]:
-        """A job may only name columns of the published schema (features and label)."""
-        columns = self._published_train().get("columns")
+        """A job may only name columns of the published schema (features, label, time
+        column), and may order rows by the site's time column but never train on it."""
+        published = self._published_train()
+        columns, time = published.get("columns"), published.get("time_column")
         if spec is None or not columns:
             return []
-        wanted = [*spec.features, *([spec.label_column] if spec.label_column else [])]
+        wanted = [*([spec.time_column] if spec.time_column else []), *spec.features,
+                  *([spec.label_column] if spec.label_column else [])]
         missing = [c for c in wanted if c not in columns]
-        return [f"columns {missing} are not in the published table's schema"] if missing else []
+        out = [f"columns {missing} are not in the published table's schema"] if missing else []
+        if time and time in spec.features:
+            out.append(f"column {time!r} is this site's time column: it may order a series "
+                       "job's rows (time_column), never be a feature")
+        if time and spec.time_column and spec.time_column != time:
+            out.append(f"the job orders rows by {spec.time_column!r}, but this site's time "
+                       f"column is {time!r}")
+        return out
 
     # ---- the dataset's policy and privacy budget ---------------------------------------------
     def policy(self) -> DatasetPolicy:

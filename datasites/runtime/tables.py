@@ -16,6 +16,11 @@ import numpy as np
 import pandas as pd
 
 MOCK_ROWS = 500  # a mock's row count: a public constant, not derived from the private table
+# a mock's time column is 0, 60, 120, ... seconds: public constants, never the private times
+MOCK_TIME_STEP = 60
+# numbers in a time column are seconds since 1970-01-01 UTC; beyond this (about the year
+# 2262) pandas' timestamps overflow, so such a number is not a time
+MAX_TIME_SECONDS = 9_200_000_000
 # A table wider than this is refused up front: the model and the column statistics grow
 # with the width, and a very wide table stalled for minutes before failing.
 MAX_COLUMNS = 10_000
@@ -30,25 +35,36 @@ class TableError(ValueError):
 
 @dataclass(frozen=True)
 class FederationSchema:
-    """Columns every site must hold: numeric features, plus an optional 0/1 label.
+    """Columns every site must hold: numeric features, plus an optional 0/1 label and an
+    optional time column (integer seconds; a series' order, never a feature).
 
     The label is used only by site-side evaluation and never leaves a site.
     """
 
     features: tuple[str, ...]
     label: str | None = None
+    time: str | None = None
 
     @property
     def columns(self) -> tuple[str, ...]:
-        return self.features + ((self.label,) if self.label else ())
+        return (((self.time,) if self.time else ()) + self.features
+                + ((self.label,) if self.label else ()))
 
     def describe(self) -> str:
         label = f"; label column {self.label!r} (0 = normal, 1 = anomaly)" if self.label else ""
-        return f"{len(self.features)} numeric features {list(self.features)}{label}"
+        time = (f"; time column {self.time!r} (orders the rows, never a feature)"
+                if self.time else "")
+        return f"{len(self.features)} numeric features {list(self.features)}{label}{time}"
 
 
-def read_table(path: str | Path) -> pd.DataFrame:
-    """Read a CSV (optionally gzip-compressed) with a header row."""
+def read_table(path: str | Path, time_column: str | None = None) -> pd.DataFrame:
+    """Read a CSV (optionally gzip-compressed) with a header row.
+
+    With ``time_column`` the table is a series: that column is parsed as dates/times
+    (numbers: seconds since 1970-01-01 UTC; text with a zone: converted to UTC, without
+    one: taken as UTC), stored as int64 seconds, and the rows are sorted by it; a value that
+    is no time, or a time held by two rows, is refused naming its row.
+    """
     path = Path(path)
     if path.is_dir():
         raise TableError(f"table {path} is a directory, not a CSV file")
@@ -66,7 +82,64 @@ def read_table(path: str | Path) -> pd.DataFrame:
         raise TableError(f"table {path} is not a readable compressed CSV ({exc})") from exc
     if frame.empty:
         raise TableError(f"table {path} has no rows")
-    return frame
+    return frame if time_column is None else _in_time_order(frame, time_column, path)
+
+
+def _in_time_order(frame: pd.DataFrame, column: str, path: Path) -> pd.DataFrame:
+    """``frame`` with ``column`` as int64 seconds, sorted by it (see :func:`read_table`)."""
+    if column not in frame.columns:
+        raise TableError(f"time column {column!r} not in table {path}; columns are "
+                         f"{[str(c) for c in frame.columns]}")
+    raw = frame[column]
+    where = f"table {path}: time column {column!r}"
+    if pd.api.types.is_bool_dtype(raw):
+        raise TableError(f"{where} holds true/false values, not times")
+    if pd.api.types.is_numeric_dtype(raw):  # seconds since the epoch
+        x = raw.to_numpy(dtype=np.float64)
+        bad = ~(np.isfinite(x) & (np.abs(x) <= MAX_TIME_SECONDS))
+        seconds = np.floor(np.where(bad, 0.0, x)).astype(np.int64)
+    else:
+        parsed = _parse_times(raw)
+        bad = parsed.isna().to_numpy()
+        seconds = ((parsed - pd.Timestamp(0, tz="UTC")) // pd.Timedelta(seconds=1)
+                   ).fillna(0).to_numpy(dtype=np.int64)
+    if bad.any():
+        row = int(np.flatnonzero(bad)[0])
+        more = f"; {int(bad.sum())} values are not" if bad.sum() > 1 else ""
+        raise TableError(f"{where}: {raw.iloc[row]!r} at row {row} is not a date/time{more}")
+    repeated = pd.Series(seconds).duplicated(keep=False).to_numpy()
+    if repeated.any():
+        first = int(np.flatnonzero(repeated)[0])
+        rows = np.flatnonzero(seconds == seconds[first])[:2].tolist()
+        raise TableError(f"{where}: rows {rows[0]} and {rows[1]} hold the same time "
+                         f"{raw.iloc[first]!r} (to the second); each row of a series needs "
+                         "its own time")
+    out = frame.assign(**{column: seconds})
+    return out.sort_values(column, kind="stable").reset_index(drop=True)
+
+
+def _parse_times(raw: pd.Series) -> pd.Series:
+    """Text as UTC timestamps (NaT where a value is no time): pandas infers one format from
+    the first value; only if that leaves values unparsed is each value parsed by itself."""
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # "could not infer format"
+        try:
+            parsed = pd.to_datetime(raw, errors="coerce", utc=True)
+            if parsed.isna().any():
+                parsed = pd.to_datetime(raw, errors="coerce", utc=True, format="mixed")
+        except (ValueError, TypeError, OverflowError):
+            parsed = pd.Series([_one_time(v) for v in raw], index=raw.index,
+                               dtype="datetime64[ns, UTC]")
+    return parsed
+
+
+def _one_time(value: object) -> pd.Timestamp:
+    try:
+        return pd.to_datetime(value, utc=True)
+    except (ValueError, TypeError, OverflowError):
+        return pd.NaT
 
 
 def _check_header(path: Path, header: list[str]) -> None:
@@ -106,14 +179,16 @@ class SchemaResult:
 
 def inspect_tables(frames: pd.DataFrame | list[pd.DataFrame], label: str | None,
                    drop: tuple[str, ...] | list[str] = (),
-                   names: list[str] | None = None) -> SchemaResult:
+                   names: list[str] | None = None, time: str | None = None) -> SchemaResult:
     """The federation schema of one or more input tables (one per institution).
 
-    Every column but the label and ``drop`` is a feature. All tables must hold the same
-    columns (the first one's order is kept); features must be numeric; a feature holding one
-    value over *all* tables together is dropped (constant at one institution only is kept:
-    the federation's variance is not zero). Constancy is decided here, on the whole input,
-    never by a site, which sees only its own rows. ``names`` name the tables in errors.
+    Every column but the label, the time column and ``drop`` is a feature. All tables must
+    hold the same columns (the first one's order is kept); features must be numeric; a
+    feature holding one value over *all* tables together is dropped (constant at one
+    institution only is kept: the federation's variance is not zero). Constancy is decided
+    here, on the whole input, never by a site, which sees only its own rows. ``names`` name
+    the tables in errors. ``time`` (a series' time column, as :func:`read_table` parsed it)
+    is kept in the schema but is never a feature, so neither check applies to it.
     """
     frames = [frames] if isinstance(frames, pd.DataFrame) else list(frames)
     if not frames:
@@ -141,7 +216,11 @@ def inspect_tables(frames: pd.DataFrame | list[pd.DataFrame], label: str | None,
     if label is not None and label in drop:
         raise TableError(f"--drop-columns names the label column {label!r}; use "
                          "--label-column for the label")
-    features = tuple(c for c in first if c != label and c not in drop)
+    if time is not None:
+        check_time_role(time, label, drop)
+        if time not in first:
+            raise TableError(f"time column {time!r} not in the table; columns are {first}")
+    features = tuple(c for c in first if c not in (label, time) and c not in drop)
     if not features:
         raise TableError("table has no feature columns besides the label"
                          + (" and the dropped columns" if drop else ""))
@@ -152,7 +231,7 @@ def inspect_tables(frames: pd.DataFrame | list[pd.DataFrame], label: str | None,
             where = "" if len(frames) == 1 else f"{name}: "
             raise TableError(f"{where}feature columns {text} are not numeric (categorical, "
                              f"text or boolean); drop them with --drop-columns {','.join(text)}")
-    schema = FederationSchema(features, label)
+    schema = FederationSchema(features, label, time)
     for name, frame in zip(names, frames, strict=True):
         validate(frame.loc[:, list(schema.columns)], schema, where=name)
     low = np.min([f.loc[:, list(features)].to_numpy(np.float64).min(axis=0) for f in frames],
@@ -170,7 +249,15 @@ def inspect_tables(frames: pd.DataFrame | list[pd.DataFrame], label: str | None,
             raise TableError(f"label column {label!r} holds only {classes.pop()} (one class): "
                              "evaluation needs both normal (0) and anomalous (1) rows")
     user = tuple(c for c in first if c in drop)
-    return SchemaResult(FederationSchema(kept, label), constant, user)
+    return SchemaResult(FederationSchema(kept, label, time), constant, user)
+
+
+def check_time_role(time: str | None, label: str | None, drop: tuple[str, ...] = ()) -> None:
+    """Refuse a time column that is also the label or dropped (before any table is read)."""
+    if time is not None and (time == label or time in drop):
+        what = "the label column" if time == label else "a dropped column (--drop-columns)"
+        raise TableError(f"--time-column {time!r} is also {what}; a time column only orders "
+                         "the rows")
 
 
 def infer_schema(frame: pd.DataFrame, label: str | None,
@@ -183,7 +270,8 @@ def infer_schema(frame: pd.DataFrame, label: str | None,
 def validate(frame: pd.DataFrame, schema: FederationSchema, where: str = "table",
              min_rows: int = 1) -> None:
     """Raise :class:`TableError` unless ``frame`` has exactly the schema's columns, finite
-    numeric features, a 0/1 label and at least ``min_rows`` rows."""
+    numeric features, a 0/1 label, distinct integer seconds in the time column and at least
+    ``min_rows`` rows."""
     if len(frame) < min_rows:
         raise TableError(f"{where} has {len(frame)} rows, needs at least {min_rows}")
     missing = [c for c in schema.columns if c not in frame.columns]
@@ -213,6 +301,14 @@ def validate(frame: pd.DataFrame, schema: FederationSchema, where: str = "table"
             seen = sorted(map(str, pd.unique(labels)))[:5]
             raise TableError(f"{where}: label column {schema.label!r} must hold only 0 and 1, "
                              f"found {seen}")
+    if schema.time:
+        times = frame[schema.time]
+        if not pd.api.types.is_integer_dtype(times):
+            raise TableError(f"{where}: time column {schema.time!r} must hold integer seconds "
+                             "(read the table with its time column)")
+        if times.duplicated().any():
+            raise TableError(f"{where}: time column {schema.time!r} holds "
+                             f"{times[times.duplicated()].iloc[0]} more than once")
 
 
 def make_mock(frame: pd.DataFrame, schema: FederationSchema, rows: int = MOCK_ROWS, *,
@@ -221,9 +317,10 @@ def make_mock(frame: pd.DataFrame, schema: FederationSchema, rows: int = MOCK_RO
 
     Each feature is drawn independently from a normal with the column's mean and standard
     deviation rounded to 2 significant figures (integer columns: rounded to integers and
-    clipped to the dtype's range); the label is 1 with a fixed probability of 0.1. Nothing
-    else of the private table is used, so the mock reveals no row, no joint structure and
-    no row count:
+    clipped to the dtype's range); the label is 1 with a fixed probability of 0.1; a time
+    column is ``0, MOCK_TIME_STEP, 2 * MOCK_TIME_STEP, ...`` seconds, public constants that
+    depend on nothing private (not even the first time or the step). Nothing else of the
+    private table is used, so the mock reveals no row, no joint structure and no row count:
 
     - randomness comes from :mod:`secrets` (a predictable seed would let anyone regenerate
       the draws); ``seed`` exists for tests only;
@@ -255,6 +352,8 @@ def make_mock(frame: pd.DataFrame, schema: FederationSchema, rows: int = MOCK_RO
             out[col] = draw.astype(dtype)
     if schema.label:
         out[schema.label] = (rng.random(rows) < 0.1).astype(frame[schema.label].dtype)
+    if schema.time:
+        out[schema.time] = np.arange(rows, dtype=np.int64) * MOCK_TIME_STEP
     return pd.DataFrame(out, columns=list(schema.columns))
 
 
