@@ -171,7 +171,7 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _strategy_fits(self) -> JobSpec:
-        if self.personalize_epochs and self.model not in NEURAL_MODELS:
+        if self.personalize_epochs and self.model not in (*NEURAL_MODELS, "auto"):
             raise ValueError(f"personalization fine-tunes a model trained in rounds; model "
                              f"{self.model!r} has none")
         if self.strategy == "fedavg":
@@ -231,5 +231,9 @@ SELECTABLE = ("ae", "vae", "deepsvdd", "pca", "hbos", "iforest")
 
 @functools.lru_cache(maxsize=256)
 def _candidate_spec(spec: JobSpec, index: int) -> JobSpec:
-    return JobSpec.model_validate({**spec.model_dump(), "model": spec.candidate_models[index],
-                                   "job_id": f"{spec.job_id}c{index}", "candidates": None})
+    model = spec.candidate_models[index]
+    rounds_only = {} if model in NEURAL_MODELS else {"strategy": "fedavg",
+                                                     "personalize_epochs": 0}
+    return JobSpec.model_validate({**spec.model_dump(), "model": model,
+                                   "job_id": f"{spec.job_id}c{index}", "candidates": None,
+                                   **rounds_only})

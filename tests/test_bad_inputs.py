@@ -301,7 +301,23 @@ def _options_cases() -> dict[str, tuple[list[str], str]]:
                               "--aggregation: 'bogus' is not a choice (allowed: plain, "
                               "paillier, secagg)"),
         "model-bogus": (["--model", "gan"], "--model: 'gan' is not a choice (allowed: ae, vae, "
-                        "deepsvdd, lstm-ae, pca, hbos, iforest)"),
+                        "deepsvdd, lstm-ae, pca, hbos, iforest, auto)"),
+        "strategy-bogus": (["--strategy", "fedsgd"], "--strategy: 'fedsgd' is not a choice"),
+        **{f"{s}-secagg": (["--strategy", s, "--aggregation", "secagg"],
+                           f"--strategy '{s}' needs every site's update in clear")
+           for s in ("median", "trimmed-mean", "krum")},
+        "strategy-with-pca": (["--strategy", "fedprox", "--model", "pca"],
+                              "--strategy 'fedprox' combines training --rounds; --model 'pca' "
+                              "has none"),
+        "scaffold-epsilon": (["--strategy", "scaffold", *eps],
+                             "strategy 'scaffold' sends control variates that no site can "
+                             "noise yet"),
+        "auto-epsilon": (["--model", "auto", *eps], "--model 'auto' is not available with "
+                         "differential privacy yet"),
+        "personalize-negative": (["--personalize", "-1"],
+                                 "--personalize: -1 is out of range (allowed: 0 to 100)"),
+        "personalize-pca": (["--personalize", "2", "--model", "hbos"],
+                            "personalization fine-tunes a --model trained in --rounds"),
         "series-model-without-time-column": (["--model", "lstm-ae"],
                                              "--model lstm-ae reads each site's series in time "
                                              "order: name the table's time column with "

@@ -225,3 +225,22 @@ def test_train_lines_and_report_cope_with_undefined_metrics():
                         rows, 1.0)
     assert out["federated"]["roc_auc_mean"] == 0.8 and out["federated"]["tp"] == 3
     assert out["federated"]["f1"] == pytest.approx(6 / 10)  # pooled: tp 3, fp 3, fn 1
+
+
+def test_demo_selects_a_model_with_a_robust_strategy_and_personalized_copies(tmp_path,
+                                                                               shuttle_small):
+    """--model auto --strategy median --personalize: every candidate trained under one
+    approval per site, the chosen one named, each site's personalized metrics reported."""
+    csv, report = tmp_path / "t.csv", tmp_path / "r.json"
+    shuttle_small.iloc[:1500].to_csv(csv, index=False)
+    proc = _run("demo", "--data", str(csv), "--model", "auto", "--strategy", "median",
+                "--personalize", "1", "--rounds", "2", "--report", str(report))
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    data = json.loads(report.read_text())
+    chosen = [c for c in data["selection"] if c["chosen"]]
+    assert len(chosen) == 1 and data["chosen_model"] == chosen[0]["model"]
+    assert [c["model"] for c in data["selection"]] == ["pca", "hbos", "ae", "iforest"]
+    assert f"auto -> {data['chosen_model']}" in proc.stdout and "<- chosen" in proc.stdout
+    assert data["strategy"] == "median"
+    if data["chosen_model"] == "ae":  # only a model trained in rounds has a copy to tune
+        assert all("personalized" in s for s in data["per_site"])

@@ -16,6 +16,7 @@ from typing import Any
 
 from fed_tasks.detectors import REGISTRY
 from fed_tasks.spec import NO_DP_MODELS, PLAIN_ONLY_MODELS, SERIES_MODELS
+from fed_tasks.strategies import REGISTRY as STRATEGY_REGISTRY
 
 SITES_MIN, SITES_MAX = 2, 20  # DatasetPolicy.min_sites: an aggregate combines >= 2 sites
 ROUNDS_MIN, ROUNDS_MAX = 1, 100  # DatasetPolicy.max_rounds (JobSpec alone allows 1000)
@@ -25,7 +26,9 @@ DELTA_MAX = 1e-5  # DatasetPolicy.max_delta
 SEED_MAX = (2**64 - 1 - ROUNDS_MAX) // 100_003
 # every detector a job may name (and a new site's policy allows); the series models
 # (SERIES_MODELS) need --time-column, which the others refuse
-MODELS = tuple(REGISTRY)
+MODELS = (*REGISTRY, "auto")  # auto: the best of several (fed_tasks/selection.py)
+STRATEGIES = tuple(STRATEGY_REGISTRY)
+PERSONALIZE_MAX = 100  # JobSpec.personalize_epochs
 DP_MODELS = tuple(m for m in MODELS if m not in NO_DP_MODELS)  # those that take --epsilon
 PLAIN_ONLY = tuple(m for m in MODELS if m in PLAIN_ONLY_MODELS)  # --aggregation plain only
 TARGET_FPR_MIN, TARGET_FPR_MAX = 0.0, 0.5  # JobSpec.target_fpr, both bounds excluded
@@ -37,7 +40,8 @@ FLAGS = {"rounds": "--rounds", "seed": "--seed", "aggregation": "--aggregation",
          "dp_delta": "--delta", "dp_clip": "--clip", "dp_sgd": "--dp-sgd",
          "label_column": "--label-column", "features": "--data",
          "target_fpr": "--target-fpr", "patience": "--patience",
-         "time_column": "--time-column"}
+         "time_column": "--time-column", "strategy": "--strategy",
+         "personalize_epochs": "--personalize"}
 ALLOWED = {"--sites": f"{SITES_MIN} to {SITES_MAX}",
            "--rounds": f"{ROUNDS_MIN} to {ROUNDS_MAX}",
            "--seed": f"0 to {SEED_MAX}",
@@ -47,7 +51,17 @@ ALLOWED = {"--sites": f"{SITES_MIN} to {SITES_MAX}",
            "--delta": f"above 0, at most {DELTA_MAX:g}",
            "--clip": "a finite number above 0",
            "--target-fpr": f"above {TARGET_FPR_MIN:g}, below {TARGET_FPR_MAX:g}",
-           "--patience": f"0 to {PATIENCE_MAX}"}
+           "--patience": f"0 to {PATIENCE_MAX}",
+           "--strategy": ", ".join(STRATEGIES),
+           "--personalize": f"0 to {PERSONALIZE_MAX}"}
+
+
+def strategy_options(strategy: str, sites: int) -> dict[str, Any]:
+    """The strategy's spec fields for a demo of ``sites`` institutions: Krum tolerates
+    ⌊(n − 3)/2⌋ malicious sites and needs every site in each round."""
+    if strategy != "krum":
+        return {"strategy": strategy, "min_sites": min(2, sites)}
+    return {"strategy": strategy, "min_sites": sites, "krum_byzantine": max(0, (sites - 3) // 2)}
 
 
 class JobOptionError(ValueError):
@@ -78,7 +92,8 @@ def spec_error_line(exc: Any) -> str:
 def check_job_options(*, sites: int, rounds: int, model: str, aggregation: str, seed: int,
                       epsilon: float | None, delta: float, clip: float, dp_sgd: bool,
                       target_fpr: float | None = None, patience: int = 0,
-                      time_column: str | None = None) -> None:
+                      time_column: str | None = None, strategy: str = "fedavg",
+                      personalize: int = 0) -> None:
     """Build the :class:`JobSpec` the demo would build (with a stand-in feature), so that a
     bad option fails in milliseconds, before the table is read or a site exists."""
     from pydantic import ValidationError
@@ -101,6 +116,7 @@ def check_job_options(*, sites: int, rounds: int, model: str, aggregation: str, 
     try:
         JobSpec(model=model, features=("x" if time_column != "x" else "y",),
                 time_column=time_column, rounds=rounds, seed=seed, aggregation=aggregation,
-                min_sites=min(2, sites), target_fpr=target_fpr, patience=patience, **dp)
+                target_fpr=target_fpr, patience=patience, personalize_epochs=personalize,
+                **strategy_options(strategy, sites), **dp)
     except ValidationError as exc:
         raise JobOptionError(spec_error_line(exc)) from None

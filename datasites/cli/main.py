@@ -151,7 +151,7 @@ def results_table(report: dict[str, Any]) -> Table:
     series = report.get("time_column") is not None
     where = "each site's whole private series" if series else "the sites' private test splits"
     table = Table(title=f"{metrics} on {where}\n"
-                        f"{report.get('model', 'ae')}, {report['sites']} sites, "
+                        f"{_model_words(report)}, {report['sites']} sites, "
                         f"{_rounds(report)}{report['aggregation']} aggregation"
                         + (f", {report['dp']} epsilon {report['epsilon_spent']:.3g}"
                            if report.get("dp") else ""))
@@ -344,6 +344,14 @@ def demo(
     patience: int = typer.Option(DEMO_PATIENCE, min=0, max=opts.PATIENCE_MAX, help=(
         "Early stopping of the neural models: stop once the federated loss improved by less "
         "than 1% for this many rounds in a row; 0 runs every round.")),
+    strategy: str = typer.Option("fedavg", click_type=click.Choice(opts.STRATEGIES), help=(
+        "How each round's updates are combined: fedavg, fedprox, scaffold, fedadam, fedyogi "
+        "(every mode); median, trimmed-mean, krum (robust to a poisoning site; --aggregation "
+        "plain only).")),
+    personalize: int = typer.Option(0, "--personalize", min=0, max=opts.PERSONALIZE_MAX,
+                                    help=(
+        "After the rounds each site fine-tunes its own copy for this many epochs and reports "
+        "global and personalized metrics (the copy never leaves the site).")),
     seed: int = typer.Option(0, min=0, max=opts.SEED_MAX,
                              help="Seed for the split and the model."),
     report: Path = typer.Option(None, help="Write the JSON report here."),
@@ -375,7 +383,8 @@ def demo(
         opts.check_job_options(sites=n_sites, rounds=rounds, model=model,
                                aggregation=aggregation, seed=seed, epsilon=epsilon,
                                delta=delta, clip=clip, dp_sgd=dp_sgd, target_fpr=target_fpr,
-                               patience=patience, time_column=time_column)
+                               patience=patience, time_column=time_column,
+                               strategy=strategy, personalize=personalize)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
     if report is not None:
@@ -393,6 +402,7 @@ def demo(
                      model=model, drop_columns=dropped, target_fpr=target_fpr,
                      time_column=time_column,
                      patience=patience, seed=seed, aggregation=aggregation,
+                     strategy=strategy, personalize_epochs=personalize,
                      keep_sites=keep_sites, passwords=passwords,
                      epsilon=epsilon, delta=delta, clip=clip, dp_sgd=dp_sgd)
 
@@ -412,6 +422,8 @@ def demo(
         _print_kept_sites(cfg)
     console.print(results_table(result))
     _say(_threshold_line(result))
+    for line in _selection_lines(result) + _personalized_lines(result):
+        _say(line)
     if result["dropped_columns"]["constant"] or result["dropped_columns"]["user"]:
         _say(f"columns left out: constant {result['dropped_columns']['constant']}, "
              f"--drop-columns {result['dropped_columns']['user']}")
@@ -432,6 +444,33 @@ def demo(
             raise _fail(f"cannot write the report to --report {report}: "
                         f"{exc.strerror or exc}") from None
         console.print(f"report written to {report}")
+
+
+def _model_words(report: dict[str, Any]) -> str:
+    """The job's model; for --model auto, the candidate it kept."""
+    model = report.get("model", "ae")
+    return f"auto -> {report['chosen_model']}" if model == "auto" else model
+
+
+def _selection_lines(result: dict[str, Any]) -> list[str]:
+    """--model auto: each candidate's pooled validation ROC-AUC, and the one kept."""
+    out = []
+    for c in result.get("selection") or []:
+        auc = c["validation_roc_auc"]
+        out.append(f"candidate {c['model']}: validation ROC-AUC "
+                   + (f"{auc:.3f}" if auc is not None else "-")
+                   + (" <- chosen" if c["chosen"] else ""))
+    return out
+
+
+def _personalized_lines(result: dict[str, Any]) -> list[str]:
+    """--personalize: each site's global vs personalized ROC-AUC (its own copy)."""
+    def fmt(v: Any) -> str:
+        return f"{v:.3f}" if isinstance(v, int | float) else "-"
+
+    return [f"{s['site']}: ROC-AUC global {fmt(s.get('roc_auc'))}, personalized "
+            f"{fmt(s['personalized'].get('roc_auc'))}"
+            for s in result.get("per_site") or [] if s.get("personalized")]
 
 
 def _check_output(path: Path, flag: str, *, create_parents: bool) -> None:

@@ -35,7 +35,7 @@ from datasites.runtime.tables import (
 from fed_tasks.evaluation import detection_metrics
 from fed_tasks.local import LocalSite
 from fed_tasks.orchestrator import FederatedTrainer, TrainingResult
-from fed_tasks.spec import SERIES_MODELS, JobSpec
+from fed_tasks.spec import INDIVIDUAL_STRATEGIES, SERIES_MODELS, JobSpec
 
 BUNDLED_TABLE = Path(__file__).parents[1] / "data" / "shuttle.csv.gz"
 BUNDLED_LABEL = "anomaly"
@@ -58,6 +58,8 @@ class DemoConfig:
     drop_columns: tuple[str, ...] = ()  # left out of the schema (e.g. categorical columns)
     target_fpr: float | None = 0.05  # alarm threshold: this share of training rows above it
     patience: int = 0  # early stopping (neural models): rounds without improvement
+    strategy: str = "fedavg"  # how rounds are combined (fed_tasks/strategies)
+    personalize_epochs: int = 0  # each site fine-tunes its own copy after the rounds
     min_delta: float = 0.01  # relative loss improvement that counts as one
     min_local_steps: int = 20  # minibatch steps per site and round, at least
     aggregation: str = "plain"
@@ -219,8 +221,11 @@ def reference_models(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFram
 
     A series job has no centralized model (``None``, see ``NO_CENTRAL_SERIES``): one series
     made of every device's rows would be a series that never existed."""
+    # non-private bounds; one site: a robust strategy of one update is that update
+    alone_strategy = "fedavg" if spec.strategy in INDIVIDUAL_STRATEGIES else spec.strategy
     spec = JobSpec.model_validate({**spec.model_dump(), "aggregation": "plain", "min_sites": 1,
-                                   "dp_epsilon": None, "dp_sgd": False})  # non-private bounds
+                                   "dp_epsilon": None, "dp_sgd": False,
+                                   "strategy": alone_strategy})
     tests = [t for _, t in splits]
     centralized: dict[str, Any] | None = None
     if schema.time is None:
@@ -302,6 +307,10 @@ def preflight(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFrame]],
     from fed_tasks.encoding import STATS_CODEC
     from fed_tasks.site_step import initial_weights, stats
 
+    if spec.model == "auto":  # every candidate is a job of its own
+        for i in range(len(spec.candidate_models)):
+            preflight(spec.candidate_spec(i), splits, names)
+        return
     policy = DatasetPolicy()
     problems = policy.violations(spec, remaining=policy.epsilon_budget)
     if problems:
@@ -364,11 +373,14 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
     if cfg.epsilon is not None:
         dp = {"dp_epsilon": cfg.epsilon, "dp_delta": cfg.delta, "dp_clip": cfg.clip,
               "dp_sgd": cfg.dp_sgd, **({"trim": 0.0} if cfg.dp_sgd else {})}
+    from datasites.cli.job_options import strategy_options
+
     spec = JobSpec(model=cfg.model, features=schema.features, label_column=schema.label,
                    rounds=cfg.rounds, seed=cfg.seed, aggregation=cfg.aggregation,
-                   min_sites=min(2, len(splits)), target_fpr=cfg.target_fpr,
-                   patience=cfg.patience, min_delta=cfg.min_delta,
-                   min_local_steps=cfg.min_local_steps, time_column=schema.time, **dp)
+                   target_fpr=cfg.target_fpr, patience=cfg.patience, min_delta=cfg.min_delta,
+                   min_local_steps=cfg.min_local_steps, time_column=schema.time,
+                   personalize_epochs=cfg.personalize_epochs,
+                   **strategy_options(cfg.strategy, len(splits)), **dp)
     series = schema.time is not None  # a series site's test split is its whole series
     site_sizes = [len(tr) if series else len(tr) + len(te) for tr, te in splits]
     how = {(False, False): "non-IID split", (False, True): "one table per site",
@@ -414,6 +426,9 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         "sites": len(names),
         "rounds": cfg.rounds,
         "model": cfg.model,
+        "chosen_model": result.spec.model,  # model="auto": the candidate kept
+        "selection": result.selection,
+        "strategy": spec.strategy,
         "seed": cfg.seed,
         "aggregation": spec.aggregation,
         "features": list(schema.features),
