@@ -12,8 +12,15 @@ sum as adding the vectors in clear (up to fixed-point rounding, tested elsewhere
 ``secrets`` (as at a real site), so every DP configuration is repeated and the mean and
 range are reported. ``--syft`` adds one DP-SGD job through real PySyft datasites.
 
-Usage: ``python benchmarks/privacy_utility.py [--repeats 3] [--syft]``; prints a table and
-writes ``benchmarks/results/privacy_utility.json``.
+The detectors built from sums (pca, hbos) get their own table: row-level DP on each summed
+release (fed_tasks/dp_sums.py) at epsilon in {0.5, 1, 3}, with the alarm threshold
+(target_fpr 0.05) calibrated under the same epsilon, ``SUM_REPEATS`` runs per cell (mean,
+min, max), beside the non-private detectors and the distance ‖z‖² of the mock-standardized
+row (an untrained pca: identity covariance) as the floor.
+
+Usage: ``python benchmarks/privacy_utility.py [--repeats 3] [--syft] [--sums-only]``; prints
+the tables and writes ``benchmarks/results/privacy_utility.json`` (``--sums-only`` runs only
+the sum detectors and replaces just their rows in an existing file).
 """
 
 from __future__ import annotations
@@ -36,6 +43,9 @@ FEDAVG = {"rounds": 1, "local_epochs": 20}
 FEDAVG_CLIPS = (0.1, 1.0)
 SGD = {"rounds": 3, "local_epochs": 2, "trim": 0.0}
 SGD_CLIP = 1.0
+SUM_EPSILONS = (0.5, 1.0, 3.0)
+SUM_REPEATS = 5
+SUM_TARGET_FPR = 0.05
 
 
 def _setup():
@@ -102,6 +112,77 @@ def _untrained(schema, splits, mocks) -> dict[str, Any]:
     return _pooled(result, splits, schema)
 
 
+def _run_sums(schema, splits, mocks, **spec_kw) -> dict[str, Any]:
+    """A pca/hbos job: pooled metrics, and the share of all training rows above the
+    calibrated threshold (its target: ``SUM_TARGET_FPR``)."""
+    import pandas as pd
+
+    from fed_tasks.aggregation import PlainSum
+    from fed_tasks.orchestrator import FederatedTrainer
+    from fed_tasks.spec import JobSpec
+
+    spec = JobSpec(features=schema.features, label_column=schema.label, min_sites=3,
+                   target_fpr=SUM_TARGET_FPR, **spec_kw)
+    started = time.perf_counter()
+    result = FederatedTrainer(spec, _sites(spec, splits, mocks), progress=False,
+                              secure_sum=PlainSum(3)).fit()
+    seconds = time.perf_counter() - started
+    train = pd.concat([tr for tr, _ in splits]).loc[:, list(schema.features)].to_numpy()
+    above = float(np.mean(result.score_samples(train) > result.threshold))
+    return {**_pooled(result, splits, schema), "seconds": seconds, "train_alarm_rate": above}
+
+
+def _norm_floor(schema, splits, mocks) -> dict[str, Any]:
+    """‖z‖² of the row standardized by the public mocks: pca with identity covariance."""
+    from datasites.harness.demo import _pooled as pooled
+    from fed_tasks.orchestrator import FederatedTrainer
+    from fed_tasks.spec import JobSpec
+
+    spec = JobSpec(features=schema.features, label_column=schema.label, dp_epsilon=1.0)
+    norm = FederatedTrainer(spec, _sites(spec, splits, mocks), progress=False).standardizer()
+
+    class Distance:
+        threshold = None
+
+        def score_samples(self, x):
+            return np.sum(norm.transform(x) ** 2, axis=1)
+
+    return pooled(Distance(), [te for _, te in splits], schema)
+
+
+def _sum_rows(schema, splits, mocks) -> list[dict[str, Any]]:
+    from fed_tasks import dp_sums
+    from fed_tasks.spec import JobSpec
+
+    rows = [{"mode": "distance ||z||^2 to the mock mean (floor)", "epsilon": 0.0,
+             "repeats": 1, **_norm_floor(schema, splits, mocks)}]
+    for model in ("pca", "hbos"):
+        rows.append(_sum_row(f"{model}, no DP", math.inf,
+                             [_run_sums(schema, splits, mocks, model=model)]))
+        for agg, label in (("plain", "each site adds all noise"),
+                           ("paillier", "secure sum, noise shared by 3")):
+            for eps in SUM_EPSILONS:
+                kw = {"model": model, "dp_epsilon": eps, "aggregation": agg}
+                runs = [_run_sums(schema, splits, mocks, **kw) for _ in range(SUM_REPEATS)]
+                spec = JobSpec(features=schema.features, min_sites=3,
+                               target_fpr=SUM_TARGET_FPR, **kw)
+                rows.append(_sum_row(f"{model}, DP per row, {label}", eps, runs,
+                                     noise_multiplier=dp_sums.noise_multiplier(spec),
+                                     releases=dp_sums.releases(spec)))
+                print(rows[-1], flush=True)
+    return rows
+
+
+def _sum_row(mode: str, epsilon: float, runs: list[dict], **info) -> dict[str, Any]:
+    row = _row(mode, epsilon, runs, **info)
+    for key in ("f1", "train_alarm_rate"):
+        values = [r[key] for r in runs if r.get(key) is not None]
+        if values:
+            row |= {key: float(np.mean(values)), f"{key}_min": min(values),
+                    f"{key}_max": max(values)}
+    return row
+
+
 def _row(mode: str, epsilon: float | None, runs: list[dict], **info) -> dict[str, Any]:
     roc = [r["roc_auc"] for r in runs]
     pr = [r["pr_auc"] for r in runs]
@@ -131,12 +212,23 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--syft", action="store_true", help="add one DP-SGD run via syft")
+    parser.add_argument("--sums-only", action="store_true",
+                        help="only the pca/hbos rows, replaced in an existing results file")
     args = parser.parse_args()
 
     from fed_tasks import dp_step
     from fed_tasks.spec import JobSpec
 
     schema, splits, mocks = _setup()
+    sum_rows = _sum_rows(schema, splits, mocks)
+    if args.sums_only:
+        report = json.loads(RESULTS.read_text()) if RESULTS.exists() else {}
+        report["sum_detector_rows"] = sum_rows
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        RESULTS.write_text(json.dumps(report, indent=2, default=str))
+        _print_sums(sum_rows)
+        print(f"written to {RESULTS}")
+        return
     rows = [{"mode": "untrained autoencoder (floor)", "epsilon": 0.0, "repeats": 1,
              **_untrained(schema, splits, mocks)}]
     base = _run(schema, splits, mocks, rounds=10)
@@ -167,10 +259,31 @@ def main() -> None:
         print(rows[-1], flush=True)
     syft = _syft_dp_sgd(schema, splits, 3.0) if args.syft else None
     report = {"data": "ODDS shuttle, 3 non-IID sites (demo split, seed 0)", "delta": 1e-5,
-              "rows": rows, "syft_dp_sgd_epsilon_3": syft}
+              "rows": rows, "syft_dp_sgd_epsilon_3": syft, "sum_detector_rows": sum_rows}
     RESULTS.parent.mkdir(parents=True, exist_ok=True)
     RESULTS.write_text(json.dumps(report, indent=2, default=str))
+    _print_sums(sum_rows)
     _print(rows, syft)
+
+
+def _print_sums(rows: list[dict]) -> None:
+    def cell(r, key, digits=3):
+        if r.get(key) is None:
+            return "-"
+        mean = f"{r[key]:.{digits}f}"
+        if f"{key}_min" not in r or r.get("repeats", 1) < 2:
+            return mean
+        return f"{mean} [{r[f'{key}_min']:.{digits}f},{r[f'{key}_max']:.{digits}f}]"
+
+    print(f"\n{'detector built from sums':<48} {'eps':>4} {'z':>6}  {'ROC-AUC':>21}  "
+          f"{'PR-AUC':>21}  {'F1':>21}  {'train alarm rate':>21}")
+    for r in rows:
+        eps = "inf" if r["epsilon"] == math.inf else ("-" if r["epsilon"] == 0 else
+                                                      f"{r['epsilon']:g}")
+        z = r.get("noise_multiplier")
+        print(f"{r['mode']:<48} {eps:>4} {'-' if z is None else f'{z:.3g}':>6}  "
+              f"{cell(r, 'roc_auc'):>21}  {cell(r, 'pr_auc'):>21}  {cell(r, 'f1'):>21}  "
+              f"{cell(r, 'train_alarm_rate', 4):>21}")
 
 
 def _print(rows: list[dict], syft: dict | None) -> None:

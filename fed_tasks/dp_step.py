@@ -28,6 +28,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from fed_tasks import dp_sums
 from fed_tasks.spec import JobSpec
 from fed_tasks.strategy import pack_update
 from privacy.dp import DpConfig, DpPlan, clip_l2, epsilon_for, noise_multiplier_for, site_noise
@@ -62,7 +63,7 @@ def _client_plan(epsilon: float, delta: float, clip: float, rounds: int) -> DpPl
 
 def client_plan(spec: JobSpec) -> DpPlan:
     """The job's DP-FedAvg plan: noise multiplier and per-round epsilon charges."""
-    if spec.dp_epsilon is None or spec.dp_sgd:
+    if spec.dp_epsilon is None or spec.dp_sgd or dp_sums.applies(spec):
         raise ValueError(f"job {spec.job_id!r} does not use client-level DP")
     return _client_plan(float(spec.dp_epsilon), float(spec.dp_delta), float(spec.dp_clip),
                         int(spec.rounds))
@@ -175,7 +176,8 @@ def fit_dp_sgd(model, x: np.ndarray, spec: JobSpec) -> None:
 
 # ---------------------------------------------------------------- accounting per release
 def cumulative_epsilon(spec: JobSpec, releases: int, n_rows: int | None = None) -> float:
-    """Epsilon of the job at this site after ``releases`` training rounds left it.
+    """Epsilon of the job at this site after ``releases`` training rounds (or, for pca and
+    hbos, noised sums: :mod:`fed_tasks.dp_sums`) left it.
 
     The accountant's figure (``dp_accounting`` RDP, composed within the job), so the ledger's
     per-round charges ``cumulative(k) - cumulative(k-1)`` add up to exactly this. Releases
@@ -185,6 +187,8 @@ def cumulative_epsilon(spec: JobSpec, releases: int, n_rows: int | None = None) 
         return 0.0
     if spec.dp_epsilon is None:
         return math.inf
+    if dp_sums.applies(spec):  # pca/hbos: per-row noise on each summed release
+        return dp_sums.cumulative_epsilon(spec, releases)
     if spec.dp_sgd:
         if n_rows is None:
             raise ValueError("DP-SGD accounting needs the site's row count")
@@ -203,9 +207,12 @@ def _client_cumulative(epsilon: float, delta: float, clip: float, rounds: int,
 
 
 def noise_multiplier(spec: JobSpec, n_rows: int | None = None) -> float | None:
-    """The job's z (client-level), or this site's z (DP-SGD, needs ``n_rows``); None: no DP."""
+    """The job's z (client-level, or row-level on sums), or this site's z (DP-SGD, needs
+    ``n_rows``); None: no DP."""
     if spec.dp_epsilon is None:
         return None
+    if dp_sums.applies(spec):
+        return dp_sums.noise_multiplier(spec)
     if spec.dp_sgd:
         return sgd_plan(spec, n_rows).noise_multiplier if n_rows else None
     return client_plan(spec).noise_multiplier

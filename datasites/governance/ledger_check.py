@@ -28,6 +28,7 @@ from typing import Any
 from datasites.governance.audit import Action
 from datasites.governance.ledger import BUDGET_RTOL
 from datasites.governance.policy import DATASET_NAME, DatasetPolicy
+from fed_tasks.spec import ROW_DP_MODELS
 
 #: Absolute slack when comparing spent epsilon/delta (on top of the relative BUDGET_RTOL).
 ABS_TOL = 1e-12
@@ -86,6 +87,9 @@ def ledger_from_log(entries: list[dict[str, Any]],
 def _job_info(spec: dict[str, Any]) -> dict[str, Any]:
     if not spec:
         return {}
+    if spec.get("model") in ROW_DP_MODELS:  # noised sums (fed_tasks/dp_sums.py)
+        return {"kind": "dp_sums", "target_epsilon": spec.get("dp_epsilon"),
+                "clip": spec.get("dp_row_clip") if spec.get("model") == "pca" else None}
     return {"kind": "dp_sgd" if spec.get("dp_sgd") else "dp_fedavg",
             "target_epsilon": spec.get("dp_epsilon"), "rounds": spec.get("rounds"),
             "clip": spec.get("dp_clip")}

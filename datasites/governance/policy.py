@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from datasites.governance.ledger import write_json_atomic
 from fed_tasks.detectors import REGISTRY
-from fed_tasks.spec import JobSpec
+from fed_tasks.spec import ROW_DP_MODELS, JobSpec
 
 DATASET_NAME = "records"  # the one dataset each fedsyft site publishes
 POLICY_FILE = "policy.json"
@@ -144,7 +144,8 @@ class DatasetPolicy(BaseModel):
             if spec.dp_delta > self.max_delta:
                 out.append(f"dp_delta={spec.dp_delta:g} exceeds the maximum delta "
                            f"{self.max_delta:g}")
-            if self.max_clip is not None and spec.dp_clip > self.max_clip:
+            if (self.max_clip is not None and spec.dp_clip > self.max_clip
+                    and spec.model not in ROW_DP_MODELS):  # pca/hbos: dp_clip unused
                 out.append(f"dp_clip={spec.dp_clip:g} exceeds the maximum clipping bound "
                            f"{self.max_clip:g}")
             if remaining is not None and spec.dp_epsilon > remaining * (1 + 1e-9):

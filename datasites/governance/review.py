@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from fed_tasks import calibration
+from fed_tasks import calibration, dp_sums
 from fed_tasks.detectors import rules_for
 from fed_tasks.spec import JobSpec
 
@@ -135,9 +135,13 @@ def _shape(s: JobSpec, rows: int | None) -> str:
 
 def _leaves(s: JobSpec) -> str:
     threshold = (f", then twice the counts of your training rows' scores in "
-                 f"{calibration.COARSE + 2:,} fixed bins (the alarm threshold at "
+                 f"{calibration.bins(s) + 2:,} fixed bins (the alarm threshold at "
                  f"{s.target_fpr:.1%} false positives; no single score leaves)"
                  if calibration.enabled(s) else "")
+    if dp_sums.applies(s):
+        return ("  leaves the site: feature counts/sums of the published mock (nothing "
+                f"private), then {rules_for(s).leaves}{threshold}, each with Gaussian noise "
+                "added here (see differential privacy), then the metrics (not noised)")
     if s.model not in MODEL_NAMES or s.model == "deepsvdd":
         return (f"  leaves the site: one feature count/sum/sum-of-squares, then "
                 f"{rules_for(s).leaves}{threshold}, then the metrics")
@@ -153,6 +157,8 @@ def _privacy(s: JobSpec) -> str:
     if not s.dp_enabled:
         return ("  differential privacy: none; the updates and the released model carry no "
                 "formal guarantee")
+    if dp_sums.applies(s):
+        return _row_privacy(s)
     if s.dp_sgd:
         return (f"  differential privacy: sample-level DP-SGD, epsilon {s.dp_epsilon:g} at delta "
                 f"{s.dp_delta:g} per row over the whole job; each row's gradient is clipped to "
@@ -165,3 +171,28 @@ def _privacy(s: JobSpec) -> str:
             f"{s.dp_delta:g} for this whole site over {s.rounds} rounds; each round the update "
             f"is clipped to L2 norm {s.dp_clip:g} and this site adds {share}, noise multiplier "
             f"{z:.3g}; charged to the ledger round by round")
+
+
+def _row_privacy(s: JobSpec) -> str:
+    """A pca/hbos job under DP: which sums are noised, with how much, and who adds it."""
+    from fed_tasks.dp_step import noise_shares
+
+    d, action = len(s.features), dp_sums.DETECTOR_ACTION[s.model]
+    size = (f"sensitivity {dp_sums.sensitivity(s, action):.3g}), noise std "
+            f"{dp_sums.noise_std(s, action):.3g}")
+    parts = [f"the per-feature histograms (one row moves {d} counts by 1: {size} on each "
+             "released count"
+             if action == "hist" else
+             f"the second-moment sums (each standardized row first clipped to L2 norm "
+             f"{s.dp_row_clip:g}: {size} on each released value"]
+    if calibration.enabled(s):
+        parts.append(f"the {calibration.PASSES} threshold passes (one row moves one count), "
+                     f"noise std {dp_sums.noise_std(s, 'calibrate'):.3g} on each released count")
+    n = noise_shares(s)
+    share = ("this site adds all of it" if n == 1 else
+             f"this site adds 1/{n} of the noise variance (the secure sum gets all of it)")
+    return (f"  differential privacy: per row, epsilon {s.dp_epsilon:g} at delta "
+            f"{s.dp_delta:g} for each row of your table over the whole job: Gaussian noise on "
+            f"each of its {dp_sums.releases(s)} summed release(s), noise multiplier "
+            f"{dp_sums.noise_multiplier(s):.3g}: " + "; ".join(parts) + f"; {share}; each "
+            "release is charged to the ledger before it is computed")

@@ -5,8 +5,10 @@ through :func:`datasites.runtime.site_entry.run_approved`, whoever wrote the dat
 
 - the dataset's *current* policy is re-checked at every call (an owner who tightens the
   policy stops running jobs that no longer comply);
-- a DP job's training release is charged to the dataset's ledger before it is computed,
-  and refused if it would overspend the budget (``privacy budget exhausted ...``);
+- a DP job's training release (or, for pca/hbos, each noised sum: ``fed_tasks.dp_sums``)
+  is charged to the dataset's ledger before it is computed, and refused if it would
+  overspend the budget (``privacy budget exhausted ...``); any other summed action of a DP
+  job is refused (fail closed);
 - a DP job's one-off feature statistics come from the site's *published mock* (public
   already, so they cost no budget) instead of the private table;
 - the noise share of client-level DP is sized by the smallest aggregate this site's secure
@@ -43,7 +45,7 @@ from datasites.governance.policy import (
     PolicyError,
     PolicyStore,
 )
-from fed_tasks import dp_step, site_step
+from fed_tasks import dp_step, dp_sums, site_step
 from fed_tasks.spec import JobSpec
 
 PUBLIC_MOMENTS_FILE = "public_mock_moments.json"
@@ -52,6 +54,14 @@ log = logging.getLogger(__name__)
 
 
 __all__ = ["PrivacyRefused", "SitePrivacy", "SiteStateMismatch"]
+
+
+def _noised(spec: JobSpec, action: str) -> bool:
+    """Whether this site noises and charges ``action`` of a DP job: a training round of a
+    neural job, or a summed release of a pca/hbos job (``fed_tasks.dp_sums``)."""
+    if dp_sums.applies(spec):
+        return dp_sums.covers(spec, action)
+    return action == "fit"
 
 
 class PrivacyRefused(CallRefused):
@@ -228,7 +238,7 @@ class SitePrivacy:
             raise PrivacyRefused(f"job {spec.job_id!r} does not comply with the current policy "
                                  f"of dataset {DATASET_NAME!r} at site {self.site!r}: "
                                  + "; ".join(problems))
-        if spec.dp_enabled and action == "fit":
+        if spec.dp_enabled and _noised(spec, action):
             try:
                 self.ledger.check(DATASET_NAME, spec.job_id,
                                   budget=self.policy().epsilon_budget,
@@ -244,7 +254,8 @@ class SitePrivacy:
         model the site holds (``given``)."""
         self.admit(spec, action, len(train), approval)
         request = (approval or {}).get("request") or {}
-        if spec.dp_enabled and action not in ("stats", "fit", "evaluate"):
+        if spec.dp_enabled and action not in ("stats", "evaluate") and not _noised(spec,
+                                                                                   action):
             # fail closed: a sum this site cannot noise and charge yet never leaves a DP job
             raise PrivacyRefused(f"job {spec.job_id!r} asks for {action!r} under differential "
                                  "privacy, which this site cannot noise; refused")
@@ -258,7 +269,8 @@ class SitePrivacy:
 
     def charge(self, spec: JobSpec, n_rows: int, request: dict[str, Any] | None = None,
                round_no: Any = None) -> Charge:
-        """Charge the job's next training release to the ledger, then log it.
+        """Charge the job's next release (a training round, or a noised sum) to the ledger,
+        then log it.
 
         The charge is kept even if the computation then fails: whether a call on private
         data succeeded can itself depend on the data, so only refusals before this point
@@ -269,6 +281,9 @@ class SitePrivacy:
         info = {"kind": "dp_sgd" if spec.dp_sgd else "dp_fedavg",
                 "target_epsilon": spec.dp_epsilon, "rounds": spec.rounds,
                 "noise_multiplier": z, "clip": spec.dp_clip}
+        if dp_sums.applies(spec):  # per-row noise on each summed release
+            info |= {"kind": "dp_sums", "rounds": dp_sums.releases(spec),
+                     "clip": spec.dp_row_clip if spec.model == "pca" else None}
         try:
             charge = self.ledger.charge(DATASET_NAME, spec.job_id, budget=policy.epsilon_budget,
                                         delta=spec.dp_delta, info=info,
