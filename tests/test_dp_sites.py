@@ -25,7 +25,7 @@ from fed_tasks.orchestrator import FederatedTrainer
 from fed_tasks.preprocessing import Moments, Standardizer
 from fed_tasks.site_step import new_model, vector_length
 from fed_tasks.spec import JobSpec
-from fed_tasks.strategy import FedAvg
+from fed_tasks.strategies.fedavg import FedAvg
 from privacy.signing import SignedContribution
 
 NAMES = ("ward-a", "ward-b")
@@ -100,8 +100,8 @@ class _Recording(FedAvg):
         super().__init__()
         self.models: list[np.ndarray] = []
 
-    def aggregate(self, weights, summed):
-        out = super().aggregate(weights, summed)
+    def step(self, weights, update, server):
+        out = super().step(weights, update, server)
         self.models.append(out)
         return out
 
@@ -121,8 +121,8 @@ def test_budget_runs_out_the_job_stops_cleanly_and_the_ledger_survives_a_restart
     _with_room(site, cum[2] + 0.5 * (cum[3] - cum[2]))
     spent_before = site.guard.privacy.ledger.spent("records")
     strategy = _Recording()
-    trainer = FederatedTrainer(spec, small_fed.connections(spec), strategy=strategy,
-                               progress=False)
+    trainer = FederatedTrainer(spec, small_fed.connections(spec), progress=False)
+    trainer.strategy = strategy  # the orchestrator's own copy of the round rule
     result = trainer.fit()
     assert result.stopped_early and result.rounds_completed == 2
     assert BUDGET_EXHAUSTED in result.stop_reason and "ward-a" in result.stop_reason

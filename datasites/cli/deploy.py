@@ -268,9 +268,11 @@ def _train_report(spec: Any, cfg: Any, result: Any, per_site: list[dict[str, Any
     import math
 
     from datasites.harness.demo import pooled_counts
+    from fed_tasks import dp_sums
     from fed_tasks.dp_step import cumulative_epsilon, noise_multiplier
 
-    dp = None if not spec.dp_enabled else ("dp_sgd" if spec.dp_sgd else "dp_fedavg")
+    dp = None if not spec.dp_enabled else ("dp_sums" if dp_sums.applies(spec) else
+                                           "dp_sgd" if spec.dp_sgd else "dp_fedavg")
     return {
         "job_id": spec.job_id, "config": str(cfg.path), "sites": len(cfg.site),
         "rounds": spec.rounds, "model": spec.model, "seed": spec.seed,
@@ -283,8 +285,11 @@ def _train_report(spec: Any, cfg: Any, result: Any, per_site: list[dict[str, Any
             "losses": [None if math.isnan(v) else v for v in result.losses]},
         "dp": dp, "delta": spec.dp_delta if dp else None,
         "epsilon_accountant": (cumulative_epsilon(spec, result.rounds_completed)
-                               if dp == "dp_fedavg" else None),
-        "noise_multiplier": noise_multiplier(spec) if dp == "dp_fedavg" else None,
+                               if dp == "dp_fedavg" else
+                               dp_sums.cumulative_epsilon(spec, dp_sums.releases(spec))
+                               if dp == "dp_sums" else None),
+        "noise_multiplier": (noise_multiplier(spec) if dp == "dp_fedavg" else
+                             dp_sums.noise_multiplier(spec) if dp == "dp_sums" else None),
         "rounds_completed": result.rounds_completed,
         "stopped_early": result.stop_reason or None,
         "per_site": per_site,

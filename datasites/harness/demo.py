@@ -270,17 +270,25 @@ def privacy_report(spec: JobSpec, sites: list[Any], rounds_run: int) -> dict[str
     """
     if not spec.dp_enabled:
         return {"dp": None, "epsilon_spent": None, "delta": None}
+    from fed_tasks import dp_sums
     from fed_tasks.dp_step import cumulative_epsilon, noise_multiplier
 
     spent = max(s.guard.privacy.job_epsilon(spec.job_id) for s in sites)
+    if dp_sums.applies(spec):  # row-level noise on the released sums (pca, hbos)
+        kind, accountant = "dp_sums", dp_sums.cumulative_epsilon(spec, dp_sums.releases(spec))
+        z, clip = dp_sums.noise_multiplier(spec), spec.dp_row_clip
+    else:
+        kind = "dp_sgd" if spec.dp_sgd else "dp_fedavg"
+        accountant = None if spec.dp_sgd else cumulative_epsilon(spec, rounds_run)
+        z, clip = noise_multiplier(spec), spec.dp_clip
     return {
-        "dp": "dp_sgd" if spec.dp_sgd else "dp_fedavg",
+        "dp": kind,
         "epsilon_spent": spent,
         "delta": spec.dp_delta,
         "epsilon_target": spec.dp_epsilon,
-        "epsilon_accountant": None if spec.dp_sgd else cumulative_epsilon(spec, rounds_run),
-        "noise_multiplier": noise_multiplier(spec),
-        "clip": spec.dp_clip,
+        "epsilon_accountant": accountant,
+        "noise_multiplier": z,
+        "clip": clip,
         "epsilon_spent_per_site": {s.name: s.guard.privacy.job_epsilon(spec.job_id)
                                    for s in sites},
     }
