@@ -152,7 +152,7 @@ def test_the_sites_combine_a_round_by_the_robust_strategy_themselves(federation,
         assert got["roc_auc"] == pytest.approx(want["roc_auc"], abs=1e-9)
 
 
-@pytest.mark.parametrize("name", ["fedadam", "fedyogi"])
+@pytest.mark.parametrize("name", ["fedyogi"])  # fedadam differs in one line (fedyogi.py)
 def test_a_server_optimizer_trains_and_every_site_holds_its_moments(federation, partitions,
                                                                     schema, name):
     """The moments follow from the released sums alone: in a secure-sum job the sites, who
