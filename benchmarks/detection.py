@@ -145,21 +145,16 @@ def f1_of(tp: int, fp: int, fn: int) -> float:
     return 2 * tp / (2 * tp + fp + fn) if tp else 0.0
 
 
-def counts(labels: np.ndarray, alarm: np.ndarray) -> dict[str, int]:
-    return {"tp": int(np.sum(alarm & (labels == 1))), "fp": int(np.sum(alarm & (labels == 0))),
-            "fn": int(np.sum(~alarm & (labels == 1))), "tn": int(np.sum(~alarm & (labels == 0)))}
-
-
 def scored(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict[str, Any]:
-    """Ranking metrics, plus F1 / FPR where a threshold was calibrated."""
-    from fed_tasks.evaluation import detection_metrics
+    """Ranking metrics, plus counts, F1 and FPR where a threshold was calibrated (counted
+    as a site's evaluation counts them)."""
+    from fed_tasks.site_step import scored as at_threshold
 
-    out: dict[str, Any] = {**detection_metrics(labels, scores), "f1": None, "fpr": None,
+    out: dict[str, Any] = {"f1": None, "fpr": None, **at_threshold(labels, scores, threshold),
                            "constant_scores": bool(np.ptp(scores) == 0)}
     if threshold is not None:
-        c = counts(labels, scores > threshold)
-        out |= {"f1": f1_of(c["tp"], c["fp"], c["fn"]), "fpr": c["fp"] / (c["fp"] + c["tn"]),
-                **c}
+        out |= {"f1": f1_of(out["tp"], out["fp"], out["fn"]),
+                "fpr": out["fp"] / (out["fp"] + out["tn"])}
     return out
 
 

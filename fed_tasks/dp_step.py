@@ -150,7 +150,7 @@ def fit_dp_sgd(model, x: np.ndarray, spec: JobSpec) -> None:
     from opacus import PrivacyEngine
     from torch.utils.data import DataLoader, TensorDataset
 
-    from fed_tasks.models import _single_thread
+    from fed_tasks.detectors._torch import _single_thread
 
     plan = sgd_plan(spec, len(x))
     sampler_rng = torch.Generator().manual_seed(secrets.randbits(63))

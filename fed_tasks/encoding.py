@@ -12,14 +12,8 @@ import numpy as np
 
 from fed_tasks.schedule import STATS_CODEC as STATS_CODEC
 from fed_tasks.schedule import codec_for as codec_for
-from fed_tasks.schedule import max_bits, max_length, slot_at, slot_index, total_slots
+from fed_tasks.schedule import max_bits, max_length, slot_at, slot_index, total_slots, vector_length
 from fed_tasks.spec import JobSpec
-
-
-def round_id(spec: JobSpec, action: str, rnd: int) -> int:
-    """One id per aggregated call of a job: its slot (0 for statistics, r for round r of a
-    job that trains right after them)."""
-    return slot_index(spec, action, rnd)
 
 
 def secagg_plan(spec: JobSpec, n_sites: int) -> dict[str, int]:
@@ -38,7 +32,7 @@ def secagg_plan(spec: JobSpec, n_sites: int) -> dict[str, int]:
 
 
 def session_round(spec: JobSpec, action: str, rnd: int) -> int:
-    return round_id(spec, action, rnd) + 1
+    return slot_index(spec, action, rnd) + 1
 
 
 def session_action(spec: JobSpec, r: int) -> tuple[str, int]:
@@ -49,8 +43,6 @@ def session_action(spec: JobSpec, r: int) -> tuple[str, int]:
 def decode_session_sum(spec: JobSpec, r: int, residues: np.ndarray,
                        n_terms: int) -> tuple[str, np.ndarray]:
     """Session round r's opened sum as floats, decoded alike by sites and orchestrator."""
-    from fed_tasks.schedule import vector_length
-
     action, _ = session_action(spec, r)
     values = residues[:vector_length(spec, action)]
     return action, codec_for(spec, action).decode_sum([int(v) for v in values], n_terms=n_terms)

@@ -19,6 +19,7 @@ import numpy as np
 
 from fed_tasks.codec import PayloadError
 from fed_tasks.preprocessing import Moments, Standardizer
+from fed_tasks.schedule import SUMMED_ACTIONS
 from fed_tasks.strategy import SummedUpdate
 
 
@@ -50,7 +51,7 @@ class GlobalState:
             update = SummedUpdate(np.asarray(summed, dtype=np.float64))
             self.weights = (strategy or Strategy()).step(self.weights, update, self.server)
             self.loss = update.mean_loss
-        elif action in ("moments2", "hist", "center", "trees", "calibrate"):
+        elif action in SUMMED_ACTIONS:
             self.extra[extra_key(action, rnd)] = np.asarray(summed, dtype=np.float64).copy()
         else:
             raise PayloadError(f"no global state follows from a {action!r} sum")

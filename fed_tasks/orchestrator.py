@@ -99,7 +99,7 @@ class FederatedTrainer:
         self.on_round = on_round
         if secure_sum is None and spec.aggregation != "plain":
             raise ValueError(f"a {spec.aggregation!r} job needs its secure_sum")
-        self.secure_sum = secure_sum or PlainSum(spec.min_sites, spec)
+        self.secure_sum = secure_sum or PlainSum(spec.min_sites)
         if isinstance(self.secure_sum, PlainSum):  # the sites combine rounds by the spec's
             self.secure_sum.spec = spec  # strategy; the orchestrator must do the same
         self._chosen: FederatedTrainer | None = None  # model="auto": the winner's trainer
@@ -218,7 +218,7 @@ class FederatedTrainer:
         def make(sub: JobSpec, conns: list, secure_sum: SecureSum) -> FederatedTrainer:
             return FederatedTrainer(sub, conns, progress=self.progress, secure_sum=secure_sum)
 
-        candidates = select(self.spec, self.sites, self.secure_sum, self.progress, make)
+        candidates = select(self.spec, self.sites, self.secure_sum, make)
         chosen = best(candidates)
         self._chosen = chosen.trainer
         chosen.result.selection = [{"model": c.model, "validation_roc_auc": c.auc,

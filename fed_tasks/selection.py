@@ -99,20 +99,19 @@ class Candidate:
     auc: float | None
 
 
-def select(spec: JobSpec, sites: list[SiteConnection], secure_sum: Any, progress: bool,
+def select(spec: JobSpec, sites: list[SiteConnection], secure_sum: Any,
            make_trainer: Any) -> list[Candidate]:
     """Train and validate every candidate in turn (``make_trainer(sub, conns, secure_sum)``
     builds each one's trainer)."""
     out = []
-    for i, model in enumerate(spec.candidate_models):
-        sub = spec.candidate_spec(i)
+    for i, sub in enumerate(spec.candidate_specs):
         conns = [CandidateConnection(s, i) for s in sites]
         trainer = make_trainer(sub, conns, for_candidate(secure_sum, sub, i))
         result = trainer.fit()
         validation = [{"site": c.name, **r} for c, r in zip(
             conns, call_all(conns, "validate", {"previous": trainer.secure_sum.evidence()}),
             strict=True)]
-        out.append(Candidate(model, trainer, result, validation,
+        out.append(Candidate(sub.model, trainer, result, validation,
                              pooled_validation_auc(validation)))
     return out
 

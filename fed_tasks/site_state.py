@@ -18,6 +18,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -59,6 +60,15 @@ def _extra_length(spec: JobSpec, key: str) -> int | None:
     return None if action == "trees" else vector_length(spec, action)
 
 
+def _arrays(raw: dict, name: str, length: Callable[[str], int | None]) -> dict[str, np.ndarray]:
+    """A saved group of named arrays, each decoded with its expected length."""
+    return {k: decode_array(v, length(k)) for k, v in dict(raw.get(name) or {}).items()}
+
+
+def _encoded(arrays: dict[str, np.ndarray]) -> dict[str, str]:
+    return {k: encode_array(v) for k, v in arrays.items()}
+
+
 @dataclass
 class SiteModelState:
     """One job's model at one site, persisted in the site directory (``path``) if given."""
@@ -90,17 +100,14 @@ class SiteModelState:
             if raw["job_id"] != spec.job_id or raw["spec"] != spec.fingerprint:
                 raise ModelStateError(f"{path.name} belongs to another job spec")
             norm = raw.get("norm")
-            extra = {k: decode_array(v, _extra_length(spec, k))
-                     for k, v in dict(raw.get("extra") or {}).items()}
-            server = {k: decode_array(v, len(weights))
-                      for k, v in dict(raw.get("server") or {}).items()}
             state = GlobalState(decode_array(raw["weights"], len(weights)),
                                 Standardizer.from_dict(norm) if norm else None,
-                                float(raw.get("loss", "nan")), extra, server)
-            private = {k: decode_array(v, len(weights))
-                       for k, v in dict(raw.get("private") or {}).items()}
+                                float(raw.get("loss", "nan")),
+                                _arrays(raw, "extra", lambda k: _extra_length(spec, k)),
+                                _arrays(raw, "server", lambda _: len(weights)))
             return cls(spec, state, str(raw["digest"]), int(raw["applied"]),
-                       int(raw["trained"]), raw.get("reply"), private, path)
+                       int(raw["trained"]), raw.get("reply"),
+                       _arrays(raw, "private", lambda _: len(weights)), path)
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ModelStateError(f"model state file {path.name} is unreadable: "
                                   f"{type(exc).__name__}") from None
@@ -113,9 +120,8 @@ class SiteModelState:
             "applied": self.applied, "trained": self.trained, "reply": self.reply,
             "weights": encode_array(self.state.weights), "loss": repr(self.state.loss),
             "norm": self.state.norm.to_dict() if self.state.norm is not None else None,
-            "extra": {k: encode_array(v) for k, v in self.state.extra.items()},
-            "server": {k: encode_array(v) for k, v in self.state.server.items()},
-            "private": {k: encode_array(v) for k, v in self.private.items()}})
+            "extra": _encoded(self.state.extra), "server": _encoded(self.state.server),
+            "private": _encoded(self.private)})
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:

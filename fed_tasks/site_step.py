@@ -22,13 +22,13 @@ from fed_tasks.detectors._torch import TorchDetector
 from fed_tasks.evaluation import detection_metrics
 from fed_tasks.global_state import GlobalState
 from fed_tasks.preprocessing import Moments, Standardizer
-from fed_tasks.schedule import has_phase
+from fed_tasks.schedule import SUMMED_ACTIONS, has_phase
 from fed_tasks.schedule import vector_length as vector_length
 from fed_tasks.spec import JobSpec
 from fed_tasks.strategies import strategy_for
 from fed_tasks.strategy import pack_update
 
-ACTIONS = ("stats", "fit", "moments2", "hist", "center", "trees", "calibrate", "evaluate")
+ACTIONS = (*SUMMED_ACTIONS, "evaluate")
 
 
 def in_order(spec: JobSpec, frame: pd.DataFrame) -> pd.DataFrame:
@@ -147,9 +147,7 @@ def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
         return {"vector": dp_step.release(model.get_weights() - start), "round": rnd}
     if spec.strategy == "scaffold":
         return _fit_scaffold(spec, model, x, given, len(train))
-    loss = model.fit(x, epochs=spec.local_epochs, batch_size=spec.batch_size, lr=spec.lr,
-                     seed=spec.seed * 100_003 + rnd, trim=spec.trim,
-                     min_steps=spec.min_local_steps, **strategy_for(spec).local_options())
+    loss = _train(spec, model, x, spec.local_epochs, rnd, **strategy_for(spec).local_options())
     delta = model.get_weights() - start
     if spec.dp_enabled:
         shares = noise_shares or dp_step.noise_shares(spec)
@@ -158,9 +156,9 @@ def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
     return {"vector": pack_update(delta, loss, len(train)), "round": rnd}
 
 
-def _metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | None
-             ) -> dict[str, Any]:
-    """ROC-AUC and PR-AUC (None for a one-class split), and counts at the threshold."""
+def scored(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict[str, Any]:
+    """ROC-AUC and PR-AUC (None for a one-class split), and counts at the threshold (a
+    site's evaluation; the harness scores the pooled test rows alike)."""
     metrics: dict[str, Any] = (detection_metrics(labels, scores) if len(set(labels)) == 2
                                else {"roc_auc": None, "pr_auc": None})  # one class: no ranking
     if threshold is not None:  # counts at the calibrated threshold: pooled by summing
@@ -172,12 +170,19 @@ def _metrics(labels: np.ndarray, scores: np.ndarray, threshold: float | None
     return metrics
 
 
+def _train(spec: JobSpec, model: TorchDetector, x: np.ndarray, epochs: int, rnd: int,
+           **options: Any) -> float:
+    """The site's local training as the spec fixes it (batch, rate, trimming, step floor),
+    seeded by the round; ``options`` are the strategy's (a proximal term, a correction)."""
+    return model.fit(x, epochs=epochs, batch_size=spec.batch_size, lr=spec.lr,
+                     seed=spec.seed * 100_003 + rnd, trim=spec.trim,
+                     min_steps=spec.min_local_steps, **options)
+
+
 def personalized(spec: JobSpec, model: TorchDetector, x_train: np.ndarray) -> TorchDetector:
     """The site's own copy of the global model, fine-tuned on its rows for
     ``personalize_epochs``; it never leaves the site (only its metrics do)."""
-    model.fit(x_train, epochs=spec.personalize_epochs, batch_size=spec.batch_size, lr=spec.lr,
-              seed=spec.seed * 100_003 + spec.rounds + 1, trim=spec.trim,
-              min_steps=spec.min_local_steps)
+    _train(spec, model, x_train, spec.personalize_epochs, spec.rounds + 1)
     return model
 
 
@@ -191,9 +196,7 @@ def _fit_scaffold(spec: JobSpec, model: TorchDetector, x: np.ndarray, given: Ste
     c = given.model.server.get("c", np.zeros_like(start))
     c_site = given.private.get("control", np.zeros_like(start))
     c_new = model.full_gradient(x)  # at the global model, before any local step
-    loss = model.fit(x, epochs=spec.local_epochs, batch_size=spec.batch_size, lr=spec.lr,
-                     seed=spec.seed * 100_003 + int(given.round), trim=spec.trim,
-                     min_steps=spec.min_local_steps, correction=c - c_site)
+    loss = _train(spec, model, x, spec.local_epochs, int(given.round), correction=c - c_site)
     given.private["control"] = c_new
     vector = np.concatenate([n_rows * (model.get_weights() - start), c_new - c_site, [1.0],
                              [n_rows * loss, float(n_rows)]])
@@ -214,13 +217,13 @@ def evaluate(spec: JobSpec, test: pd.DataFrame, given: StepInput,
     model = detector(spec, state)
     x_test = state.norm.transform(feature_matrix(spec, test))
     labels = in_order(spec, test)[spec.label_column].to_numpy().astype(int)
-    metrics = _metrics(labels, model.score_samples(x_test), model.threshold_)
+    metrics = scored(labels, model.score_samples(x_test), model.threshold_)
     if spec.personalize_epochs and train is not None and isinstance(model, TorchDetector):
         x_train = state.norm.transform(feature_matrix(spec, train))
         own = personalized(spec, model, x_train)
         threshold = (float(np.quantile(own.score_samples(x_train), 1.0 - spec.target_fpr))
                      if spec.target_fpr is not None else None)
-        metrics["personalized"] = _metrics(labels, own.score_samples(x_test), threshold)
+        metrics["personalized"] = scored(labels, own.score_samples(x_test), threshold)
     return {**metrics, "n_test": int(len(test)), "n_pos": int(labels.sum())}
 
 

@@ -159,6 +159,11 @@ class JobSpec(BaseModel):
         return tuple(c for c in DEFAULT_CANDIDATES
                      if self.aggregation == "plain" or c not in PLAIN_ONLY_MODELS)
 
+    @property
+    def candidate_specs(self) -> tuple[JobSpec, ...]:
+        """Every candidate of a model-selection job as its own job, in order."""
+        return tuple(self.candidate_spec(i) for i in range(len(self.candidate_models)))
+
     def candidate_spec(self, index: int) -> JobSpec:
         """Candidate ``index`` of a model-selection job, as its own job: what every party
         derives from the approved spec (never from a message) for that candidate's calls."""

@@ -198,14 +198,21 @@ MULTI: dict[str, tuple[Callable[[Path], list[Path]], list[str], str]] = {
 }
 
 
-@pytest.mark.parametrize("case", sorted(MULTI))
-def test_bad_tables_one_per_site_are_one_line_naming_the_file(case, tmp_path):
-    write, extra, needle = MULTI[case]
+def _refused_before_any_site(case: tuple[Callable[[Path], list[Path]], list[str], str],
+                              tmp_path: Path) -> None:
+    """``demo`` on the tables ``case`` writes: one line naming the problem, exit 2, and no
+    site provisioned."""
+    write, args, needle = case
     kept = tmp_path / "kept"
     data = [a for path in write(tmp_path) for a in ("--data", path)]
-    result = _cli(["demo", *data, "--keep-sites", kept, "--rounds", "1", *extra])
+    result = _cli(["demo", *data, "--keep-sites", kept, "--rounds", "1", *args])
     _assert_one_line(result.exit_code, result.stdout, result.stderr, 2, needle)
     assert not kept.exists() or not any(kept.iterdir()), "a site was provisioned"
+
+
+@pytest.mark.parametrize("case", sorted(MULTI))
+def test_bad_tables_one_per_site_are_one_line_naming_the_file(case, tmp_path):
+    _refused_before_any_site(MULTI[case], tmp_path)
 
 
 # ---- series: `fedsyft demo --model lstm-ae --time-column t --data FILE` --------------------
@@ -250,12 +257,7 @@ SERIES_CASES: dict[str, tuple[Callable[[Path], list[Path]], list[str], str]] = {
 
 @pytest.mark.parametrize("case", sorted(SERIES_CASES))
 def test_bad_series_is_one_line_before_any_site(case, tmp_path):
-    write, args, needle = SERIES_CASES[case]
-    kept = tmp_path / "kept"
-    data = [a for path in write(tmp_path) for a in ("--data", path)]
-    result = _cli(["demo", *data, "--keep-sites", kept, "--rounds", "1", *args])
-    _assert_one_line(result.exit_code, result.stdout, result.stderr, 2, needle)
-    assert not kept.exists() or not any(kept.iterdir()), "a site was provisioned"
+    _refused_before_any_site(SERIES_CASES[case], tmp_path)
 
 
 def test_init_time_column_is_checked(tmp_path):

@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 
 from fed_tasks.codec import PayloadError, decode_array, dumps, encode_array, loads
+from fed_tasks.detectors.ae import AutoencoderDetector
 from fed_tasks.encoding import STATS_CODEC
 from fed_tasks.local import LocalSite
-from fed_tasks.models import AutoencoderDetector
 from fed_tasks.orchestrator import FederatedTrainer
 from fed_tasks.preprocessing import Moments, Standardizer
 from fed_tasks.spec import JobSpec

@@ -62,8 +62,8 @@ def call_limits(spec: JobSpec) -> dict[str, int]:
     candidate's calls, one validation each, and the evaluations of the chosen one)."""
     if spec.model == "auto":
         limits: dict[str, int] = {}
-        for i in range(len(spec.candidate_models)):
-            for action, n in call_limits(spec.candidate_spec(i)).items():
+        for sub in spec.candidate_specs:
+            for action, n in call_limits(sub).items():
                 if action != "evaluate":
                     limits[action] = limits.get(action, 0) + n
         return limits | {"validate": len(spec.candidate_models), "evaluate": spec.evaluations}

@@ -122,9 +122,8 @@ class DatasetPolicy(BaseModel):
         """
         out = []
         if spec.model == "auto":  # a selection complies if every candidate it trains does
-            for i, name in enumerate(spec.candidate_models):
-                out += [f"candidate {name}: {p}" for p in
-                        self.violations(spec.candidate_spec(i), None, None)]
+            for sub in spec.candidate_specs:
+                out += [f"candidate {sub.model}: {p}" for p in self.violations(sub, None, None)]
         elif spec.model not in self.allowed_models:
             out.append(f"model {spec.model!r} is not allowed (allowed: "
                        f"{', '.join(self.allowed_models)})")
@@ -266,7 +265,6 @@ def model_parameters(spec: JobSpec) -> int:
     from fed_tasks.schedule import phases
 
     if spec.model == "auto":
-        return max(model_parameters(spec.candidate_spec(i))
-                   for i in range(len(spec.candidate_models)))
+        return max(model_parameters(sub) for sub in spec.candidate_specs)
     return max([p.length - (2 if p.action == "fit" else 0) for p in phases(spec)
                 if p.action not in ("stats", "calibrate")], default=0)

@@ -94,9 +94,8 @@ def _selection(s: JobSpec, rows: int | None, label: str) -> list[str]:
              f"  columns touched: {len(s.features)} features {list(s.features)}; {label}; "
              "the label is also read for the validation metrics",
              f"  aggregation {AGGREGATION_WORDS[s.aggregation]}"]
-    for i, name in enumerate(names):
-        sub = s.candidate_spec(i)
-        lines += [f"  candidate {i + 1}, {name}:", "  " + _what(sub), "  " + _shape(sub, rows),
+    for i, sub in enumerate(s.candidate_specs):
+        lines += [f"  candidate {i + 1}, {sub.model}:", "  " + _what(sub), "  " + _shape(sub, rows),
                   "  " + _leaves(sub)]
     return lines + [_privacy(s),
                     "  code: the fedsyft template (checked), calling the installed site step"]

@@ -32,9 +32,9 @@ from datasites.runtime.tables import (
     inspect_tables,
     read_table,
 )
-from fed_tasks.evaluation import detection_metrics
 from fed_tasks.local import LocalSite
 from fed_tasks.orchestrator import FederatedTrainer, TrainingResult
+from fed_tasks.site_step import in_order, scored
 from fed_tasks.spec import INDIVIDUAL_STRATEGIES, SERIES_MODELS, JobSpec
 
 BUNDLED_TABLE = Path(__file__).parents[1] / "data" / "shuttle.csv.gz"
@@ -177,13 +177,6 @@ def pooled_counts(rows: list[dict[str, Any]]) -> dict[str, Any]:
     return {**counts, **threshold_metrics(counts)}
 
 
-def _counts(labels: np.ndarray, scores: np.ndarray, threshold: float) -> dict[str, int]:
-    """Counts at the threshold, as a site's evaluation gives them (score above = alarm)."""
-    alarm = scores > threshold
-    return {"tp": int(np.sum(alarm & (labels == 1))), "fp": int(np.sum(alarm & (labels == 0))),
-            "fn": int(np.sum(~alarm & (labels == 1))), "tn": int(np.sum(~alarm & (labels == 0)))}
-
-
 def _pooled(result: TrainingResult, tests: list[pd.DataFrame], schema: FederationSchema
             ) -> dict[str, Any]:
     """Metrics of ``result`` on the union of ``tests``, computed by the harness (which holds
@@ -194,19 +187,13 @@ def _pooled(result: TrainingResult, tests: list[pd.DataFrame], schema: Federatio
     that is the union's scores; for a series model it is what each site's own evaluation
     computes (its series in time order, scaled by itself), never one invented series of all
     the devices' rows."""
-    ordered = [t if schema.time is None else t.sort_values(schema.time, kind="stable")
-               for t in tests]
+    ordered = [in_order(result.spec, t) for t in tests]
     scores = np.concatenate([
         result.score_samples(t.loc[:, list(schema.features)].to_numpy(np.float64))
         for t in ordered])
     labels = np.concatenate([t[schema.label].to_numpy().astype(int) for t in ordered])
-    metrics: dict[str, Any] = (detection_metrics(labels, scores) if len(set(labels)) == 2
-                               else {"roc_auc": None, "pr_auc": None})
-    threshold = result.threshold
-    if threshold is None:
-        return metrics
-    counts = _counts(labels, scores, threshold)
-    return {**metrics, **counts, **threshold_metrics(counts)}
+    metrics = scored(labels, scores, result.threshold)  # as each site's evaluation
+    return {**metrics, **threshold_metrics(metrics)} if "tp" in metrics else metrics
 
 
 def _train_local(spec: JobSpec, sites: list[LocalSite]) -> tuple[TrainingResult, list[dict]]:
@@ -316,8 +303,8 @@ def preflight(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFrame]],
     from fed_tasks.site_step import initial_weights, stats
 
     if spec.model == "auto":  # every candidate is a job of its own
-        for i in range(len(spec.candidate_models)):
-            preflight(spec.candidate_spec(i), splits, names)
+        for sub in spec.candidate_specs:
+            preflight(sub, splits, names)
         return
     policy = DatasetPolicy()
     problems = policy.violations(spec, remaining=policy.epsilon_budget)
@@ -357,8 +344,7 @@ def encoding_problems(spec: JobSpec, rows: int) -> list[str]:
 
     per_row = {"hist": 1.0, "calibrate": 1.0, "moments2": Z_CLIP ** 2,
                **({} if spec.dp_enabled else {"fit": 1.0})}  # DP updates carry no count
-    specs = ([spec.candidate_spec(i) for i in range(len(spec.candidate_models))]
-             if spec.model == "auto" else [spec])
+    specs = spec.candidate_specs if spec.model == "auto" else (spec,)
     problems = []
     for one in specs:
         for phase in phases(one):

@@ -85,8 +85,7 @@ class KeyAuthoritySite(Datasite):
     def call_limits(self, spec: JobSpec) -> dict[str, int]:
         """One decryption per summed call of the job's schedule (every candidate's)."""
         if spec.model == "auto":
-            return {"decrypt": sum(total_slots(spec.candidate_spec(i))
-                                   for i in range(len(spec.candidate_models)))}
+            return {"decrypt": sum(total_slots(sub) for sub in spec.candidate_specs)}
         return {"decrypt": total_slots(spec)}
 
 

@@ -23,11 +23,11 @@ from fed_tasks.codec import encode_array
 from fed_tasks.encoding import (
     codec_for,
     decode_session_sum,
-    round_id,
     secagg_plan,
     session_round,
 )
 from fed_tasks.messages import AggregateEvidence
+from fed_tasks.schedule import slot_index
 from fed_tasks.spec import JobSpec
 from privacy import signing
 from privacy.paillier import ObfuscatorPool, PackedPaillier, fingerprint
@@ -65,7 +65,7 @@ def protect(keys: SiteKeys, spec: JobSpec, action: str, result: dict[str, Any],
     """Replace ``result["vector"]`` by what may leave the site in ``spec.aggregation`` mode:
     a signed contribution bound to the job, the aggregate and the model it came from."""
     vector = np.asarray(result.pop("vector"), dtype=np.float64)
-    index = round_id(spec, action, result.get("round", 0))
+    index = slot_index(spec, action, result.get("round", 0))
     if spec.aggregation == "plain":
         return {**result, "contribution": SignedContribution.create(
             keys.signing_key, keys.site, spec.job_id, index, encode_array(vector),
@@ -161,7 +161,7 @@ class SecureSumCall:
         r = session_round(self.spec, action, result.get("round", 0))
         masked = self.client.masked_input(r, q, inbox)
         signed = SignedContribution.create(self.keys.signing_key, self.keys.site, self.spec.job_id,
-                                           round_id(self.spec, action, result.get("round", 0)),
+                                           slot_index(self.spec, action, result.get("round", 0)),
                                            masked.to_str(), model=model)
         _save_client(self.directory, self.spec, self.client)
         return {**result, "masked": signed.to_str(), "clipped": clipped,

@@ -10,6 +10,7 @@ exist only in plain mode; a secure sum can only add.
 
 from __future__ import annotations
 
+import functools
 import importlib
 
 from fed_tasks.spec import JobSpec
@@ -28,8 +29,11 @@ REGISTRY: dict[str, str] = {
 }
 
 
+@functools.lru_cache(maxsize=256)
 def strategy_for(spec: JobSpec) -> Strategy:
-    """The job's strategy, with its parameters from the approved spec."""
+    """The job's strategy, with its parameters from the approved spec (cached per frozen
+    spec: every applied round asks; strategies keep no state, the server moments live in
+    the global state)."""
     target = REGISTRY.get(spec.strategy)
     if target is None:
         raise ValueError(f"unknown strategy {spec.strategy!r}; known: {sorted(REGISTRY)}")
