@@ -239,3 +239,19 @@ def test_a_member_sending_malformed_trees_is_refused_before_any_site_uses_them(f
         conns[0].call("calibrate", {"round": 1, "previous": evidence})
     assert "calibrate" not in {a for a, n in federation.sites[0].guard.approval(
         spec.job_id)["used"].items() if n}
+
+
+def test_a_site_grows_its_trees_from_its_own_randomness_not_the_spec_seed(partitions, schema):
+    """The same approved spec on the same rows gives different trees each time: a data
+    scientist who chose the seed cannot choose where the split points fall."""
+    from fed_tasks.detectors.iforest import FederatedIsolationForest
+    from fed_tasks.global_state import GlobalState
+    from fed_tasks.histograms import counts
+
+    spec = JobSpec(model="iforest", features=schema.features, label_column=schema.label)
+    train = partitions[0][0]
+    z = train[list(schema.features)].to_numpy(np.float64)
+    state = GlobalState(np.zeros(0), extra={"hist:1": counts(z).ravel()})
+    one, two = (FederatedIsolationForest.contribute(spec, "trees", 1, z, state)
+                for _ in range(2))
+    assert one.shape == two.shape and not np.array_equal(one, two)
