@@ -9,8 +9,14 @@ datasite (clipping, noise, unit weight, loss withheld), with the datasite's rule
 job's feature scaling comes from the published mocks. Secure aggregation returns the same
 sum as adding the vectors in clear (up to fixed-point rounding, tested elsewhere), so
 "secure" rows add each site's 1/3 noise share and sum in clear. DP noise is seeded from
-``secrets`` (as at a real site), so every DP configuration is repeated and the mean and
-range are reported. ``--syft`` adds one DP-SGD job through real PySyft datasites.
+``secrets`` (as at a real site), so every DP configuration is repeated (``--repeats``, 5 by
+default) and the mean and range are reported. ``--syft`` adds one DP-SGD job through real
+PySyft datasites.
+
+Adaptive clipping (``dp_adaptive_clip``, Andrew et al. 2021) needs rounds to adapt in, so
+its rows use the demo job's 10 rounds x 2 epochs (whose non-private model is the second
+row), beside fixed-clip rows on the same schedule; the starting clip is 1.0 or 0.1, the
+target quantile 0.5, the clip learning rate 0.2 and σ_b the spec's default.
 
 The detectors built from sums (pca, hbos) get their own table: row-level DP on each summed
 release (fed_tasks/dp_sums.py) at epsilon in {0.5, 1, 3}, with the alarm threshold
@@ -18,7 +24,7 @@ release (fed_tasks/dp_sums.py) at epsilon in {0.5, 1, 3}, with the alarm thresho
 min, max), beside the non-private detectors and the distance ‖z‖² of the mock-standardized
 row (an untrained pca: identity covariance) as the floor.
 
-Usage: ``python benchmarks/privacy_utility.py [--repeats 3] [--syft] [--sums-only]``; prints
+Usage: ``python benchmarks/privacy_utility.py [--repeats 5] [--syft] [--sums-only]``; prints
 the tables and writes ``benchmarks/results/privacy_utility.json`` (``--sums-only`` runs only
 the sum detectors and replaces just their rows in an existing file).
 """
@@ -41,6 +47,9 @@ EPSILONS = (1.0, 3.0, 10.0)
 # the least noise per epsilon; a small clip keeps the model near its initialization.
 FEDAVG = {"rounds": 1, "local_epochs": 20}
 FEDAVG_CLIPS = (0.1, 1.0)
+# adaptive clipping adapts between rounds: the demo job's schedule, fixed and adaptive alike
+MULTI = {"rounds": 10, "local_epochs": 2}
+ADAPTIVE_STARTS = (1.0, 0.1)
 SGD = {"rounds": 3, "local_epochs": 2, "trim": 0.0}
 SGD_CLIP = 1.0
 SUM_EPSILONS = (0.5, 1.0, 3.0)
@@ -97,7 +106,27 @@ def _run(schema, splits, mocks, **spec_kw) -> dict[str, Any]:
     trainer = FederatedTrainer(spec, _sites(spec, splits, mocks), progress=False,
                                secure_sum=PlainSum(3))
     result = trainer.fit()
-    return {**_pooled(result, splits, schema), "seconds": time.perf_counter() - started}
+    out = {**_pooled(result, splits, schema), "seconds": time.perf_counter() - started}
+    if spec.dp_adaptive_clip:  # C_T: the clip the released counts led every party to
+        from fed_tasks.dp_step import round_clip
+
+        assert result.state is not None
+        out["final_clip"] = round_clip(spec, result.state.server)
+    return out
+
+
+def _repeat(n: int, schema, splits, mocks, **spec_kw) -> tuple[list[dict[str, Any]], int]:
+    """``n`` runs of one DP cell, and how many diverged: a site whose noisy model trained into
+    NaN refuses to release it, so that run has no model; it is counted, never averaged."""
+    from privacy.dp import NonFiniteUpdateError
+
+    runs, diverged = [], 0
+    for _ in range(n):
+        try:
+            runs.append(_run(schema, splits, mocks, **spec_kw))
+        except NonFiniteUpdateError:
+            diverged += 1
+    return runs, diverged
 
 
 def _untrained(schema, splits, mocks) -> dict[str, Any]:
@@ -138,11 +167,13 @@ def _norm_floor(schema, splits, mocks) -> dict[str, Any]:
     from fed_tasks.orchestrator import FederatedTrainer
     from fed_tasks.spec import JobSpec
 
-    spec = JobSpec(features=schema.features, label_column=schema.label, dp_epsilon=1.0)
-    norm = FederatedTrainer(spec, _sites(spec, splits, mocks), progress=False).standardizer()
+    norm_spec = JobSpec(features=schema.features, label_column=schema.label, dp_epsilon=1.0)
+    norm = FederatedTrainer(norm_spec, _sites(norm_spec, splits, mocks),
+                            progress=False).standardizer()
 
     class Distance:
         threshold = None
+        spec = norm_spec  # rows in the table's order (no time column): what _pooled reads
 
         def score_samples(self, x):
             return np.sum(norm.transform(x) ** 2, axis=1)
@@ -184,12 +215,19 @@ def _sum_row(mode: str, epsilon: float, runs: list[dict], **info) -> dict[str, A
 
 
 def _row(mode: str, epsilon: float | None, runs: list[dict], **info) -> dict[str, Any]:
+    if not runs:
+        return {"mode": mode, "epsilon": epsilon, **info, "repeats": 0}
     roc = [r["roc_auc"] for r in runs]
     pr = [r["pr_auc"] for r in runs]
-    return {"mode": mode, "epsilon": epsilon, **info, "repeats": len(runs),
-            "roc_auc": float(np.mean(roc)), "roc_auc_min": min(roc), "roc_auc_max": max(roc),
-            "pr_auc": float(np.mean(pr)), "pr_auc_min": min(pr), "pr_auc_max": max(pr),
-            "seconds_per_run": float(np.mean([r.get("seconds", 0.0) for r in runs]))}
+    row = {"mode": mode, "epsilon": epsilon, **info, "repeats": len(runs),
+           "roc_auc": float(np.mean(roc)), "roc_auc_min": min(roc), "roc_auc_max": max(roc),
+           "pr_auc": float(np.mean(pr)), "pr_auc_min": min(pr), "pr_auc_max": max(pr),
+           "seconds_per_run": float(np.mean([r.get("seconds", 0.0) for r in runs]))}
+    clips = [r["final_clip"] for r in runs if "final_clip" in r]
+    if clips:  # geometric mean: the clip moves by factors
+        row |= {"final_clip": float(np.exp(np.mean(np.log(clips)))),
+                "final_clip_min": min(clips), "final_clip_max": max(clips)}
+    return row
 
 
 def _syft_dp_sgd(schema, splits, epsilon: float) -> dict[str, Any]:
@@ -210,7 +248,7 @@ def _syft_dp_sgd(schema, splits, epsilon: float) -> dict[str, Any]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--repeats", type=int, default=5, help="runs per DP cell")
     parser.add_argument("--syft", action="store_true", help="add one DP-SGD run via syft")
     parser.add_argument("--sums-only", action="store_true",
                         help="only the pca/hbos rows, replaced in an existing results file")
@@ -243,19 +281,40 @@ def main() -> None:
     for agg, clip, label in variants:
         for eps in EPSILONS:
             kw = {**FEDAVG, "dp_epsilon": eps, "dp_clip": clip, "aggregation": agg}
-            runs = [_run(schema, splits, mocks, **kw) for _ in range(args.repeats)]
+            runs, diverged = _repeat(args.repeats, schema, splits, mocks, **kw)
             z = dp_step.client_plan(JobSpec(features=feats, min_sites=3, **kw)).noise_multiplier
-            rows.append(_row(label, eps, runs, clip=clip, noise_multiplier=z, **FEDAVG))
+            rows.append(_row(label, eps, runs, clip=clip, noise_multiplier=z, diverged=diverged,
+                             **FEDAVG))
             print(rows[-1], flush=True)
+    for start in ADAPTIVE_STARTS:
+        for adaptive in (False, True):
+            for eps in EPSILONS:
+                kw = {**MULTI, "dp_epsilon": eps, "dp_clip": start, "aggregation": "paillier",
+                      "dp_adaptive_clip": adaptive}
+                spec = JobSpec(features=feats, min_sites=3, **kw)
+                runs, diverged = _repeat(args.repeats, schema, splits, mocks, **kw)
+                info: dict[str, Any] = {"clip": start, "adaptive": adaptive, **MULTI,
+                                        "diverged": diverged,
+                                        "noise_multiplier": dp_step.client_plan(spec)
+                                        .noise_multiplier}
+                rule = dp_step.adaptive_clip(spec)
+                if rule is not None:
+                    info |= {"update_noise_multiplier": rule.update_noise_multiplier,
+                             "count_std": rule.count_std, "clip_quantile": rule.quantile,
+                             "clip_lr": rule.lr}
+                label = ("DP-FedAvg, secure sum, 10 rounds, "
+                         + ("adaptive clip" if adaptive else "fixed clip"))
+                rows.append(_row(label, eps, runs, **info))
+                print(rows[-1], flush=True)
     rows.append(_row("FedAvg, DP-SGD's schedule (no trim)", math.inf,
                      [_run(schema, splits, mocks, **SGD)], **SGD))
     for eps in EPSILONS:
         kw = {**SGD, "dp_epsilon": eps, "dp_sgd": True, "dp_clip": SGD_CLIP}
-        runs = [_run(schema, splits, mocks, **kw) for _ in range(max(1, args.repeats - 1))]
+        runs, diverged = _repeat(args.repeats, schema, splits, mocks, **kw)
         spec = JobSpec(features=feats, **kw)
         zs = [dp_step.sgd_plan(spec, len(tr)).noise_multiplier for tr, _ in splits]
         rows.append(_row("DP-SGD (per row), plain", eps, runs, clip=SGD_CLIP,
-                         noise_multiplier=zs, **SGD))
+                         noise_multiplier=zs, diverged=diverged, **SGD))
         print(rows[-1], flush=True)
     syft = _syft_dp_sgd(schema, splits, 3.0) if args.syft else None
     report = {"data": "ODDS shuttle, 3 non-IID sites (demo split, seed 0)", "delta": 1e-5,
@@ -290,19 +349,25 @@ def _print(rows: list[dict], syft: dict | None) -> None:
     def eps(v):
         return "inf" if v == math.inf else ("-" if v == 0 else f"{v:g}")
 
-    print(f"\n{'mode':<46} {'eps':>4} {'clip':>5} {'z':>11}  {'ROC-AUC mean [min,max]':>24}"
+    print(f"\n{'mode':<52} {'eps':>4} {'clip':>9} {'z':>11}  {'ROC-AUC mean [min,max]':>24}"
           f"  {'PR-AUC mean [min,max]':>24}")
     for r in rows:
+        if not r.get("repeats", 1):
+            print(f"{r['mode']:<52} {eps(r['epsilon']):>4}  every run diverged")
+            continue
         z = r.get("noise_multiplier")
         zs = ("-" if z is None else f"{z:.3g}" if not isinstance(z, list)
               else "/".join(f"{v:.2g}" for v in z))
         clip = r.get("clip")
+        if "final_clip" in r:
+            clip = f"{clip:g}>{r['final_clip']:.2g}"
         roc = (f"{r['roc_auc']:.3f} [{r.get('roc_auc_min', r['roc_auc']):.3f},"
                f"{r.get('roc_auc_max', r['roc_auc']):.3f}]")
         pr = (f"{r['pr_auc']:.3f} [{r.get('pr_auc_min', r['pr_auc']):.3f},"
               f"{r.get('pr_auc_max', r['pr_auc']):.3f}]")
-        print(f"{r['mode']:<46} {eps(r['epsilon']):>4} {'-' if clip is None else clip:>5} "
-              f"{zs:>11}  {roc:>24}  {pr:>24}")
+        gone = f"  ({r['diverged']} diverged)" if r.get("diverged") else ""
+        print(f"{r['mode']:<52} {eps(r['epsilon']):>4} {'-' if clip is None else clip:>9} "
+              f"{zs:>11}  {roc:>24}  {pr:>24}{gone}")
     if syft:
         print(f"syft DP-SGD eps=3: ROC-AUC {syft['roc_auc']:.3f} PR-AUC {syft['pr_auc']:.3f}, "
               f"ledgers charged {syft['epsilon_charged_per_site']}, {syft['seconds']:.0f} s")

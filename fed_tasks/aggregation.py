@@ -13,7 +13,7 @@ A secure variant never gives the orchestrator a single site's vector.
 
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
@@ -69,33 +69,133 @@ class SecureSum(Protocol):
         ...
 
 
+class RoundTimeout(TimeoutError):
+    """A site did not answer within the job's ``round_timeout`` (its call runs on)."""
+
+
+def call_within(sites: list[SiteConnection], action: str, message_for: Any,
+                timeout: float | None = None, busy: dict[str, Future] | None = None
+                ) -> dict[str, dict[str, Any] | Exception]:
+    """Call every site concurrently; a failure is reported, not raised, and so is a site
+    still silent after ``timeout`` seconds (:class:`RoundTimeout`): its call keeps running
+    in the background and is kept in ``busy``, so that it is not called again meanwhile."""
+
+    def one(site: SiteConnection) -> dict[str, Any]:
+        return site.call(action, message_for(site))
+
+    if not sites:
+        return {}
+    pool = ThreadPoolExecutor(max_workers=len(sites))
+    futures = {s.name: pool.submit(one, s) for s in sites}
+    wait(list(futures.values()), timeout=timeout)
+    pool.shutdown(wait=False)
+    out: dict[str, dict[str, Any] | Exception] = {}
+    for name, future in futures.items():
+        if not future.done():
+            out[name] = RoundTimeout(f"site {name!r} did not answer {action} within "
+                                     f"{timeout:g} s")
+            if busy is not None:
+                busy[name] = future
+        else:
+            exc = future.exception()
+            out[name] = exc if isinstance(exc, Exception) else future.result()
+    return out
+
+
 class _Immediate:
-    """A sum visible as soon as the call returns."""
+    """A sum visible as soon as the call returns.
+
+    Sites may miss aggregates (not selected for a round, or too slow for it: see
+    ``JobSpec.fraction`` / ``round_timeout``); each call relays to each site the evidence of
+    every aggregate released since it was last called (``catch_up``), so that it derives
+    the model itself as the others did."""
 
     def __init__(self) -> None:
         self._evidence: dict[str, Any] | None = None
+        self._history: list[dict[str, Any]] = []  # every aggregate's evidence, in order
+        self._seen: dict[str, int] = {}  # site -> how much of the history it was sent
+        self._busy: dict[str, Future] = {}  # site -> a call that outlived its round
+        self.timeout: float | None = None  # seconds a round waits for a site (None: all)
+        self.last_skipped: dict[str, str] = {}  # the last call's sites left out, and why
 
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
         raise NotImplementedError
 
+    def _message_for(self, site: SiteConnection, message: dict[str, Any]) -> dict[str, Any]:
+        if message.get("previous") is None or not self._history:
+            return message
+        missed = self._history[self._seen.get(site.name, len(self._history) - 1):-1]
+        return {**message, "catch_up": missed} if missed else message
+
+    def _call(self, sites: list[SiteConnection], action: str, message: dict[str, Any]
+              ) -> list[dict[str, Any]]:
+        """The replies of the sites that answered in time, in site order; a site's refusal
+        or failure is raised (as before timeouts existed), a timeout is a skip."""
+        self._busy = {k: f for k, f in self._busy.items() if not f.done()}
+        ready = [s for s in sites if s.name not in self._busy]
+        self.last_skipped = {s.name: "still computing an earlier call" for s in sites
+                             if s.name in self._busy}
+        replies = call_within(ready, action, lambda s: self._message_for(s, message),
+                              self.timeout, self._busy)
+        for site in ready:
+            self._seen[site.name] = len(self._history)
+        for name, reply in replies.items():
+            if isinstance(reply, RoundTimeout):
+                self.last_skipped[name] = str(reply)
+            elif isinstance(reply, Exception):
+                raise reply
+        return [r for r in replies.values() if not isinstance(r, Exception)]
+
     def submit(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
                length: int) -> list[Released]:
         total, self._evidence = self.sum(sites, action, message, length)
+        self._history.append(self._evidence)
         return [Released(action, int(message.get("round", 0)), total)]
 
     def evidence(self) -> dict[str, Any] | None:
         return self._evidence
 
+    def call_sites(self, sites: list[SiteConnection], action: str, message: dict[str, Any]
+                   ) -> dict[str, dict[str, Any]]:
+        """A call outside the sums (evaluation), each site caught up first; site -> reply.
+        A site still computing an earlier call is waited for (``timeout`` at most) and
+        left out if it stays busy, as in :attr:`last_skipped`."""
+        wait(list(self._busy.values()), timeout=self.timeout)
+        self._busy = {k: f for k, f in self._busy.items() if not f.done()}
+        self.last_skipped = {name: "still computing an earlier call" for name in self._busy}
+        sites = [s for s in sites if s.name not in self._busy]
+        replies = call_within(sites, action, lambda s: self._message_for(s, message))
+        for reply in replies.values():
+            if isinstance(reply, Exception):
+                raise reply
+        return replies  # type: ignore[return-value]
+
     def finish(self, sites: list[SiteConnection]) -> list[Released]:
         return []
 
     def session_state(self) -> dict[str, Any] | None:
-        return None
+        """What a resumed job needs to catch sites up: the aggregates some site has not
+        been sent yet (the history from the laggard on), and how far each site got."""
+        if not self._seen:
+            return None
+        start = max(0, min(min(self._seen.values()), len(self._history) - 1))
+        return {"seen": dict(self._seen), "offset": start, "history": self._history[start:]}
 
     def restore(self, evidence: dict[str, Any] | None,
                 session: dict[str, Any] | None = None) -> None:
         self._evidence = evidence
+        self._history = [evidence] if evidence is not None else []
+        self._seen = {}
+        if session and session.get("history"):
+            try:  # the history before ``offset`` every site already has: never sent again
+                offset = int(session["offset"])
+                tail = [dict(e) for e in session["history"]]
+                self._history = [{}] * offset + tail
+                self._seen = {str(k): int(v) for k, v in dict(session["seen"]).items()}
+            except (KeyError, TypeError, ValueError) as exc:
+                raise ValueError(f"the checkpoint's catch-up state is unreadable: {exc}"
+                                 ) from None
 
 
 def _heads(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -121,7 +221,7 @@ class PlainSum(_Immediate):
 
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
-        replies = call_all(sites, action, message)
+        replies = self._call(sites, action, message)
         if len(replies) < self.min_sites:
             raise TooFewSitesError(f"{len(replies)} sites answered, job needs {self.min_sites}")
         signed = [r["contribution"] for r in replies]
@@ -143,7 +243,7 @@ class KeyAuthoritySum(_Immediate):
 
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
-        replies = call_all(sites, action, message)
+        replies = self._call(sites, action, message)
         request = {"action": action, "round": int(message.get("round", 0)),
                    "length": length, "contributions": [r["contribution"] for r in replies]}
         reply = self.key_authority.call("decrypt", request)
@@ -154,16 +254,9 @@ class KeyAuthoritySum(_Immediate):
 
 def call_each(sites: list[SiteConnection], action: str, message_for: Any
               ) -> dict[str, dict[str, Any] | Exception]:
-    """Call every site concurrently; a site that fails is reported, not raised."""
-
-    def one(site: SiteConnection) -> dict[str, Any] | Exception:
-        try:
-            return site.call(action, message_for(site))
-        except Exception as exc:  # noqa: BLE001 - a dropout, handled by the protocol
-            return exc
-
-    with ThreadPoolExecutor(max_workers=max(1, len(sites))) as pool:
-        return dict(zip([s.name for s in sites], pool.map(one, sites), strict=True))
+    """Call every site concurrently and wait for all; a site that fails is reported, not
+    raised."""
+    return call_within(sites, action, message_for)
 
 
 class MaskedSum:
@@ -188,6 +281,8 @@ class MaskedSum:
         self._unreturned: list[Released] = []  # opened by a call that then failed
         self._evidence: dict[str, Any] | None = None  # signed inputs of the pending round
         self.dropped: dict[str, str] = {}
+        self.timeout: float | None = None  # a site silent this long drops out of the session
+        self.last_skipped: dict[str, str] = {}  # the last call's new dropouts, and why
 
     def _setup(self, sites: list[SiteConnection]) -> None:
         adverts = call_all(sites, "secagg_advertise", {})
@@ -223,11 +318,15 @@ class MaskedSum:
         rnd = int(message.get("round", 0))
         first = self.server.round == 0
         active = [s for s in sites if s.name in self.server.active]
-        replies = call_each(active, action, lambda s: {
-            **message, **({"inbox": self.server.inbox(s.name).to_str()} if first else {})})
+        replies = call_within(active, action, lambda s: {
+            **message, **({"inbox": self.server.inbox(s.name).to_str()} if first else {})},
+            self.timeout)
+        self.last_skipped = {s.name: "out of the secure sum since it dropped: "
+                             + self.dropped.get(s.name, "")
+                             for s in sites if s.name not in self.server.active}
         for name, reply in replies.items():
             if isinstance(reply, Exception):
-                self.dropped[name] = str(reply)
+                self.dropped[name] = self.last_skipped[name] = str(reply)
         released = self._release(replies)
         try:
             self._evidence = self._collect(action, rnd, active, replies)
@@ -278,6 +377,13 @@ class MaskedSum:
         return {"server": self.server.export_state(), "ready": self._ready,
                 "pending": list(self._pending) if self._pending else None,
                 "dropped": dict(self.dropped)}
+
+    def left_out(self, sites: list[SiteConnection]) -> set[str]:
+        """The sites out of the session for good (dropped in an earlier round and
+        recovered): they hold an older model and take no further call."""
+        if not self._ready:
+            return set()
+        return {s.name for s in sites if s.name not in self.server.active}
 
     @property
     def pending(self) -> tuple[str, int] | None:

@@ -14,6 +14,15 @@ Either way the site contributes ``[Δ_private, 0, 1]``: unit weight (the sample 
 released) and the training loss withheld (it is not privatized), which keeps the vector
 layout of :func:`fed_tasks.strategy.pack_update` for every aggregation mode.
 
+**Adaptive clipping** (``JobSpec.dp_adaptive_clip``, client-level DP-FedAvg only;
+:class:`AdaptiveClip`): round t clips to ``C_t`` instead of ``dp_clip`` and the withheld loss
+slot carries the site's noisy clipping bit instead of 0, so the vector is
+``[Δ_private, b + noise, 1]``: same length, same codecs, summed like the loss in plain,
+paillier and secagg alike, and the sum's slot is the noisy count of sites under the clip.
+``C_t`` lives in ``GlobalState.server`` (:data:`CLIP_KEY`) and follows from the released sums
+only, by the same rule at every party (the job's strategy applies it after each round), so
+a site never takes the clip from a message, and a checkpoint or a restarted site resumes it.
+
 The noise a site adds is seeded from :mod:`secrets` (never from the spec's public seed).
 """
 
@@ -29,9 +38,21 @@ from dataclasses import dataclass
 import numpy as np
 
 from fed_tasks import dp_sums
+from fed_tasks.codec import PayloadError
 from fed_tasks.spec import JobSpec
-from fed_tasks.strategy import pack_update
-from privacy.dp import DpConfig, DpPlan, clip_l2, epsilon_for, noise_multiplier_for, site_noise
+from fed_tasks.strategy import SummedUpdate, pack_update
+from privacy.dp import (
+    DpConfig,
+    DpPlan,
+    adaptive_update_noise_multiplier,
+    clip_bit_share,
+    clip_l2,
+    default_clip_count_std,
+    epsilon_for,
+    next_clip,
+    noise_multiplier_for,
+    site_noise,
+)
 
 #: Relative tolerance of the DP-SGD calibration (conservative: never below the target).
 SGD_RTOL = 1e-4
@@ -100,6 +121,121 @@ def privatize_update(spec: JobSpec, delta: np.ndarray, shares: int,
 def release(private_delta: np.ndarray) -> np.ndarray:
     """The vector a DP site contributes: ``[Δ_private, 0 (loss withheld), 1 (unit weight)]``."""
     return pack_update(private_delta, 0.0, 1)
+
+
+# ---------------------------------------------------------------- adaptive clipping
+#: where the current clip ``C_t`` lives in ``GlobalState.server`` (a 1-value array)
+CLIP_KEY = "dp_clip"
+#: ``C_t`` stays within ``dp_clip`` divided / multiplied by this, whatever the counts say:
+#: a guard that keeps the clip finite and positive (a clip this far off is noise anyway)
+CLIP_RANGE = 1e6
+
+
+@dataclass(frozen=True)
+class AdaptiveClip:
+    """One job's adaptive clipping rule, from the approved spec alone (every party builds the
+    same one); the clip itself is state, in ``GlobalState.server[CLIP_KEY]``."""
+
+    initial: float  # C_0 = dp_clip
+    quantile: float  # γ
+    lr: float  # η_C
+    count_std: float  # σ_b: std of the noise on the summed clipping count
+    update_noise_multiplier: float  # z_Δ > z
+
+    @property
+    def bounds(self) -> tuple[float, float]:
+        return self.initial / CLIP_RANGE, self.initial * CLIP_RANGE
+
+    def current(self, server: dict[str, np.ndarray]) -> float:
+        """``C_t``: ``dp_clip`` before the first released round, then what the sums gave."""
+        saved = server.get(CLIP_KEY)
+        if saved is None:
+            return self.initial
+        value = np.asarray(saved, dtype=np.float64).ravel()
+        if value.size != 1 or not np.isfinite(value[0]) or value[0] <= 0:
+            raise PayloadError(f"the held clip {saved!r} is not one positive number")
+        return float(value[0])
+
+    def advance(self, server: dict[str, np.ndarray], update: SummedUpdate) -> None:
+        """Move ``C_t`` by one released round: ``b̄`` = the noisy count in the loss slot over
+        the contributors (each DP site sends unit weight)."""
+        count, n = float(update.vector[-2]), update.total_weight
+        if not np.isfinite(count) or not np.isfinite(n) or n <= 0:
+            raise PayloadError("a round's clipping count or weight is not a usable number")
+        server[CLIP_KEY] = np.array([next_clip(self.current(server), count, n, self.quantile,
+                                               self.lr, self.bounds)])
+
+
+def clip_count_std(spec: JobSpec) -> float:
+    """σ_b: the spec's ``dp_clip_count_std``, or :func:`privacy.dp.default_clip_count_std`
+    for ``min_sites`` sites and the job's z."""
+    if spec.dp_clip_count_std is not None:
+        return float(spec.dp_clip_count_std)
+    return default_clip_count_std(spec.min_sites, client_plan(spec).noise_multiplier)
+
+
+@functools.lru_cache(maxsize=256)
+def adaptive_clip(spec: JobSpec) -> AdaptiveClip | None:
+    """The job's rule, or None when it clips to the fixed ``dp_clip`` (or has no
+    client-level DP). Raises ValueError naming the field if σ_b leaves z_Δ undefined."""
+    if not spec.dp_adaptive_clip:
+        return None
+    z = client_plan(spec).noise_multiplier
+    sigma_b = clip_count_std(spec)
+    try:
+        z_update = adaptive_update_noise_multiplier(z, sigma_b)
+    except ValueError as exc:
+        raise ValueError(f"dp_clip_count_std: {exc}") from None
+    return AdaptiveClip(float(spec.dp_clip), float(spec.dp_clip_quantile),
+                        float(spec.dp_clip_lr), sigma_b, z_update)
+
+
+def largest_clip(spec: JobSpec) -> float:
+    """The largest clip any round of the job can use: ``dp_clip``, or under adaptive
+    clipping ``dp_clip · e^(η·γ·(rounds − 1))`` (one round multiplies the clip by at most
+    ``e^(ηγ)``, the noisy fraction being clamped at 0), known before the job runs: what an
+    owner's bound on the clip can be checked against."""
+    if not spec.dp_adaptive_clip:
+        return float(spec.dp_clip)
+    grown = float(spec.dp_clip) * math.exp(spec.dp_clip_lr * spec.dp_clip_quantile
+                                           * (spec.rounds - 1))
+    return min(grown, float(spec.dp_clip) * CLIP_RANGE)
+
+
+def update_noise_multiplier(spec: JobSpec) -> float:
+    """The noise multiplier on a client-level DP update: z, or z_Δ > z under adaptive
+    clipping (the noise std is this times the round's clip)."""
+    rule = adaptive_clip(spec)
+    return client_plan(spec).noise_multiplier if rule is None else rule.update_noise_multiplier
+
+
+def round_clip(spec: JobSpec, server: dict[str, np.ndarray]) -> float:
+    """The clip of the round a site is about to release, from the state *it* holds."""
+    rule = adaptive_clip(spec)
+    return float(spec.dp_clip) if rule is None else rule.current(server)
+
+
+def private_update(spec: JobSpec, delta: np.ndarray, shares: int,
+                   server: dict[str, np.ndarray],
+                   rng: np.random.Generator | int | None = None,
+                   site: str = "this site") -> np.ndarray:
+    """The whole vector a client-level DP site sends for a round.
+
+    Fixed clip: ``[Δ clipped to dp_clip + noise, 0, 1]`` (:func:`privatize_update`).
+    Adaptive: ``[Δ clipped to C_t + N(0, (z_Δ·C_t)²/shares), b + N(0, σ_b²/shares), 1]`` with
+    ``C_t`` from ``server`` — the global state the site derived itself — never a message.
+    ``rng`` is for tests only; by default one generator seeded from ``secrets``.
+    """
+    rule = adaptive_clip(spec)
+    if rule is None:
+        return release(privatize_update(spec, delta, shares, rng, site))
+    gen = rng if isinstance(rng, np.random.Generator) else np.random.default_rng(
+        secrets.randbits(128) if rng is None else rng)
+    clip = rule.current(server)
+    clipped, norm = clip_l2(delta, clip, name=f"update of {site}")
+    noise = site_noise(clipped.shape, clip, rule.update_noise_multiplier, shares, gen)
+    bit = clip_bit_share(norm, clip, rule.count_std, shares, gen)
+    return pack_update(clipped + noise, bit, 1)
 
 
 # ---------------------------------------------------------------- sample-level DP-SGD

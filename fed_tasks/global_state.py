@@ -35,7 +35,8 @@ class GlobalState:
     norm: Standardizer | None = None
     loss: float = float("nan")  # mean training loss of the last applied round
     extra: dict[str, np.ndarray] = field(default_factory=dict)
-    # a server optimizer's moments (FedAdam, FedYogi): derived from the sums like the weights
+    # a server optimizer's moments (FedAdam, FedYogi), an adaptive DP clip (dp_step.CLIP_KEY):
+    # derived from the sums like the weights
     server: dict[str, np.ndarray] = field(default_factory=dict)
 
     def advance(self, action: str, summed: np.ndarray, strategy: Any = None,
@@ -49,8 +50,13 @@ class GlobalState:
             from fed_tasks.strategies.base import Strategy
 
             update = SummedUpdate(np.asarray(summed, dtype=np.float64))
-            self.weights = (strategy or Strategy()).step(self.weights, update, self.server)
-            self.loss = update.mean_loss
+            strategy = strategy or Strategy()
+            self.weights = strategy.step(self.weights, update, self.server)
+            if strategy.adaptive_clip is None:
+                self.loss = update.mean_loss
+            else:  # the loss slot carries the noisy clipping count: it moves the clip
+                strategy.adaptive_clip.advance(self.server, update)
+                self.loss = float("nan")
         elif action in SUMMED_ACTIONS:
             self.extra[extra_key(action, rnd)] = np.asarray(summed, dtype=np.float64).copy()
         else:

@@ -74,10 +74,11 @@ class LocalSite(SiteConnection):
         if self.spec.model == "auto":
             return self._candidate_call(action, message)
         msg = parse_message(action, message)
-        evidence = getattr(msg, "previous", None)
-        if evidence is not None and aggregate_index(self.spec, evidence.action,
-                                                    evidence.round) > self.model.applied:
-            self.model.apply(evidence.action, evidence.round, unchecked_sum(self.spec, evidence))
+        previous = getattr(msg, "previous", None)
+        for evidence in [*getattr(msg, "catch_up", []), *([previous] if previous else [])]:
+            if aggregate_index(self.spec, evidence.action, evidence.round) > self.model.applied:
+                self.model.apply(evidence.action, evidence.round,
+                                 unchecked_sum(self.spec, evidence))
         rnd = int(getattr(msg, "round", 0))
         result = self.step(action, site_step.StepInput(rnd, self.model.state,
                                                        self.model.private))

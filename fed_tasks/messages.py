@@ -1,10 +1,11 @@
 """The round messages a site accepts, validated before anything else happens.
 
 Everything in a message comes from the data scientist's side, so it carries no weights and
-no scaling: only the round number and the *evidence* of the previous aggregate, from which
-the site derives the model itself (:mod:`fed_tasks.site_state`). Unknown fields, wrong
-types, oversized lists and out-of-range rounds are refused here with one line naming the
-field, before the site touches a private value.
+no scaling: only the round number and the *evidence* of the previous aggregate (and of any
+the site missed), from which the site derives the model itself
+(:mod:`fed_tasks.site_state`). Unknown fields, wrong types, oversized lists and out-of-range
+rounds are refused here with one line naming the field, before the site touches a private
+value.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ from fed_tasks.schedule import SUMMED_ACTIONS
 Kind = Literal["plain", "paillier", "secagg"]
 MAX_SITES = 1000  # more contributions than this in one aggregate is garbage, not a federation
 MAX_TEXT = 64 * 1024 * 1024  # one relayed string (a masked vector of ~8M values)
+MAX_CATCH_UP = 1000  # missed aggregates relayed in one call (a job has at most 1000 rounds)
 
 
 class _Strict(BaseModel):
@@ -51,15 +53,20 @@ class StatsMessage(_Strict):
 
 
 class FitMessage(_Strict):
-    """A summed call after the statistics: training round r, or pass r of another phase."""
+    """A summed call after the statistics: training round r, or pass r of another phase.
+
+    ``catch_up``: the aggregates released while this site was not called (not selected,
+    or too slow), oldest first; the site checks and applies each before ``previous``."""
 
     round: int = Field(ge=1, le=100_000)
     previous: AggregateEvidence
+    catch_up: list[AggregateEvidence] = Field(default=[], max_length=MAX_CATCH_UP)
     inbox: str | None = Field(default=None, max_length=MAX_TEXT)
 
 
 class EvaluateMessage(_Strict):
     previous: AggregateEvidence | None = None  # the last aggregate, if the site lacks it
+    catch_up: list[AggregateEvidence] = Field(default=[], max_length=MAX_CATCH_UP)
 
 
 class RevealMessage(_Strict):

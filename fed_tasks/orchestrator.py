@@ -46,6 +46,9 @@ class TrainingResult:
     # model="auto": each candidate's pooled validation ROC-AUC and per-site metrics; the
     # result itself is the chosen candidate's (``spec`` is its derived spec)
     selection: list[dict[str, Any]] | None = None
+    # sites left out of a call: {"action", "round", "site", "why"} (not selected for the
+    # round, no answer within round_timeout, a secure-sum dropout)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def rounds_completed(self) -> int:
@@ -102,11 +105,37 @@ class FederatedTrainer:
         self.secure_sum = secure_sum or PlainSum(spec.min_sites)
         if isinstance(self.secure_sum, PlainSum):  # the sites combine rounds by the spec's
             self.secure_sum.spec = spec  # strategy; the orchestrator must do the same
+        if hasattr(self.secure_sum, "timeout"):
+            self.secure_sum.timeout = spec.round_timeout
+        self.skipped: list[dict[str, Any]] = []
         self._chosen: FederatedTrainer | None = None  # model="auto": the winner's trainer
 
     def _submit(self, action: str, message: dict[str, Any]) -> list[Released]:
-        return self.secure_sum.submit(self.sites, action, message,
-                                      vector_length(self.spec, action))
+        rnd = int(message.get("round", 0))
+        called = self._selected(rnd) if action == "fit" else self.sites
+        for site in self.sites:
+            if site not in called:
+                self.skipped.append({"action": action, "round": rnd, "site": site.name,
+                                     "why": "not selected for this round"})
+        try:
+            return self.secure_sum.submit(called, action, message,
+                                          vector_length(self.spec, action))
+        finally:
+            for name, why in (getattr(self.secure_sum, "last_skipped", None) or {}).items():
+                self.skipped.append({"action": action, "round": rnd, "site": name, "why": why})
+                log.warning("job %s %s %d: site %s skipped: %s", self.spec.job_id, action,
+                            rnd, name, why)
+
+    def _selected(self, rnd: int) -> list[SiteConnection]:
+        """The sites a training round calls: all, or a fraction drawn from the public seed
+        and the round (at least ``min_sites``), in site order."""
+        if self.spec.fraction >= 1.0:
+            return self.sites
+        k = min(len(self.sites), max(self.spec.min_sites,
+                                     math.ceil(self.spec.fraction * len(self.sites))))
+        rng = np.random.default_rng([self.spec.seed, rnd])
+        chosen = set(rng.choice(len(self.sites), size=k, replace=False).tolist())
+        return [s for i, s in enumerate(self.sites) if i in chosen]
 
     def standardizer(self) -> Standardizer:
         """Global feature scaling from the summed site moments."""
@@ -209,7 +238,7 @@ class FederatedTrainer:
                                    f"({stop_reason or 'no site answered'})")
         return TrainingResult(self.spec, state.weights, state.norm, losses, seconds, release,
                               stopped_early=bool(stop_reason), stop_reason=stop_reason,
-                              state=state)
+                              state=state, skipped=list(self.skipped))
 
     def _select(self) -> TrainingResult:
         """model="auto": every candidate trained and validated; the best one's result."""
@@ -234,5 +263,13 @@ class FederatedTrainer:
         if self._chosen is not None:
             return self._chosen.evaluate(result)
         message = {"previous": self.secure_sum.evidence()}
+        caught_up = getattr(self.secure_sum, "call_sites", None)
+        if caught_up is not None:  # each site first applies the aggregates it missed
+            replies = caught_up(self.sites, "evaluate", message)
+            return [{"site": s.name, **replies[s.name]} for s in self.sites
+                    if s.name in replies]
+        left_out = getattr(self.secure_sum, "left_out", None)  # out of a secure sum for good
+        gone = left_out(self.sites) if left_out is not None else set()
+        members = [s for s in self.sites if s.name not in gone]
         return [{"site": s.name, **r} for s, r in
-                zip(self.sites, call_all(self.sites, "evaluate", message), strict=True)]
+                zip(members, call_all(members, "evaluate", message), strict=True)]

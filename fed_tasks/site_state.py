@@ -25,6 +25,7 @@ from pathlib import Path
 import numpy as np
 
 from fed_tasks.codec import PayloadError, decode_array, encode_array
+from fed_tasks.dp_step import CLIP_KEY
 from fed_tasks.global_state import GlobalState
 from fed_tasks.preprocessing import Standardizer
 from fed_tasks.schedule import may_follow, slot_index, vector_length
@@ -104,7 +105,8 @@ class SiteModelState:
                                 Standardizer.from_dict(norm) if norm else None,
                                 float(raw.get("loss", "nan")),
                                 _arrays(raw, "extra", lambda k: _extra_length(spec, k)),
-                                _arrays(raw, "server", lambda _: len(weights)))
+                                _arrays(raw, "server", lambda k: 1 if k == CLIP_KEY
+                                        else len(weights)))
             return cls(spec, state, str(raw["digest"]), int(raw["applied"]),
                        int(raw["trained"]), raw.get("reply"),
                        _arrays(raw, "private", lambda _: len(weights)), path)
@@ -147,20 +149,26 @@ class SiteModelState:
         self.applied = index
 
     def check_slot(self, index: int) -> bool:
-        """Whether summed call ``index`` may be computed now; True means "answer with the
-        saved reply".
+        """Whether summed call ``index`` may be computed now (after the call's evidence was
+        applied); True means "answer with the saved reply".
 
-        Slots strictly increase: a replayed or skipped call is refused (how many calls the
-        job may make is the site guard's count). The one exception is an exact retry of the
-        last call, which gets the very reply it got before (the site computes nothing new,
-        so a retry reveals nothing new).
+        Slots strictly increase: a replayed call is refused, and so is one whose previous
+        aggregate the site does not hold (how many calls the job may make is the site
+        guard's count). A site may have computed no contribution to some aggregates it
+        holds (it was not selected, or answered too late): it still computes each slot at
+        most once, always from the verified model right before it. The one exception is an
+        exact retry of the last call, which gets the very reply it got before (the site
+        computes nothing new, so a retry reveals nothing new).
         """
         if index == self.trained and self.reply is not None:
             return True
         first = index == 0 and self.reply is None
-        if not first and not may_follow(self.spec, self.trained, index):
+        if not first and (index <= self.trained or not may_follow(self.spec, self.applied,
+                                                                  index)):
             raise ModelStateError(f"aggregate {index} is out of order: this site computed "
-                                  f"aggregate {self.trained} last (they strictly increase)")
+                                  f"aggregate {self.trained} last and holds the model after "
+                                  f"aggregate {self.applied} (slots strictly increase, each "
+                                  "from the aggregate right before it)")
         return False
 
     def record_trained(self, index: int, reply: dict) -> None:

@@ -136,7 +136,9 @@ def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
 
     With DP the vector is ``[Δ_private, 0, 1]`` instead (see :mod:`fed_tasks.dp_step`):
     DP-SGD during training, or Δ clipped and noised afterwards (``noise_shares``: into how
-    many shares the noise is split; default from the spec's aggregation mode).
+    many shares the noise is split; default from the spec's aggregation mode). With
+    adaptive clipping the clip is ``C_t`` of the site's own global state and the loss slot
+    carries the noisy clipping bit: ``[Δ_private, b + noise, 1]``.
     """
     model, norm = _model_at(spec, given)
     start = model.get_weights()
@@ -149,9 +151,10 @@ def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
         return _fit_scaffold(spec, model, x, given, len(train))
     loss = _train(spec, model, x, spec.local_epochs, rnd, **strategy_for(spec).local_options())
     delta = model.get_weights() - start
-    if spec.dp_enabled:
+    if spec.dp_enabled:  # the clip: dp_clip, or C_t from the state this site derived itself
         shares = noise_shares or dp_step.noise_shares(spec)
-        return {"vector": dp_step.release(dp_step.privatize_update(spec, delta, shares)),
+        server = _state(given).server
+        return {"vector": dp_step.private_update(spec, delta, shares, server),
                 "round": rnd}
     return {"vector": pack_update(delta, loss, len(train)), "round": rnd}
 
@@ -159,6 +162,11 @@ def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
 def scored(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict[str, Any]:
     """ROC-AUC and PR-AUC (None for a one-class split), and counts at the threshold (a
     site's evaluation; the harness scores the pooled test rows alike)."""
+    # a wrecked (e.g. noise-swamped) model may overflow: rank its inf/NaN scores as the
+    # largest finite ones, so the metrics say how bad it is instead of failing
+    big = float(np.finfo(np.float64).max)
+    scores = np.nan_to_num(np.asarray(scores, dtype=np.float64), nan=big, posinf=big,
+                           neginf=-big)
     metrics: dict[str, Any] = (detection_metrics(labels, scores) if len(set(labels)) == 2
                                else {"roc_auc": None, "pr_auc": None})  # one class: no ranking
     if threshold is not None:  # counts at the calibrated threshold: pooled by summing
@@ -203,6 +211,17 @@ def _fit_scaffold(spec: JobSpec, model: TorchDetector, x: np.ndarray, given: Ste
     return {"vector": vector, "round": int(given.round)}
 
 
+def untrained_scores(spec: JobSpec, x: np.ndarray) -> np.ndarray:
+    """Scores of the job's model before any data shaped it: the neural model at its
+    initial weights, or, for a detector built from sums, the squared distance of the
+    standardized row from the mean (an identity covariance). A DP model that ranks worse
+    than this learned nothing but noise."""
+    rules = rules_for(spec)
+    if issubclass(rules, TorchDetector):
+        return rules.build(spec).score_samples(x)
+    return np.sum(np.square(x), axis=1)
+
+
 def evaluate(spec: JobSpec, test: pd.DataFrame, given: StepInput,
              train: pd.DataFrame | None = None) -> dict[str, Any]:
     """Metrics of the site's verified model on its private test split; only numbers leave.
@@ -218,6 +237,8 @@ def evaluate(spec: JobSpec, test: pd.DataFrame, given: StepInput,
     x_test = state.norm.transform(feature_matrix(spec, test))
     labels = in_order(spec, test)[spec.label_column].to_numpy().astype(int)
     metrics = scored(labels, model.score_samples(x_test), model.threshold_)
+    if spec.dp_enabled:  # is the noisy model better than none? (README: no silent garbage)
+        metrics["untrained"] = scored(labels, untrained_scores(spec, x_test), None)
     if spec.personalize_epochs and train is not None and isinstance(model, TorchDetector):
         x_train = state.norm.transform(feature_matrix(spec, train))
         own = personalized(spec, model, x_train)

@@ -19,6 +19,8 @@ NO_DP_MODELS = ("deepsvdd", "iforest")
 #: detectors built from sums alone whose every summed release a DP site noises per row
 #: (row-level Gaussian mechanism on the sum, fed_tasks/dp_sums.py)
 ROW_DP_MODELS = ("pca", "hbos")
+#: detectors that sample-level DP-SGD (Opacus, per-row gradients) can train
+DP_SGD_MODELS = ("ae",)
 #: detectors whose aggregate is pooled, not summed: plain mode only
 PLAIN_ONLY_MODELS = ("iforest",)
 #: what ``model="auto"`` compares when the spec names no candidates
@@ -77,6 +79,13 @@ class JobSpec(BaseModel):
     # reports global and personalized metrics (the copy never leaves the site)
     personalize_epochs: int = Field(default=0, ge=0, le=100)
     min_sites: int = Field(default=2, ge=1, le=1000)
+    # unreliable federations (fed_tasks/orchestrator.py): each training round calls a seeded
+    # ``fraction`` of the sites (at least min_sites), and a site silent for round_timeout
+    # seconds is skipped for that round; a skipped site catches up on the aggregates it
+    # missed at its next call (plain, paillier). In secagg a site left out of a round is a
+    # dropout the secure sum recovers from, and stays out of the job.
+    fraction: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
+    round_timeout: float | None = Field(default=None, gt=0.0, le=86_400.0, allow_inf_nan=False)
     update_bound: float = Field(default=2.0**24, gt=0)
     frac_bits: int = Field(default=16, ge=0, le=32)
     seed: int = 0
@@ -98,6 +107,16 @@ class JobSpec(BaseModel):
     # summed, which bounds one row's effect on the sum (fed_tasks/dp_sums.py); 3 is about the
     # norm of a typical row of 9 standardized features
     dp_row_clip: float = Field(default=3.0, gt=0, le=100, allow_inf_nan=False)
+    # client-level DP-FedAvg with adaptive clipping (Andrew et al. 2021; fed_tasks/dp_step.py):
+    # round t clips to C_t, starting at dp_clip, and each site also sends a noisy bit "my
+    # update was under C_t"; every party moves C_t towards the dp_clip_quantile of the sites'
+    # update norms from the released noisy count, at rate dp_clip_lr. dp_clip_count_std: the
+    # noise std σ_b on that summed count (None: max(min_sites/20, z/(2·√0.1)), so the count
+    # takes at most a tenth of each round's privacy); the epsilon and its charges are unchanged
+    dp_adaptive_clip: bool = False
+    dp_clip_quantile: float = Field(default=0.5, gt=0, lt=1, allow_inf_nan=False)
+    dp_clip_lr: float = Field(default=0.2, gt=0, le=1, allow_inf_nan=False)
+    dp_clip_count_std: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False)
 
     @model_validator(mode="after")
     def _label_not_a_feature(self) -> JobSpec:
@@ -114,6 +133,14 @@ class JobSpec(BaseModel):
         return self
 
     @model_validator(mode="after")
+    def _selection_fits_aggregation(self) -> JobSpec:
+        if self.fraction < 1.0 and self.aggregation == "secagg":
+            raise ValueError("fraction < 1 needs aggregation 'plain' or 'paillier': a site "
+                             "left out of a secure-sum round is a dropout for the rest of the "
+                             "job")
+        return self
+
+    @model_validator(mode="after")
     def _dp_consistent(self) -> JobSpec:
         if self.dp_sgd and self.dp_epsilon is None:
             raise ValueError("dp_sgd=True needs dp_epsilon (the sample-level budget of the job)")
@@ -124,9 +151,35 @@ class JobSpec(BaseModel):
             raise ValueError(f"model {self.model!r} releases sums that no site can noise yet: "
                              "differential privacy is available for ae, vae and lstm-ae "
                              "(per site or DP-SGD) and for pca and hbos (per row) only")
-        if self.dp_sgd and self.model != "ae":
+        if self.dp_sgd and self.model not in DP_SGD_MODELS:
             raise ValueError("sample-level DP-SGD is available for model 'ae' only; use "
                              "client-level DP for 'vae' and 'lstm-ae'")
+        return self
+
+    @model_validator(mode="after")
+    def _adaptive_clip_consistent(self) -> JobSpec:
+        if not self.dp_adaptive_clip:
+            if self.dp_clip_count_std is not None:
+                raise ValueError("dp_clip_count_std is the noise on adaptive clipping's count: "
+                                 "set dp_adaptive_clip=True or leave it unset")
+            return self
+        if self.dp_epsilon is None or self.dp_sgd or self.model in ROW_DP_MODELS:
+            raise ValueError("dp_adaptive_clip adapts the clip of client-level DP-FedAvg: it "
+                             "needs dp_epsilon, dp_sgd=False and a model trained in rounds "
+                             "(not pca/hbos, whose rows are clipped by dp_row_clip)")
+        if self.strategy == "scaffold" or self.strategy in INDIVIDUAL_STRATEGIES:
+            raise ValueError(f"dp_adaptive_clip is not available with strategy "
+                             f"{self.strategy!r}: the clip follows the *sum* of the sites' "
+                             "clipping bits, which scaffold's layout and the robust strategies' "
+                             "per-site statistics do not release")
+        if self.dp_clip_count_std is not None:
+            from privacy.dp import adaptive_update_noise_multiplier, noise_multiplier_for
+
+            z = noise_multiplier_for(self.dp_epsilon, self.rounds, self.dp_delta)
+            try:
+                adaptive_update_noise_multiplier(z, self.dp_clip_count_std)
+            except ValueError as exc:
+                raise ValueError(f"dp_clip_count_std={self.dp_clip_count_std:g}: {exc}") from None
         return self
 
     @model_validator(mode="after")

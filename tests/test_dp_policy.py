@@ -164,7 +164,8 @@ def test_policy_lists_every_violation_in_words():
                   "dp_epsilon=2 exceeds the dataset's remaining privacy budget 1.5"):
         assert words in found
     assert "may not submit" not in found  # the syft user id is compared, not the e-mail
-    ok = DatasetPolicy().violations(_spec(dp_epsilon=3.0), "anyone@x.org", remaining=10.0)
+    ok = DatasetPolicy().violations(_spec(dp_epsilon=3.0, dp_sgd=True, trim=0.0),
+                                    "anyone@x.org", remaining=10.0, rows=5_000)
     assert ok == []
 
 
@@ -194,5 +195,5 @@ def test_cli_dp_flags_need_epsilon():
     assert proc.returncode == 2 and "need --epsilon" in proc.stderr
     help_text = subprocess.run([str(fedsyft), "demo", "--help"], capture_output=True,
                                text=True, timeout=120).stdout
-    for flag in ("--epsilon", "--delta", "--clip", "--dp-sgd"):
+    for flag in ("--epsilon", "--delta", "--clip", "--dp-unit"):
         assert flag in help_text

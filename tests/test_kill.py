@@ -83,7 +83,9 @@ def runs(shuttle_small, tmp_path_factory):
     """All four kill runs, started together; (phase, signal) → (root, result)."""
     base = tmp_path_factory.mktemp("kill")
     table = base / "table.csv"
-    shuttle_small.head(600).to_csv(table, index=False)
+    # 2,000 rows: 2 sites of ~700 training rows, enough for DP-SGD's noise (the demo refuses
+    # a DP job whose noise would swamp the signal, fed_tasks/dp_usefulness.py)
+    shuttle_small.head(2000).to_csv(table, index=False)
     roots = {case: base / f"{case[0]}-{case[1].name}" for case in CASES}
     with ThreadPoolExecutor(len(CASES)) as pool:
         futures = {case: pool.submit(_run_and_kill, table, roots[case], *case)

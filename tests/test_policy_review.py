@@ -111,8 +111,33 @@ def test_review_lists_model_rounds_epsilon_aggregation_and_columns(federation, s
                   "clipped to L2 norm 0.7", "1/2 of the noise variance", "aggregation paillier",
                   "columns touched: 9 features", "'f9'", "label column 'anomaly'",
                   "privacy budget: dataset 'records' has spent epsilon",
-                  "policy: the job complies"):
+                  # 2 sites cannot carry client-level noise: the owner reads it, and why
+                  "noise vs signal: noise-to-signal ratio", "expect a useless model",
+                  "POLICY VIOLATIONS", "the DP noise would swamp the signal"):
         assert words in text, words
+
+
+def test_a_site_refuses_noise_that_swamps_the_signal_or_runs_it_with_a_warning(federation,
+                                                                               schema):
+    """Both sides of the owner's ``noisy_dp``: refused with the computed ratio at approval
+    and at every call; with "warn" the review says so and the job runs."""
+    from fed_tasks import dp_usefulness
+
+    site, session = federation.sites[0], federation.sessions()[0]
+    spec = _spec(schema, rounds=2, dp_epsilon=3.0, aggregation="plain", min_sites=2)
+    ratio = f"noise-to-signal ratio {dp_usefulness.estimate(spec).ratio:.3g}"
+    rid = session.submit(spec)
+    with pytest.raises(PermissionError, match=ratio):
+        site.approve(rid)
+    with _policy(site, noisy_dp="warn"):
+        text = site.review(rid).plain_words()
+        assert f"WARNING: the DP noise would swamp the signal: {ratio}" in text
+        assert "runs it anyway" in text and "policy: the job complies" in text
+        site.approve(rid)
+        stats = session.connection(spec).call("stats", {})  # the job runs
+        assert "contribution" in stats or "vector" in stats
+    with pytest.raises(Exception, match=ratio):  # the owner's default again: refused
+        session.connection(spec).call("stats", {})
 
 
 def _request(session, func) -> str:

@@ -105,7 +105,10 @@ def test_a_site_answers_a_retry_of_its_last_call_and_refuses_any_other_order(tmp
     state.record_trained(0, {"reply": "stats"})
     assert state.check_slot(0) is True  # the exact retry gets the saved reply
     with pytest.raises(ModelStateError, match="out of order"):
-        state.check_slot(2)  # a skipped slot
+        state.check_slot(1)  # the histograms need the statistics' aggregate first
+    state.apply("stats", 0, np.array([10.0, *np.zeros(2 * len(spec.features))]))
+    with pytest.raises(ModelStateError, match="out of order"):
+        state.check_slot(2)  # a skipped slot: the site does not hold aggregate 1
     assert state.check_slot(1) is False
     state.record_trained(1, {"reply": "hist"})
     with pytest.raises(ModelStateError, match="out of order"):

@@ -227,13 +227,20 @@ def test_a_summed_release_no_mechanism_covers_stays_refused_under_dp(federation,
         with pytest.raises(ValueError, match="releases sums that no site can noise yet"):
             _spec(schema, model, dp_epsilon=1.0)
     # the site's own check, should a spec ever get past that: refused, nothing computed
-    privacy = federation.sites[0].guard.privacy
+    site = federation.sites[0]
+    privacy = site.guard.privacy
     train, test = partitions[0]
     base = _spec(schema, "ae", dp_epsilon=1.0).model_dump()
+    # (an owner who runs noise-swamped jobs with a warning: the fail-closed check is next)
+    site.set_policy(noisy_dp="warn", reason="test: past the noise check")
     cases = [({**base, "model": "deepsvdd"}, "center"), ({**base, "model": "iforest"}, "trees"),
              ({**base, "model": "pca"}, "hist"), ({**base, "target_fpr": 0.05}, "calibrate")]
-    for fields, action in cases:
-        spec = JobSpec.model_construct(**fields)
-        with pytest.raises(PrivacyRefused, match=f"asks for '{action}' under differential"):
-            privacy.run_step(spec, action, site_step.StepInput(1), train, test, None)
+    try:
+        for fields, action in cases:
+            spec = JobSpec.model_construct(**fields)
+            with pytest.raises(PrivacyRefused,
+                               match=f"asks for '{action}' under differential"):
+                privacy.run_step(spec, action, site_step.StepInput(1), train, test, None)
+    finally:
+        site.set_policy(DatasetPolicy(), reason="test over: back to the default")
     assert privacy.ledger.job("records", base["job_id"]) is None

@@ -17,7 +17,17 @@ import click
 import typer
 
 from datasites.cli import job_options as opts
-from datasites.cli.main import _check_output, _column_list, _fail, _positive, _say, app
+from datasites.cli.main import (
+    _check_output,
+    _column_list,
+    _fail,
+    _positive,
+    _say,
+    _say_noise,
+    _skipped_lines,
+    app,
+    console,
+)
 
 CONFIG = typer.Option(..., "--config", help="The federation's federation.toml.")
 ONE_SITE = typer.Option(None, "--site", help="Only this member (site or key authority).")
@@ -127,6 +137,38 @@ def _scientist(cfg: Any, receipts: Path | None = None) -> Any:
     return RemoteFederation.connect(cfg, receipts=receipts)
 
 
+def _published_policies(fed: Any) -> list[Any]:
+    """The policies the sites publish with their dataset (a site without one judges alone)."""
+    out = []
+    for session in fed.sessions():
+        try:
+            out.append(session.policy())
+        except LookupError:
+            continue
+    return out
+
+
+def _useful_dp(spec: Any, dp_unit: str | None, policies: list[Any]) -> Any:
+    """The job after the DP unit is chosen (see ``--dp-unit``); refused (exit 2) if the sites'
+    published policies would refuse its noise, warned about if they would run it anyway.
+    Per-row noise depends on each site's row count, which only the site judges."""
+    from fed_tasks import dp_usefulness
+
+    if spec.dp_enabled and dp_unit is None:
+        spec, why = dp_usefulness.default_unit(spec)
+        if why:
+            _say(why)
+    for policy in policies:
+        problem = dp_usefulness.useless(spec, None, policy.max_noise_ratio)
+        if problem and policy.noisy_dp == "refuse":
+            raise _fail(f"--epsilon: {problem}")
+        if problem:
+            console.print(f"warning: {problem} (the sites' policy runs it anyway)",
+                          style="yellow", markup=False, highlight=False)
+            break
+    return spec
+
+
 @app.command()
 def submit(
     config: Path = CONFIG,
@@ -147,7 +189,10 @@ def submit(
     delta: float = typer.Option(1e-5, "--delta", click_type=_positive(opts.DELTA_MAX),
                                 help="DP delta (with --epsilon)."),
     clip: float = typer.Option(1.0, "--clip", click_type=_positive(), help="DP clip."),
-    dp_sgd: bool = typer.Option(False, "--dp-sgd", help="Sample-level DP-SGD."),
+    dp_unit: str = typer.Option(None, "--dp-unit", click_type=click.Choice(opts.DP_UNITS),
+                                show_default=False, help=opts.DP_UNIT_HELP),
+    dp_sgd: bool = typer.Option(False, "--dp-sgd", hidden=True, help="= --dp-unit row."),
+    adaptive_clip: bool = typer.Option(False, "--adaptive-clip", help=opts.ADAPTIVE_CLIP_HELP),
     target_fpr: float = typer.Option(None, "--target-fpr", click_type=_positive(
         below=opts.TARGET_FPR_MAX), help="Alarm threshold: the score this fraction of the "
         "training rows exceed [default: no threshold, ranking only]."),
@@ -155,8 +200,12 @@ def submit(
         "Early stopping (neural models): rounds without a 1% loss improvement; 0: off.")),
 ) -> None:
     """The data scientist submits a job to every site: prints the job id and request ids."""
-    if (dp_sgd or clip != 1.0 or delta != 1e-5) and epsilon is None:
-        raise _fail("--delta, --clip and --dp-sgd need --epsilon")
+    try:
+        dp_unit = opts.dp_unit_of(dp_unit, dp_sgd)
+    except opts.JobOptionError as exc:
+        raise _fail(exc) from None
+    if (dp_unit or adaptive_clip or clip != 1.0 or delta != 1e-5) and epsilon is None:
+        raise _fail("--delta, --clip, --dp-unit and --adaptive-clip need --epsilon")
     cfg = _load(config)
     sites_time = cfg.site[0].time_column  # the sites' time column: never a feature
     if time_column is None and model in opts.SERIES_MODELS:
@@ -164,8 +213,10 @@ def submit(
     try:
         opts.check_job_options(sites=len(cfg.site), rounds=rounds, model=model,
                                aggregation=aggregation, seed=seed, epsilon=epsilon,
-                               delta=delta, clip=clip, dp_sgd=dp_sgd, target_fpr=target_fpr,
-                               patience=patience, time_column=time_column)
+                               delta=delta, clip=clip, dp_unit=dp_unit,
+                               adaptive_clip=adaptive_clip,
+                               target_fpr=target_fpr, patience=patience,
+                               time_column=time_column)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
     if sites_time is not None and time_column not in (None, sites_time):
@@ -185,14 +236,16 @@ def submit(
         raise _fail(f"--time-column {time_column}: not a column of the sites' tables "
                     f"({', '.join(columns)})")
     dp: dict[str, Any] = {}
+    row = dp_unit == "row" and model not in opts.ROW_DP_MODELS
     if epsilon is not None:
-        dp = {"dp_epsilon": epsilon, "dp_delta": delta, "dp_clip": clip, "dp_sgd": dp_sgd,
-              **({"trim": 0.0} if dp_sgd else {})}
+        dp = {"dp_epsilon": epsilon, "dp_delta": delta, "dp_clip": clip, "dp_sgd": row,
+              "dp_adaptive_clip": adaptive_clip, **({"trim": 0.0} if row else {})}
     not_features = (label_column, time_column, sites_time)
     spec = JobSpec(model=model, features=tuple(c for c in columns if c not in not_features),
                    label_column=label_column, time_column=time_column, rounds=rounds, seed=seed,
                    aggregation=aggregation, min_sites=cfg.federation.min_sites,
                    target_fpr=target_fpr, patience=patience, **dp)
+    spec = _useful_dp(spec, dp_unit, _published_policies(fed))
     ids = fed.submit(spec)
     save_job(spec, cfg.path, ids)
     _say(f"job {spec.job_id}")
@@ -240,6 +293,9 @@ def train(config: Path = CONFIG,
         _say(site_line(row))
     if result.stopped_early:
         _say(f"stopped after {result.rounds_completed} rounds: {result.stop_reason}")
+    for line in _skipped_lines(out):
+        _say(line)
+    _say_noise(out)
     if report is not None:
         report.parent.mkdir(parents=True, exist_ok=True)
         report.write_text(json.dumps(out, indent=2))
@@ -268,8 +324,9 @@ def _train_report(spec: Any, cfg: Any, result: Any, per_site: list[dict[str, Any
     import math
 
     from datasites.harness.demo import pooled_counts
-    from fed_tasks import dp_sums
+    from fed_tasks import dp_sums, dp_usefulness
     from fed_tasks.dp_step import cumulative_epsilon, noise_multiplier
+    from fed_tasks.evaluation import noise_check
 
     dp = None if not spec.dp_enabled else ("dp_sums" if dp_sums.applies(spec) else
                                            "dp_sgd" if spec.dp_sgd else "dp_fedavg")
@@ -290,6 +347,9 @@ def _train_report(spec: Any, cfg: Any, result: Any, per_site: list[dict[str, Any
                                if dp == "dp_sums" else None),
         "noise_multiplier": (noise_multiplier(spec) if dp == "dp_fedavg" else
                              dp_sums.noise_multiplier(spec) if dp == "dp_sums" else None),
+        "skipped": result.skipped,  # who missed which call, and why
+        "noise_to_signal": (est.ratio if (est := dp_usefulness.estimate(spec)) else None),
+        "noise_check": noise_check(per_site) if dp else None,
         "rounds_completed": result.rounds_completed,
         "stopped_early": result.stop_reason or None,
         "per_site": per_site,

@@ -30,7 +30,7 @@ from datasites.cli import job_options as opts
 
 console = Console()
 err = Console(stderr=True)
-DEMO_ROUNDS = 10  # the demo's rounds (a maximum: see DEMO_PATIENCE)
+DEMO_ROUNDS = None  # the demo's rounds: harness.demo.DEFAULT_ROUNDS, or fewer under DP-SGD
 DEMO_PATIENCE = 0  # early stopping of the demo's neural models (0: every round)
 
 
@@ -323,7 +323,9 @@ def demo(
         "Number of institutions one table is split into [default: 3; with several --data: "
         "one per table].")),
     rounds: int = typer.Option(DEMO_ROUNDS, min=opts.ROUNDS_MIN, max=opts.ROUNDS_MAX,
-                               help="Federated rounds, at most (see --patience)."),
+                               show_default=False, help=(
+        "Federated rounds, at most (see --patience) [default: 10; 3 when --epsilon trains "
+        "per row (DP-SGD), whose every epoch costs noise].")),
     model: str = typer.Option("ae", click_type=click.Choice(opts.MODELS), help=(
         "Detector: ae (autoencoder), vae (variational autoencoder), deepsvdd, lstm-ae (LSTM "
         "autoencoder of a series; needs --time-column), pca, hbos, iforest (isolation "
@@ -352,6 +354,15 @@ def demo(
                                     help=(
         "After the rounds each site fine-tunes its own copy for this many epochs and reports "
         "global and personalized metrics (the copy never leaves the site).")),
+    fraction: float = typer.Option(1.0, "--fraction", click_type=_positive(1.0), help=(
+        "Each training round calls this fraction of the sites (a public draw from --seed, "
+        "at least 2); the others catch up on the aggregates they missed at their next "
+        "call. Not with --aggregation secagg.")),
+    round_timeout: float = typer.Option(None, "--round-timeout", click_type=_positive(
+        86_400.0), show_default=False, help=(
+        "Seconds a round waits for a site; a site still silent is skipped for that round "
+        "and named in the report (secagg: a dropout the secure sum recovers from) "
+        "[default: wait for every site].")),
     seed: int = typer.Option(0, min=0, max=opts.SEED_MAX,
                              help="Seed for the split and the model."),
     report: Path = typer.Option(None, help="Write the JSON report here."),
@@ -366,25 +377,34 @@ def demo(
     delta: float = typer.Option(1e-5, "--delta", click_type=_positive(opts.DELTA_MAX),
                                 help="DP delta (with --epsilon)."),
     clip: float = typer.Option(1.0, "--clip", click_type=_positive(), help=(
-        "DP clipping bound: L2 norm of a site's update (DP-FedAvg), or of a row's gradient "
-        "with --dp-sgd.")),
-    dp_sgd: bool = typer.Option(False, "--dp-sgd", help=(
-        "Sample-level DP-SGD (Opacus) during local training instead of client-level "
-        "DP-FedAvg (with --epsilon).")),
+        "DP clipping bound: L2 norm of a site's update (--dp-unit site), or of a row's "
+        "gradient (--dp-unit row).")),
+    dp_unit: str = typer.Option(None, "--dp-unit", click_type=click.Choice(opts.DP_UNITS),
+                                show_default=False, help=opts.DP_UNIT_HELP),
+    dp_sgd: bool = typer.Option(False, "--dp-sgd", hidden=True, help="= --dp-unit row."),
+    adaptive_clip: bool = typer.Option(False, "--adaptive-clip", help=opts.ADAPTIVE_CLIP_HELP),
 ) -> None:
     """Split a table across non-IID sites (or take one table per site), provision datasites,
     train, calibrate the alarm threshold, evaluate, report."""
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
-    if (dp_sgd or clip != 1.0 or delta != 1e-5) and epsilon is None:
-        raise _fail("--delta, --clip and --dp-sgd need --epsilon")
+    try:
+        dp_unit = opts.dp_unit_of(dp_unit, dp_sgd)
+    except opts.JobOptionError as exc:
+        raise _fail(exc) from None
+    if (dp_unit or adaptive_clip or clip != 1.0 or delta != 1e-5) and epsilon is None:
+        raise _fail("--delta, --clip, --dp-unit and --adaptive-clip need --epsilon")
     tables, n_sites = _demo_tables(data, sites)
     dropped = _column_list(drop_columns, "--drop-columns")
     try:  # every option against the job it becomes, before any file is read or written
-        opts.check_job_options(sites=n_sites, rounds=rounds, model=model,
+        opts.check_job_options(sites=n_sites, rounds=rounds or opts.DEFAULT_ROUNDS,
+                               model=model,
                                aggregation=aggregation, seed=seed, epsilon=epsilon,
-                               delta=delta, clip=clip, dp_sgd=dp_sgd, target_fpr=target_fpr,
-                               patience=patience, time_column=time_column,
-                               strategy=strategy, personalize=personalize)
+                               delta=delta, clip=clip, dp_unit=dp_unit,
+                               adaptive_clip=adaptive_clip,
+                               target_fpr=target_fpr, patience=patience,
+                               time_column=time_column, strategy=strategy,
+                               personalize=personalize, fraction=fraction,
+                               round_timeout=round_timeout)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
     if report is not None:
@@ -403,8 +423,10 @@ def demo(
                      time_column=time_column,
                      patience=patience, seed=seed, aggregation=aggregation,
                      strategy=strategy, personalize_epochs=personalize,
+                     fraction=fraction, round_timeout=round_timeout,
                      keep_sites=keep_sites, passwords=passwords,
-                     epsilon=epsilon, delta=delta, clip=clip, dp_sgd=dp_sgd)
+                     epsilon=epsilon, delta=delta, clip=clip, dp_unit=dp_unit,
+                     adaptive_clip=adaptive_clip)
 
     def log(msg: str) -> None:
         style = "yellow" if msg.startswith("warning:") else "dim"
@@ -422,7 +444,7 @@ def demo(
         _print_kept_sites(cfg)
     console.print(results_table(result))
     _say(_threshold_line(result))
-    for line in _selection_lines(result) + _personalized_lines(result):
+    for line in _selection_lines(result) + _personalized_lines(result) + _skipped_lines(result):
         _say(line)
     if result["dropped_columns"]["constant"] or result["dropped_columns"]["user"]:
         _say(f"columns left out: constant {result['dropped_columns']['constant']}, "
@@ -433,6 +455,7 @@ def demo(
                       f"{result['delta']:g}, noise multiplier "
                       + (f"{result['noise_multiplier']:.3g}" if result["noise_multiplier"]
                          else "per site (DP-SGD)"))
+        _say_noise(result)
     console.print(f"finished in {result['seconds']:.1f} s "
                   f"(provisioning {result['timing']['provision_s']:.1f} s, federated training "
                   f"{result['timing']['train_s']:.1f} s)")
@@ -444,6 +467,31 @@ def demo(
             raise _fail(f"cannot write the report to --report {report}: "
                         f"{exc.strerror or exc}") from None
         console.print(f"report written to {report}")
+
+
+def _skipped_lines(report: dict[str, Any]) -> list[str]:
+    """Which site missed which round, and why (not selected, too slow, dropped out)."""
+    grouped: dict[tuple[str, int, str], list[str]] = {}
+    for s in report.get("skipped") or []:
+        grouped.setdefault((s["action"], s["round"], s["why"]), []).append(s["site"])
+    return [f"{action} {rnd}: skipped {', '.join(sites)} ({why})"
+            for (action, rnd, why), sites in grouped.items()]
+
+
+def _say_noise(report: dict[str, Any]) -> None:
+    """A DP job's noise before training, and whether its model beat the untrained one."""
+    from fed_tasks.evaluation import noise_warning
+
+    check = report.get("noise_check")
+    if report.get("noise_to_signal") is not None:
+        _say(f"expected noise-to-signal ratio of a release: {report['noise_to_signal']:.3g} "
+             "(above 1 the noise swamps the signal)")
+    if check:
+        _say(f"DP model vs untrained, sites' held-out rows: ROC-AUC {check['roc_auc']:.3f} "
+             f"vs {check['untrained_roc_auc']:.3f}")
+    warning = noise_warning(check)
+    if warning:
+        console.print(warning, style="bold red", markup=False, highlight=False)
 
 
 def _model_words(report: dict[str, Any]) -> str:

@@ -13,12 +13,14 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from datasites.governance.ledger import write_json_atomic
+from fed_tasks import dp_usefulness
 from fed_tasks.detectors import REGISTRY
+from fed_tasks.dp_usefulness import USEFUL_RATIO
 from fed_tasks.spec import ROW_DP_MODELS, JobSpec
 
 DATASET_NAME = "records"  # the one dataset each fedsyft site publishes
@@ -82,6 +84,10 @@ class DatasetPolicy(BaseModel):
     # the model's shape bounds what one update can carry (see the review's "model shape")
     max_params: int | None = Field(default=None, ge=1)
     min_batch: int = Field(default=1, ge=1)
+    # DP whose noise swamps the signal (fed_tasks/dp_usefulness.py): a release's expected
+    # noise-to-signal ratio above max_noise_ratio is refused, or run with a warning
+    max_noise_ratio: float = Field(default=USEFUL_RATIO, gt=0, allow_inf_nan=False)
+    noisy_dp: Literal["refuse", "warn"] = "refuse"
     # empty: any data scientist with an account. The owner may give e-mails; the site binds
     # each to its syft account (see Submitter) before the policy takes effect.
     allowed_submitters: tuple[Submitter, ...] = ()
@@ -113,10 +119,11 @@ class DatasetPolicy(BaseModel):
         return self.model_copy(update={"allowed_submitters": bound})
 
     def violations(self, spec: JobSpec, requester: Requester | str | None = None,
-                   remaining: float | None = None) -> list[str]:
+                   remaining: float | None = None, rows: int | None = None) -> list[str]:
         """Every way ``spec`` breaks this policy, in words (empty: it complies).
 
-        ``requester`` None skips the submitter check, ``remaining`` None the budget check.
+        ``requester`` None skips the submitter check, ``remaining`` None the budget check;
+        ``rows`` (the site's training rows) lets per-row DP's noise be judged too.
         The submitter check compares syft user ids only (a bare string is an id, as the
         site's approval records keep it), never e-mails, which a user can change.
         """
@@ -147,6 +154,9 @@ class DatasetPolicy(BaseModel):
                     and spec.model not in ROW_DP_MODELS):  # pca/hbos: dp_clip unused
                 out.append(f"dp_clip={spec.dp_clip:g} exceeds the maximum clipping bound "
                            f"{self.max_clip:g}")
+            swamped = dp_usefulness.useless(spec, rows, self.max_noise_ratio)
+            if swamped and self.noisy_dp == "refuse":
+                out.append(swamped)
             if remaining is not None and spec.dp_epsilon > remaining * (1 + 1e-9):
                 out.append(f"dp_epsilon={spec.dp_epsilon:g} exceeds the dataset's remaining "
                            f"privacy budget {remaining:.4g} (of {self.epsilon_budget:g})")
@@ -156,6 +166,14 @@ class DatasetPolicy(BaseModel):
                 out.append(f"{who.words()} may not submit jobs on this dataset (allowed: "
                            f"{', '.join(s.words() for s in self.allowed_submitters)})")
         return out
+
+    def warnings(self, spec: JobSpec, rows: int | None = None) -> list[str]:
+        """What the owner's policy lets run but the review must say: DP noise above
+        ``max_noise_ratio`` when ``noisy_dp`` is "warn"."""
+        if spec.model == "auto" or not spec.dp_enabled or self.noisy_dp != "warn":
+            return []
+        swamped = dp_usefulness.useless(spec, rows, self.max_noise_ratio)
+        return [f"{swamped} (this dataset's policy runs it anyway)"] if swamped else []
 
     def plain_words(self, dataset: str = DATASET_NAME, spent: float | None = None) -> str:
         """The policy as the data scientist reads it (ends with a machine-readable line)."""
@@ -174,6 +192,9 @@ class DatasetPolicy(BaseModel):
             f"- differential privacy {dp}",
             f"- total privacy budget: epsilon {self.epsilon_budget:g} across all jobs"
             f"{used}; delta at most {self.max_delta:g} per job; clipping bound {clip}",
+            f"- DP noise: a job whose noise-to-signal ratio on a release exceeds "
+            f"{self.max_noise_ratio:g} is "
+            + ("refused" if self.noisy_dp == "refuse" else "run with a warning"),
             f"- every aggregate must combine at least {self.min_sites} sites",
             f"- model size: {size}; batch size at least {self.min_batch}",
             f"- who may submit: {who}",

@@ -39,6 +39,7 @@ class Review:
     budget: str = ""  # the dataset's privacy budget, in words
     requester_id: str = ""  # the syft verify key that signed the request: what policies bind
     train_rows: int | None = None  # this site's private training rows (the owner's own fact)
+    warnings: tuple[str, ...] = ()  # what the policy lets run but the owner should know
 
     @property
     def requester_words(self) -> str:
@@ -69,6 +70,7 @@ class Review:
             _shape(s, self.train_rows),
             _leaves(s),
             _privacy(s),
+            *_noise(s, self.train_rows),
             f"  aggregation {AGGREGATION_WORDS[s.aggregation]}",
             "  code: the fedsyft template (checked), calling the installed site step",
         ]
@@ -76,12 +78,26 @@ class Review:
 
     def _policy_lines(self) -> list[str]:
         out = [f"  privacy budget: {self.budget}"] if self.budget else []
+        out += [f"  WARNING: {w}" for w in self.warnings]
         if self.violations:
             out.append("  POLICY VIOLATIONS (the site refuses to approve this job):")
             out += [f"    - {v}" for v in self.violations]
         elif self.spec is not None:
             out.append("  policy: the job complies with this dataset's policy")
         return out
+
+
+def _noise(s: JobSpec, rows: int | None) -> list[str]:
+    """A DP job: how large the noise on each release is against its signal, in words."""
+    from fed_tasks import dp_usefulness
+
+    est = dp_usefulness.estimate(s, rows)
+    if est is None:
+        return []
+    verdict = ("the noise is larger than anything the data can say in a release: expect a "
+               "useless model" if est.ratio > dp_usefulness.USEFUL_RATIO
+               else "the data's signal dominates the noise")
+    return [f"  noise vs signal: {est.words()}: {verdict}"]
 
 
 def _selection(s: JobSpec, rows: int | None, label: str) -> list[str]:
@@ -162,14 +178,26 @@ def _privacy(s: JobSpec) -> str:
         return (f"  differential privacy: sample-level DP-SGD, epsilon {s.dp_epsilon:g} at delta "
                 f"{s.dp_delta:g} per row over the whole job; each row's gradient is clipped to "
                 f"norm {s.dp_clip:g} and noised, calibrated here to this site's row count")
-    from fed_tasks.dp_step import client_plan, noise_shares
+    from fed_tasks.dp_step import adaptive_clip, client_plan, noise_shares
 
     z, n = client_plan(s).noise_multiplier, noise_shares(s)
     share = "the full noise" if n == 1 else f"1/{n} of the noise variance (the sum gets all)"
-    return (f"  differential privacy: client-level DP-FedAvg, epsilon {s.dp_epsilon:g} at delta "
+    text = (f"  differential privacy: client-level DP-FedAvg, epsilon {s.dp_epsilon:g} at delta "
             f"{s.dp_delta:g} for this whole site over {s.rounds} rounds; each round the update "
             f"is clipped to L2 norm {s.dp_clip:g} and this site adds {share}, noise multiplier "
             f"{z:.3g}; charged to the ledger round by round")
+    rule = adaptive_clip(s)
+    if rule is None:
+        return text
+    return (text.replace(f"clipped to L2 norm {s.dp_clip:g}", "clipped to an adaptive L2 norm")
+            + f"\n  adaptive clipping: the clip starts at {rule.initial:g} and moves each round "
+            f"towards the norm that {s.dp_clip_quantile:.0%} of the sites' updates stay under "
+            f"(learning rate {rule.lr:g}); each round this site also sends whether its update "
+            f"was under the clip, one bit hidden by noise (std {rule.count_std:.3g} on the "
+            f"summed count, this site adding its share), which is why the update's noise "
+            f"multiplier is {rule.update_noise_multiplier:.3g} instead of {z:.3g}; the epsilon "
+            "and its charges are the same. The clip follows from the released noisy counts "
+            "only, as this site derives them itself, never from the data scientist's messages")
 
 
 def _row_privacy(s: JobSpec) -> str:

@@ -195,11 +195,12 @@ class SitePrivacy:
         return f"{base}\n\n{policy}" if base else policy
 
     def check_job(self, spec: JobSpec, requester: str | None,
-                  dataset: str = DATASET_NAME) -> list[str]:
+                  dataset: str = DATASET_NAME, rows: int | None = None) -> list[str]:
         """Policy violations of ``spec`` at request time, including the remaining budget
-        (plus what this job was already charged, for a revoked job approved again)."""
+        (plus what this job was already charged, for a revoked job approved again);
+        ``rows``, the site's training rows, judges per-row DP noise too."""
         left = self.remaining(dataset) + self.job_epsilon(spec.job_id, dataset)
-        return self.policy(dataset).violations(spec, requester, left)
+        return self.policy(dataset).violations(spec, requester, left, rows)
 
     # ---- public statistics of the mock -----------------------------------------------------
     def register_public_mock(self, mocks: dict[str, pd.DataFrame]) -> None:
@@ -233,7 +234,8 @@ class SitePrivacy:
         """Refuse, before the call is counted or logged as executed, a call that the current
         policy forbids or whose training release the dataset's budget cannot afford."""
         request = (approval or {}).get("request") or {}
-        problems = self.policy().violations(spec, request.get("requester") or None)
+        problems = self.policy().violations(spec, request.get("requester") or None,
+                                            rows=n_rows)
         if problems:
             raise PrivacyRefused(f"job {spec.job_id!r} does not comply with the current policy "
                                  f"of dataset {DATASET_NAME!r} at site {self.site!r}: "

@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
+from datasites.cli.job_options import DEFAULT_ROUNDS, DP_SGD_ROUNDS
 from datasites.harness.partition import (
     MIN_ROWS_PER_SITE,
     SERIES_MIN_ROWS,
@@ -32,10 +33,12 @@ from datasites.runtime.tables import (
     inspect_tables,
     read_table,
 )
+from fed_tasks import dp_usefulness
+from fed_tasks.evaluation import noise_check
 from fed_tasks.local import LocalSite
 from fed_tasks.orchestrator import FederatedTrainer, TrainingResult
 from fed_tasks.site_step import in_order, scored
-from fed_tasks.spec import INDIVIDUAL_STRATEGIES, SERIES_MODELS, JobSpec
+from fed_tasks.spec import INDIVIDUAL_STRATEGIES, ROW_DP_MODELS, SERIES_MODELS, JobSpec
 
 BUNDLED_TABLE = Path(__file__).parents[1] / "data" / "shuttle.csv.gz"
 BUNDLED_LABEL = "anomaly"
@@ -53,13 +56,17 @@ class DemoConfig:
     # files are k devices; each site is evaluated on its whole series (no split, no shuffle)
     time_column: str | None = None
     sites: int = 3
-    rounds: int = 10  # at most: training stops earlier once the loss stops improving
+    # at most (training stops earlier once the loss stops improving); None: DEFAULT_ROUNDS,
+    # or DP_SGD_ROUNDS for a job trained with DP-SGD (see datasites/cli/job_options.py)
+    rounds: int | None = None
     model: str = "ae"
     drop_columns: tuple[str, ...] = ()  # left out of the schema (e.g. categorical columns)
     target_fpr: float | None = 0.05  # alarm threshold: this share of training rows above it
     patience: int = 0  # early stopping (neural models): rounds without improvement
     strategy: str = "fedavg"  # how rounds are combined (fed_tasks/strategies)
     personalize_epochs: int = 0  # each site fine-tunes its own copy after the rounds
+    fraction: float = 1.0  # of the sites each training round calls (a seeded draw)
+    round_timeout: float | None = None  # seconds a round waits for a site (None: all)
     min_delta: float = 0.01  # relative loss improvement that counts as one
     min_local_steps: int = 20  # minibatch steps per site and round, at least
     aggregation: str = "plain"
@@ -72,7 +79,10 @@ class DemoConfig:
     epsilon: float | None = None  # DP budget of the job (None: no DP)
     delta: float = 1e-5
     clip: float = 1.0  # L2 bound of a site's update (DP-FedAvg) or of a row's gradient (DP-SGD)
-    dp_sgd: bool = False  # sample-level DP-SGD instead of client-level DP-FedAvg
+    # what epsilon protects: "row" (DP-SGD; pca/hbos always), "site" (DP-FedAvg), or None:
+    # site-level unless its noise would swamp the signal (fed_tasks.dp_usefulness.default_unit)
+    dp_unit: str | None = None
+    adaptive_clip: bool = False  # client-level DP: the clip follows the update norms
     # site name -> {"owner": ..., "officer": ...}; never part of the report
     passwords: dict[str, dict[str, str]] | None = field(default=None, repr=False)
 
@@ -307,7 +317,8 @@ def preflight(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFrame]],
             preflight(sub, splits, names)
         return
     policy = DatasetPolicy()
-    problems = policy.violations(spec, remaining=policy.epsilon_budget)
+    problems = policy.violations(spec, remaining=policy.epsilon_budget,
+                                 rows=min(len(train) for train, _ in splits))
     if problems:
         raise JobRefusedError("the sites' default policy would refuse the job: "
                               + "; ".join(problems))
@@ -364,17 +375,27 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         log(found.warning())
     names = [f"site-{i + 1}" for i in range(len(splits))]
     dp: dict[str, Any] = {}
+    row_unit = cfg.dp_unit == "row" and cfg.model not in ROW_DP_MODELS
     if cfg.epsilon is not None:
         dp = {"dp_epsilon": cfg.epsilon, "dp_delta": cfg.delta, "dp_clip": cfg.clip,
-              "dp_sgd": cfg.dp_sgd, **({"trim": 0.0} if cfg.dp_sgd else {})}
+              "dp_sgd": row_unit, "dp_adaptive_clip": cfg.adaptive_clip,
+              **({"trim": 0.0} if row_unit else {})}
     from datasites.cli.job_options import strategy_options
 
     spec = JobSpec(model=cfg.model, features=schema.features, label_column=schema.label,
-                   rounds=cfg.rounds, seed=cfg.seed, aggregation=cfg.aggregation,
+                   rounds=cfg.rounds or DEFAULT_ROUNDS, seed=cfg.seed,
+                   aggregation=cfg.aggregation,
                    target_fpr=cfg.target_fpr, patience=cfg.patience, min_delta=cfg.min_delta,
                    min_local_steps=cfg.min_local_steps, time_column=schema.time,
-                   personalize_epochs=cfg.personalize_epochs,
+                   personalize_epochs=cfg.personalize_epochs, fraction=cfg.fraction,
+                   round_timeout=cfg.round_timeout,
                    **strategy_options(cfg.strategy, len(splits)), **dp)
+    if cfg.epsilon is not None and cfg.dp_unit is None:
+        spec, why = dp_usefulness.default_unit(spec)
+        if why:
+            log(why)
+    if spec.dp_sgd and cfg.rounds is None:
+        spec = JobSpec.model_validate({**spec.model_dump(), "rounds": DP_SGD_ROUNDS})
     series = schema.time is not None  # a series site's test split is its whole series
     site_sizes = [len(tr) if series else len(tr) + len(te) for tr, te in splits]
     how = {(False, False): "non-IID split", (False, True): "one table per site",
@@ -418,7 +439,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         "job_id": spec.job_id,
         "data": [str(p) for p in cfg.data],
         "sites": len(names),
-        "rounds": cfg.rounds,
+        "rounds": spec.rounds,
         "model": cfg.model,
         "chosen_model": result.spec.model,  # model="auto": the candidate kept
         "selection": result.selection,
@@ -435,7 +456,13 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         "threshold": result.threshold,
         "federated": {**federated, "losses": [None if np.isnan(v) else v for v in result.losses]},
         **privacy,
+        # a DP job: the expected noise-to-signal ratio judged before training, and the
+        # model against its untrained self on the sites' held-out rows after it
+        "noise_to_signal": (est.ratio if (est := dp_usefulness.estimate(
+            spec, min(len(tr) for tr, _ in splits))) else None),
+        "noise_check": noise_check(per_site) if spec.dp_enabled else None,
         "rounds_completed": result.rounds_completed,
+        "skipped": result.skipped,  # who missed which call, and why
         "stopped_early": result.stop_reason or None,
         **refs,
         "per_site": per_site,

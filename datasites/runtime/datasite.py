@@ -730,16 +730,17 @@ class Datasite:
             ok, problem = False, str(exc)
         who, actor = self._requester(req)
         violations = tuple(self._identity_violations(req))
-        budget = ""
+        budget, warnings, rows = "", (), self._train_rows()
         if self.holds_data:
             pinned = spec or job_code.pinned_spec(source)
             if pinned is not None:  # the submitter check compares who.user_id, not e-mails
-                violations += tuple(self.guard.privacy.check_job(pinned, who))
+                violations += tuple(self.guard.privacy.check_job(pinned, who, rows=rows))
                 violations += tuple(self._schema_violations(pinned))
+                warnings = tuple(self.policy().warnings(pinned, rows))
             budget = self._budget_words()
         return Review(req.id.no_dash, self.name, actor, str(req.status.name).lower(), source,
                       spec, ok, problem, violations=violations, budget=budget,
-                      requester_id=who.user_id, train_rows=self._train_rows())
+                      requester_id=who.user_id, train_rows=rows, warnings=warnings)
 
     def _published_train(self) -> dict[str, Any]:
         """What this site's log recorded of the train split at publication (rows, columns)."""

@@ -69,15 +69,18 @@ class _ModelCall:
         self.slot: int | None = None
         if action in SUMMED_ACTIONS:  # the slot follows from the approved spec's schedule
             self.slot = aggregate_index(spec, action, self.round)
-            if self.state.check_slot(self.slot):
+            if self.slot == self.state.trained and self.state.reply is not None:
                 self.cached = self.state.reply  # an exact retry: the same reply, nothing new
                 return
-        evidence = getattr(self.msg, "previous", None)
-        if evidence is not None:
+        missed = list(getattr(self.msg, "catch_up", []) or [])
+        if missed and self.secure is not None:  # a secure-sum site left out is a dropout
+            raise CallRefused("a secure-sum job relays no missed aggregates: a site left out "
+                              "of a round stays out of the session")
+        previous = getattr(self.msg, "previous", None)
+        for evidence in [*missed, *([previous] if previous is not None else [])]:
             self._advance(evidence)
-        if self.slot is not None and not self.state.expects(self.slot):
-            raise ModelStateError(f"{action} {self.round} needs the aggregate of the "
-                                  "previous call first")
+        if self.slot is not None:
+            self.state.check_slot(self.slot)
 
     def _advance(self, evidence: AggregateEvidence) -> None:
         """Apply the previous aggregate once the site has verified it itself."""

@@ -32,10 +32,15 @@ REGISTRY: dict[str, str] = {
 @functools.lru_cache(maxsize=256)
 def strategy_for(spec: JobSpec) -> Strategy:
     """The job's strategy, with its parameters from the approved spec (cached per frozen
-    spec: every applied round asks; strategies keep no state, the server moments live in
-    the global state)."""
+    spec: every applied round asks; strategies keep no state, the server moments and an
+    adaptive DP clip live in the global state)."""
     target = REGISTRY.get(spec.strategy)
     if target is None:
         raise ValueError(f"unknown strategy {spec.strategy!r}; known: {sorted(REGISTRY)}")
     module, cls = target.split(":")
-    return getattr(importlib.import_module(module), cls).from_spec(spec)
+    strategy = getattr(importlib.import_module(module), cls).from_spec(spec)
+    if spec.dp_adaptive_clip:  # the clip moves with every applied round, at every party
+        from fed_tasks.dp_step import adaptive_clip
+
+        strategy.adaptive_clip = adaptive_clip(spec)
+    return strategy

@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar
 
 import numpy as np
 
 from fed_tasks.codec import PayloadError
 from fed_tasks.spec import JobSpec
 from fed_tasks.strategy import SummedUpdate
+
+if TYPE_CHECKING:
+    from fed_tasks.dp_step import AdaptiveClip
 
 
 class Strategy:
@@ -17,6 +20,10 @@ class Strategy:
     name: ClassVar[str] = "fedavg"
     #: needs each site's update in clear, so plain mode only
     individual: ClassVar[bool] = False
+    #: DP-FedAvg with adaptive clipping: the rule that moves the clip after each round
+    #: (set from the spec by :func:`fed_tasks.strategies.strategy_for`, like a server
+    #: optimizer's hyper-parameters; the clip itself is server state, as the moments are)
+    adaptive_clip: AdaptiveClip | None = None
 
     @classmethod
     def from_spec(cls, spec: JobSpec) -> Strategy:
