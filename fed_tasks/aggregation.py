@@ -117,6 +117,11 @@ class _Immediate:
         self._busy: dict[str, Future] = {}  # site -> a call that outlived its round
         self.timeout: float | None = None  # seconds a round waits for a site (None: all)
         self.last_skipped: dict[str, str] = {}  # the last call's sites left out, and why
+        self._out: dict[str, str] = {}  # sites left out for good (no rejoining), and why
+
+    #: whether a site left out of a round may come back (plain mode: it catches up; a
+    #: secure mode: it stays out, or two sums would differ by its update alone)
+    rejoin = True
 
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -133,9 +138,10 @@ class _Immediate:
         """The replies of the sites that answered in time, in site order; a site's refusal
         or failure is raised (as before timeouts existed), a timeout is a skip."""
         self._busy = {k: f for k, f in self._busy.items() if not f.done()}
-        ready = [s for s in sites if s.name not in self._busy]
+        ready = [s for s in sites if s.name not in self._busy and s.name not in self._out]
         self.last_skipped = {s.name: "still computing an earlier call" for s in sites
-                             if s.name in self._busy}
+                             if s.name in self._busy and s.name not in self._out}
+        self.last_skipped |= {s.name: self._out[s.name] for s in sites if s.name in self._out}
         replies = call_within(ready, action, lambda s: self._message_for(s, message),
                               self.timeout, self._busy)
         for site in ready:
@@ -143,6 +149,8 @@ class _Immediate:
         for name, reply in replies.items():
             if isinstance(reply, RoundTimeout):
                 self.last_skipped[name] = str(reply)
+                if not self.rejoin:
+                    self._out[name] = f"out of the job since: {reply}"
             elif isinstance(reply, Exception):
                 raise reply
         return [r for r in replies.values() if not isinstance(r, Exception)]
@@ -164,7 +172,7 @@ class _Immediate:
         wait(list(self._busy.values()), timeout=self.timeout)
         self._busy = {k: f for k, f in self._busy.items() if not f.done()}
         self.last_skipped = {name: "still computing an earlier call" for name in self._busy}
-        sites = [s for s in sites if s.name not in self._busy]
+        sites = [s for s in sites if s.name not in self._busy and s.name not in self._out]
         replies = call_within(sites, action, lambda s: self._message_for(s, message))
         for reply in replies.values():
             if isinstance(reply, Exception):
@@ -180,19 +188,21 @@ class _Immediate:
         if not self._seen:
             return None
         start = max(0, min(min(self._seen.values()), len(self._history) - 1))
-        return {"seen": dict(self._seen), "offset": start, "history": self._history[start:]}
+        return {"seen": dict(self._seen), "offset": start, "history": self._history[start:],
+                "out": dict(self._out)}
 
     def restore(self, evidence: dict[str, Any] | None,
                 session: dict[str, Any] | None = None) -> None:
         self._evidence = evidence
         self._history = [evidence] if evidence is not None else []
-        self._seen = {}
+        self._seen, self._out = {}, {}
         if session and session.get("history"):
             try:  # the history before ``offset`` every site already has: never sent again
                 offset = int(session["offset"])
                 tail = [dict(e) for e in session["history"]]
                 self._history = [{}] * offset + tail
                 self._seen = {str(k): int(v) for k, v in dict(session["seen"]).items()}
+                self._out = {str(k): str(v) for k, v in dict(session.get("out") or {}).items()}
             except (KeyError, TypeError, ValueError) as exc:
                 raise ValueError(f"the checkpoint's catch-up state is unreadable: {exc}"
                                  ) from None
@@ -236,6 +246,8 @@ class PlainSum(_Immediate):
 class KeyAuthoritySum(_Immediate):
     """Signed Paillier contributions, summed and decrypted only by the key authority, which
     signs the sum it decrypted (the sites accept nothing else)."""
+
+    rejoin = False  # a site that missed a sum never comes back (see _Immediate.rejoin)
 
     def __init__(self, key_authority: SiteConnection) -> None:
         super().__init__()

@@ -80,10 +80,10 @@ class JobSpec(BaseModel):
     personalize_epochs: int = Field(default=0, ge=0, le=100)
     min_sites: int = Field(default=2, ge=1, le=1000)
     # unreliable federations (fed_tasks/orchestrator.py): each training round calls a seeded
-    # ``fraction`` of the sites (at least min_sites), and a site silent for round_timeout
-    # seconds is skipped for that round; a skipped site catches up on the aggregates it
-    # missed at its next call (plain, paillier). In secagg a site left out of a round is a
-    # dropout the secure sum recovers from, and stays out of the job.
+    # ``fraction`` of the sites (at least min_sites; plain mode only), and a site silent for
+    # round_timeout seconds is skipped for that round; in plain mode a skipped site catches up
+    # on the aggregates it missed at its next call. In paillier and secagg a site left out of
+    # a round stays out of the job (secagg: a dropout the secure sum recovers from).
     fraction: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     round_timeout: float | None = Field(default=None, gt=0.0, le=86_400.0, allow_inf_nan=False)
     update_bound: float = Field(default=2.0**24, gt=0)
@@ -134,10 +134,10 @@ class JobSpec(BaseModel):
 
     @model_validator(mode="after")
     def _selection_fits_aggregation(self) -> JobSpec:
-        if self.fraction < 1.0 and self.aggregation == "secagg":
-            raise ValueError("fraction < 1 needs aggregation 'plain' or 'paillier': a site "
-                             "left out of a secure-sum round is a dropout for the rest of the "
-                             "job")
+        if self.fraction < 1.0 and self.aggregation != "plain":
+            raise ValueError("fraction < 1 needs aggregation 'plain': in a secure mode a site "
+                             "left out of a round stays out of the job (were it to rejoin, "
+                             "two sums would differ by its update alone)")
         return self
 
     @model_validator(mode="after")

@@ -219,7 +219,7 @@ def test_train_lines_and_report_cope_with_undefined_metrics():
                                           "at", "the", "threshold", "(100", "test", "rows)"]
     assert "ROC-AUC 0.800  PR-AUC 0.500  F1 0.75 at the threshold" in site_line(rows[1])
     assert "F1" not in site_line({"site": "c", "roc_auc": 0.9, "pr_auc": 0.7, "n_test": 9})
-    result = NS(losses=[0.5], rounds_completed=1, stop_reason="", round_seconds=[1.0],
+    result = NS(losses=[0.5], rounds_completed=1, stop_reason="", round_seconds=[1.0], skipped=[],
                 weights=__import__("numpy").zeros(2))
     out = _train_report(JobSpec(features=("x",)), NS(path="f.toml", site=[1, 2]), result,
                         rows, 1.0)

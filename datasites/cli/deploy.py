@@ -201,11 +201,10 @@ def submit(
 ) -> None:
     """The data scientist submits a job to every site: prints the job id and request ids."""
     try:
-        dp_unit = opts.dp_unit_of(dp_unit, dp_sgd)
+        dp_unit = opts.dp_unit_of(epsilon, dp_unit, dp_sgd=dp_sgd, adaptive_clip=adaptive_clip,
+                                  clip=clip, delta=delta)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
-    if (dp_unit or adaptive_clip or clip != 1.0 or delta != 1e-5) and epsilon is None:
-        raise _fail("--delta, --clip, --dp-unit and --adaptive-clip need --epsilon")
     cfg = _load(config)
     sites_time = cfg.site[0].time_column  # the sites' time column: never a feature
     if time_column is None and model in opts.SERIES_MODELS:

@@ -74,11 +74,17 @@ ALLOWED = {"--sites": f"{SITES_MIN} to {SITES_MAX}",
            "--round-timeout": "above 0, at most 86400 seconds"}
 
 
-def dp_unit_of(dp_unit: str | None, dp_sgd: bool) -> str | None:
-    """``--dp-unit``, with the older ``--dp-sgd`` meaning ``--dp-unit row``."""
+def dp_unit_of(epsilon: float | None, dp_unit: str | None, *, dp_sgd: bool = False,
+               adaptive_clip: bool = False, clip: float = 1.0, delta: float = 1e-5
+               ) -> str | None:
+    """``--dp-unit`` (the older ``--dp-sgd`` means ``--dp-unit row``), once the DP flags
+    are known to come with ``--epsilon``."""
     if dp_sgd and dp_unit == "site":
         raise JobOptionError("--dp-sgd is --dp-unit row: it contradicts --dp-unit site")
-    return "row" if dp_sgd else dp_unit
+    dp_unit = "row" if dp_sgd else dp_unit
+    if (dp_unit or adaptive_clip or clip != 1.0 or delta != 1e-5) and epsilon is None:
+        raise JobOptionError("--delta, --clip, --dp-unit and --adaptive-clip need --epsilon")
+    return dp_unit
 
 
 def strategy_options(strategy: str, sites: int) -> dict[str, Any]:

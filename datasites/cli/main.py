@@ -357,11 +357,12 @@ def demo(
     fraction: float = typer.Option(1.0, "--fraction", click_type=_positive(1.0), help=(
         "Each training round calls this fraction of the sites (a public draw from --seed, "
         "at least 2); the others catch up on the aggregates they missed at their next "
-        "call. Not with --aggregation secagg.")),
+        "call. --aggregation plain only.")),
     round_timeout: float = typer.Option(None, "--round-timeout", click_type=_positive(
         86_400.0), show_default=False, help=(
         "Seconds a round waits for a site; a site still silent is skipped for that round "
-        "and named in the report (secagg: a dropout the secure sum recovers from) "
+        "and named in the report (paillier: it stays out; secagg: a dropout the secure sum "
+        "recovers from) "
         "[default: wait for every site].")),
     seed: int = typer.Option(0, min=0, max=opts.SEED_MAX,
                              help="Seed for the split and the model."),
@@ -388,11 +389,10 @@ def demo(
     train, calibrate the alarm threshold, evaluate, report."""
     os.environ.setdefault("TQDM_MININTERVAL", "0.5")
     try:
-        dp_unit = opts.dp_unit_of(dp_unit, dp_sgd)
+        dp_unit = opts.dp_unit_of(epsilon, dp_unit, dp_sgd=dp_sgd, adaptive_clip=adaptive_clip,
+                                  clip=clip, delta=delta)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
-    if (dp_unit or adaptive_clip or clip != 1.0 or delta != 1e-5) and epsilon is None:
-        raise _fail("--delta, --clip, --dp-unit and --adaptive-clip need --epsilon")
     tables, n_sites = _demo_tables(data, sites)
     dropped = _column_list(drop_columns, "--drop-columns")
     try:  # every option against the job it becomes, before any file is read or written

@@ -6,7 +6,8 @@ scientist): each member site's Ed25519 key and the key authority's. Every contri
 aggregate must be for this job and this aggregate, come from a distinct member, and have
 been computed from the very model this site holds (the chain digest of
 :mod:`fed_tasks.site_state`); the aggregate must hold at least the job's minimum number of
-sites (not necessarily this one: a site skipped for a round catches up on its aggregate).
+sites, this site among them (in a plain job that asks for it, a site skipped for a round
+catches up on an aggregate without it: :func:`may_leave_out`).
 The secure-sum evidence is checked in :mod:`datasites.runtime.protection`, where the site's
 session keys live.
 """
@@ -79,12 +80,23 @@ def _check_members(contributors: list[str], spec: JobSpec, config: dict[str, Any
     # the federation's floor binds the secure modes; plain mode shows each update anyway
     floor = int(config.get("min_sites", 1)) if spec.aggregation != "plain" else 1
     need = max(spec.min_sites, floor)
-    # ``site`` may be missing: a site not selected for the round, or too slow for it, still
-    # follows the federation's model. Leaving it out reveals nothing of its update: each
-    # slot is summed (Paillier) or opened (secure sum) once, over at least ``need`` sites.
     if len(contributors) < need:
         raise AggregateRefused(f"the aggregate holds {len(contributors)} sites, the job needs "
                                f"at least {need}")
+    if site not in contributors and not may_leave_out(spec):
+        raise AggregateRefused(f"the aggregate leaves out this site ({site!r}); only a plain "
+                               "job that calls a fraction of the sites or skips slow ones may")
+
+
+def may_leave_out(spec: JobSpec) -> bool:
+    """Whether a site may apply an aggregate it is not in, to catch up after a round it was
+    not selected for or too slow for: only in plain mode, where every update is seen anyway,
+    and only for a job whose approved spec asks for it (``fraction`` < 1 or a
+    ``round_timeout``). In a secure mode a site that could leave and rejoin would let two
+    sums differ by its update alone (one round with it, the next without), so there a site
+    left out stays out."""
+    return spec.aggregation == "plain" and (spec.fraction < 1.0 or
+                                            spec.round_timeout is not None)
 
 
 def plain_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvidence,

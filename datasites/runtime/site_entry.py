@@ -17,8 +17,12 @@ Order matters, because the data scientist controls the message:
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import logging
+import os
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +46,22 @@ log = logging.getLogger(__name__)
 
 #: what the data scientist reads when a step failed on private data (see the module doc)
 STEP_FAILED = "the site step failed on the private data; the call is counted"
+
+
+@contextlib.contextmanager
+def job_lock(directory: str | Path, job_id: str) -> Iterator[None]:
+    """Hold this site's lock of one job from loading its state to saving it.
+
+    Two concurrent calls would otherwise both load the same model state and both compute
+    (and release, and be charged for) the same slot. ``flock`` on a file of the site
+    directory serialises threads and processes alike (each open is its own lock holder)."""
+    fd = os.open(Path(directory) / f"job_{job_id}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        fcntl.flock(fd, fcntl.LOCK_UN)
+        os.close(fd)
 
 
 def _model_path(directory: Path, spec: JobSpec) -> Path:
@@ -167,26 +187,27 @@ def run_approved(*, site: str, job_id: str, spec: str, train: pd.DataFrame, test
             train, held_out = validation_split(job, train)
             if action == "validate":  # the candidate's evaluation, on the held-out rows
                 test, step_action = held_out, "evaluate"
-        if action in SECAGG_CONTROL:
-            keys = load_site_keys(guard.directory, site)
-            if keys is None:
-                raise CallRefused(f"site {site!r} has no federation configuration")
-            call_no = guard.authorize(job, action)
-            result = secagg_control(guard.directory, keys, model_job, action, message)
-        else:
-            call = _ModelCall(guard, site, model_job, step_action, message)
-            if call.cached is not None:
-                return dumps({"status": "ok", "action": action, "call": None, "retry": True,
-                              "result": call.cached})
-            call_no = guard.authorize(job, action)
-            if action == "secagg_reveal":
-                result = call.reveal()
+        with job_lock(guard.directory, model_job.job_id):  # one call of a job at a time
+            if action in SECAGG_CONTROL:
+                keys = load_site_keys(guard.directory, site)
+                if keys is None:
+                    raise CallRefused(f"site {site!r} has no federation configuration")
+                call_no = guard.authorize(job, action)
+                result = secagg_control(guard.directory, keys, model_job, action, message)
             else:
-                counted = True
-                # policy re-checked, DP budget charged before the step runs (site_privacy)
-                step = guard.privacy.run_step(model_job, step_action, call.step_input(),
-                                              train, test, approval)
-                result = call.release(step)
+                call = _ModelCall(guard, site, model_job, step_action, message)
+                if call.cached is not None:
+                    return dumps({"status": "ok", "action": action, "call": None,
+                                  "retry": True, "result": call.cached})
+                call_no = guard.authorize(job, action)
+                if action == "secagg_reveal":
+                    result = call.reveal()
+                else:
+                    counted = True
+                    # policy re-checked, DP budget charged before the step runs (site_privacy)
+                    step = guard.privacy.run_step(model_job, step_action, call.step_input(),
+                                                  train, test, approval)
+                    result = call.release(step)
         reply = dumps({"status": "ok", "action": action, "call": call_no, "result": result})
         log.info("site %s job %s %s #%d released %s", site, job_id, action, call_no,
                  hashlib.sha256(reply.encode()).hexdigest()[:16])
