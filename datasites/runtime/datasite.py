@@ -736,7 +736,6 @@ class Datasite:
             if pinned is not None:  # the submitter check compares who.user_id, not e-mails
                 violations += tuple(self.guard.privacy.check_job(pinned, who, rows=rows))
                 violations += tuple(self._schema_violations(pinned))
-                violations += tuple(self._federation_violations(pinned))
                 warnings = tuple(self.policy().warnings(pinned, rows))
             budget = self._budget_words()
         return Review(req.id.no_dash, self.name, actor, str(req.status.name).lower(), source,
@@ -758,18 +757,6 @@ class Datasite:
         leaves the site)."""
         rows = self._published_train().get("rows")
         return int(rows) if isinstance(rows, int) else None
-
-    def _federation_violations(self, spec: JobSpec) -> list[str]:
-        """A job no aggregate of this federation can satisfy: more sites per aggregate than
-        members (its review would judge DP noise against sums that can never form)."""
-        from datasites.runtime.federation_config import read_config
-
-        config = read_config(self.guard.directory) or {}
-        members = len(config.get("sites") or {})
-        if members and spec.min_sites > members:
-            return [f"min_sites={spec.min_sites} exceeds the federation's {members} member "
-                    "sites: no aggregate can ever form"]
-        return []
 
     def _schema_violations(self, spec: JobSpec | None) -> list[str]:
         """A job may only name columns of the published schema (features, label, time
