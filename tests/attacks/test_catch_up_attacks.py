@@ -712,8 +712,8 @@ def test_colluding_members_cannot_set_the_model_of_a_site_that_may_catch_up(
     "contribution relayed alongside two colluders' contributions that each claim 1e6 rows "
     "makes an aggregate with the honest site among its contributors, which it accepts; "
     "FedAvg weights by the claimed row counts, so the colluders set its model almost "
-    "exactly. The leave-out check does not cover this. README: a malicious site cannot "
-    "'make another site train a crafted model'."))
+    "exactly. The leave-out check does not cover this (README, Security model: a malicious "
+    "site can steer the model every site trains next)."))
 def test_colluding_members_cannot_steer_an_aggregate_the_honest_site_is_in(
         tmp_path, schema, four):
     spec = _spec(schema, rounds=2)
