@@ -76,10 +76,12 @@ class NoiseEstimate:
 
 
 def parameters(spec: JobSpec) -> int:
-    """P: how many numbers one model update holds."""
-    from fed_tasks.site_step import initial_weights
+    """P: how many numbers one model update holds, read from the job's (cached) schedule —
+    a site judges this on every call, so no model is built for it. A round's vector is
+    ``[Δ, loss, weight]`` for every strategy that DP allows (scaffold is refused)."""
+    from fed_tasks.schedule import vector_length
 
-    return int(initial_weights(spec).size)
+    return vector_length(spec, "fit") - 2
 
 
 def _client(spec: JobSpec) -> NoiseEstimate:

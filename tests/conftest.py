@@ -66,3 +66,26 @@ def plain_rounds(conns, spec, rounds: int):
 def drive():
     """:func:`plain_rounds` for tests that call sites directly."""
     return plain_rounds
+
+
+def dp_direct_sites(root, spec, frames, schema):
+    """In-process sites running the real site code (:func:`direct_federation`) that publish
+    a mock of their train split (a DP job's statistics come from it), with a budget no test
+    exhausts."""
+    from datasites.runtime.direct import direct_federation
+    from datasites.runtime.tables import make_mock
+
+    sites = direct_federation(root, spec, frames)
+    for site, (train, test) in zip(sites, frames.values(), strict=True):
+        site.guard.register_assets({"train": train, "test": test},
+                                   {"train": make_mock(train, schema), "test": test})
+        privacy = site.guard.privacy
+        privacy.set_policy(privacy.policy().model_copy(update={"epsilon_budget": 1e9}),
+                           "owner@direct.site", "test budget")
+    return sites
+
+
+@pytest.fixture
+def dp_sites():
+    """:func:`dp_direct_sites` for tests that need sites with published mocks."""
+    return dp_direct_sites

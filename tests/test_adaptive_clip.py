@@ -16,8 +16,6 @@ import pytest
 from dp_accounting.rdp import RdpAccountant
 from pydantic import ValidationError
 
-from datasites.runtime.direct import direct_federation
-from datasites.runtime.tables import make_mock
 from fed_tasks import dp_step
 from fed_tasks.aggregation import MaskedSum, PlainSum
 from fed_tasks.codec import decode_array
@@ -158,18 +156,6 @@ def test_a_site_adds_the_update_noise_of_z_delta_and_the_count_noise_of_sigma_b(
 
 
 # ------------------------------------------------------------------ (3) the message
-def _direct_sites(tmp_path, spec, partitions, schema, prefix, n):
-    frames = {f"{prefix}-{i}": p for i, p in enumerate(partitions[:n])}
-    sites = direct_federation(tmp_path, spec, frames)
-    for s, (train, test) in zip(sites, frames.values(), strict=True):
-        s.guard.register_assets({"train": train, "test": test},
-                                {"train": make_mock(train, schema), "test": test})
-        privacy = s.guard.privacy
-        privacy.set_policy(privacy.policy().model_copy(update={"epsilon_budget": 1e9}),
-                           "owner@direct.site", "test budget")
-    return sites
-
-
 def _held_clip(site, spec) -> float:
     """The clip a real site holds, read from its own state file."""
     state = SiteModelState.load(spec, initial_weights(spec),
@@ -177,13 +163,14 @@ def _held_clip(site, spec) -> float:
     return float(state.state.server[dp_step.CLIP_KEY][0])
 
 
-def test_a_message_cannot_set_the_clip(tmp_path, partitions, schema):
+def test_a_message_cannot_set_the_clip(tmp_path, partitions, schema, dp_sites):
     """Real site entry points (plain mode): a message naming a clip is refused, evidence
     forged to move the clip is refused, and the update a site releases is clipped to the
     C_t that the released sums give — far below the clip the attacker wanted."""
     spec = _spec(schema, rounds=3, dp_epsilon=1e4, dp_clip=1e-3, min_sites=2,
                  dp_adaptive_clip=True, dp_clip_lr=1.0)
-    sites = _direct_sites(tmp_path, spec, partitions, schema, "clip", 2)
+    sites = dp_sites(tmp_path, spec, {f"clip-{i}": p for i, p in enumerate(partitions[:2])},
+                     schema)
     try:
         agg = PlainSum(2)
         agg.spec = spec
@@ -244,13 +231,15 @@ class RecordingMaskedSum(MaskedSum):
         return out
 
 
-def test_every_party_of_a_secure_sum_job_derives_the_same_clip(tmp_path, partitions, schema):
+def test_every_party_of_a_secure_sum_job_derives_the_same_clip(tmp_path, partitions, schema,
+                                                             dp_sites):
     """secagg through the real site entry points: the orchestrator and each site hold the
     same C_t after the job, the one the released counts give by the paper's formula, and
     the ledgers charged exactly the fixed-clip job's epsilon."""
     spec = _spec(schema, rounds=3, dp_epsilon=5e3, dp_clip=0.01, min_sites=3,
                  aggregation="secagg", dp_adaptive_clip=True, dp_clip_lr=0.5)
-    sites = _direct_sites(tmp_path, spec, partitions, schema, "sec", 3)
+    sites = dp_sites(tmp_path, spec, {f"sec-{i}": p for i, p in enumerate(partitions[:3])},
+                     schema)
     try:
         secure = RecordingMaskedSum(spec, len(sites))
         result = FederatedTrainer(spec, sites, progress=False, secure_sum=secure).fit()

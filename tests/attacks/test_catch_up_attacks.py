@@ -88,6 +88,21 @@ def _spec(schema, **kw) -> JobSpec:
     return JobSpec(**(base | kw))
 
 
+def _statistics(spec: JobSpec, sites: list) -> tuple[PlainSum, Any, dict[str, Any]]:
+    """Every site's statistics summed in plain mode: (the sum, its release, its evidence)."""
+    agg = PlainSum(spec.min_sites, spec)
+    (stats,) = agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
+    return agg, stats, agg.evidence()
+
+
+def _round_1_without_site_0(spec: JobSpec, sites: list
+                            ) -> tuple[PlainSum, dict[str, Any], dict[str, Any]]:
+    """Statistics from all, round 1 from all but site 0: (the sum, both evidences)."""
+    agg, _stats, ev0 = _statistics(spec, sites)
+    agg.submit(sites[1:], "fit", {"round": 1, "previous": ev0}, vector_length(spec, "fit"))
+    return agg, ev0, agg.evidence()
+
+
 def _used(site, spec: JobSpec, action: str) -> int:
     return int(site.guard.approval(spec.job_id)["used"][action])
 
@@ -174,11 +189,7 @@ def test_a_site_computes_each_slot_once_and_only_from_the_model_right_before_it(
     spec = _spec(schema, **CATCH_UP)
     sites = direct_federation(tmp_path, spec, four)
     try:
-        agg = PlainSum(spec.min_sites, spec)
-        agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
-        ev0 = agg.evidence()
-        agg.submit(sites[1:], "fit", {"round": 1, "previous": ev0}, vector_length(spec, "fit"))
-        ev1 = agg.evidence()
+        agg, ev0, ev1 = _round_1_without_site_0(spec, sites)
         a = sites[0]
         # slot 1 from the model *after* aggregate 1: a second model for one slot -> refused
         with pytest.raises(SiteRefusedError, match="out of order"):
@@ -209,9 +220,7 @@ def test_a_forked_history_is_never_summed_with_the_federations(tmp_path, schema,
     spec = _spec(schema, **CATCH_UP)
     sites = direct_federation(tmp_path, spec, four)
     try:
-        agg = PlainSum(spec.min_sites, spec)
-        agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
-        ev0 = agg.evidence()
+        agg, _stats, ev0 = _statistics(spec, sites)
         r1 = [s.call("fit", {"round": 1, "previous": ev0}) for s in sites]
         main1 = _plain_evidence("fit", 1, r1)
         fork1 = _plain_evidence("fit", 1, r1[1:3])  # valid: 2 members, one model, signed
@@ -243,9 +252,7 @@ def test_without_opting_in_a_site_refuses_an_aggregate_that_leaves_it_out(
     assert spec.fraction == 1.0 and spec.round_timeout is None
     sites = direct_federation(tmp_path, spec, four)
     try:
-        agg = PlainSum(spec.min_sites, spec)
-        agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
-        ev0 = agg.evidence()
+        agg, _stats, ev0 = _statistics(spec, sites)
         r1 = [s.call("fit", {"round": 1, "previous": ev0}) for s in sites[1:]]
         without = _plain_evidence("fit", 1, r1)
         a = sites[0]
@@ -279,18 +286,16 @@ def test_only_a_plain_job_may_call_a_fraction_of_the_sites(schema, aggregation):
 
 
 def test_two_concurrent_calls_do_not_compute_one_slot_twice(tmp_path, schema, four,
-                                                            monkeypatch):
+                                                            monkeypatch, dp_sites):
     """Attack: send one site the same round twice at once, both calls timed to pass the slot
     check before either saves, so that it releases two differently DP-noised contributions
     for one slot (and is charged twice). Defence: ``job_lock`` holds each call of the job from
     loading the model state to saving it; the second call waits, then finds the slot computed
     and gets the very same bytes, uncharged."""
     spec = _spec(schema, dp_epsilon=1e4, dp_clip=1e-3)
-    sites = _dp_sites(tmp_path, spec, four, schema)
+    sites = dp_sites(tmp_path, spec, four, schema)
     try:
-        agg = PlainSum(spec.min_sites, spec)
-        agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
-        ev0 = agg.evidence()
+        agg, _stats, ev0 = _statistics(spec, sites)
         a = sites[0]
         with pytest.raises(SiteRefusedError, match="out of order"):  # apply ev0 first, so
             a.call("fit", {"round": 2, "previous": ev0})  # both calls below only compute
@@ -574,11 +579,7 @@ def test_a_catch_up_list_is_bounded_and_cheap_to_refuse_or_skip(tmp_path, schema
     spec = _spec(schema, rounds=2, **CATCH_UP)
     sites = direct_federation(tmp_path, spec, four)
     try:
-        agg = PlainSum(spec.min_sites, spec)
-        agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
-        ev0 = agg.evidence()
-        agg.submit(sites[1:], "fit", {"round": 1, "previous": ev0}, vector_length(spec, "fit"))
-        ev1 = agg.evidence()
+        agg, ev0, ev1 = _round_1_without_site_0(spec, sites)
         a = sites[0]
         with pytest.raises(SiteRefusedError, match="catch_up"):
             a.call("fit", {"round": 2, "previous": ev1, "catch_up": [ev0] * 1001})
@@ -670,9 +671,7 @@ def test_colluding_members_cannot_set_an_honest_sites_model(tmp_path, schema, fo
     spec = _spec(schema, rounds=2)
     sites = direct_federation(tmp_path, spec, four)
     try:
-        agg = PlainSum(spec.min_sites, spec)
-        (stats,) = agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
-        ev0 = agg.evidence()
+        agg, stats, ev0 = _statistics(spec, sites)
         evil, w0, _target = _colluders_aggregate(spec, sites, stats)
         with pytest.raises(SiteRefusedError, match="leaves out this site"):
             sites[0].call("fit", {"round": 2, "previous": evil, "catch_up": [ev0]})
@@ -695,9 +694,7 @@ def test_colluding_members_cannot_set_the_model_of_a_site_that_may_catch_up(
     spec = _spec(schema, rounds=2, **CATCH_UP)
     sites = direct_federation(tmp_path, spec, four)
     try:
-        agg = PlainSum(spec.min_sites, spec)
-        (stats,) = agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
-        ev0 = agg.evidence()
+        agg, stats, ev0 = _statistics(spec, sites)
         evil, w0, target = _colluders_aggregate(spec, sites, stats)
         sites[0].call("fit", {"round": 2, "previous": evil, "catch_up": [ev0]})
         held = _state(sites[0], spec).state.weights
@@ -719,9 +716,7 @@ def test_colluding_members_cannot_steer_an_aggregate_the_honest_site_is_in(
     spec = _spec(schema, rounds=2)
     sites = direct_federation(tmp_path, spec, four)
     try:
-        agg = PlainSum(spec.min_sites, spec)
-        (stats,) = agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
-        ev0 = agg.evidence()
+        agg, stats, ev0 = _statistics(spec, sites)
         own = sites[0].call("fit", {"round": 1, "previous": ev0})["contribution"]
         evil, w0, target = _colluders_aggregate(spec, sites, stats, honest=[own])
         sites[0].call("fit", {"round": 2, "previous": evil})
@@ -733,30 +728,17 @@ def test_colluding_members_cannot_steer_an_aggregate_the_honest_site_is_in(
 
 
 # ------------------------------------------------------ (7) adaptive clip and catch-up
-def _dp_sites(tmp_path, spec, frames, schema):
-    sites = direct_federation(tmp_path, spec, frames)
-    for s, (train, test) in zip(sites, frames.values(), strict=True):
-        s.guard.register_assets({"train": train, "test": test},
-                                {"train": make_mock(train, schema), "test": test})
-        privacy = s.guard.privacy
-        privacy.set_policy(privacy.policy().model_copy(update={"epsilon_budget": 1e9}),
-                           "owner@direct.site", "test budget")
-    return sites
-
-
 def test_a_catch_up_moves_the_adaptive_clip_once_per_aggregate_and_never_by_a_forgery(
-        tmp_path, schema, four):
+        tmp_path, schema, four, dp_sites):
     """Attack: move a left-out site's clip C_t by relaying an aggregate twice, or one whose
     clipping count was rewritten. Defence: an applied aggregate is never applied again; a
     rewritten contribution fails its signature; after catching up the site holds the very
     clip the contributors hold. (A plain job that opts in to catching up.)"""
     spec = _spec(schema, dp_epsilon=1e4, dp_clip=1e-3, dp_adaptive_clip=True, dp_clip_lr=1.0,
                  **CATCH_UP)
-    sites = _dp_sites(tmp_path, spec, four, schema)
+    sites = dp_sites(tmp_path, spec, four, schema)
     try:
-        agg = PlainSum(spec.min_sites, spec)
-        agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
-        ev0 = agg.evidence()
+        agg, _stats, ev0 = _statistics(spec, sites)
         history = []
         for rnd in (1, 2):
             agg.submit(sites[1:], "fit", {"round": rnd, "previous": agg.evidence()},
@@ -802,10 +784,10 @@ def test_model_selection_cannot_carry_dp_past_the_check(schema):
         JobSpec(features=schema.features, model="auto", dp_epsilon=3.0)
 
 
-def test_a_swamped_job_is_refused_at_the_call_uncounted(tmp_path, schema, three):
+def test_a_swamped_job_is_refused_at_the_call_uncounted(tmp_path, schema, three, dp_sites):
     spec = JobSpec(features=schema.features, label_column=schema.label, dp_epsilon=3.0,
                    min_sites=3, aggregation="plain")
-    sites = _dp_sites(tmp_path, spec, three, schema)
+    sites = dp_sites(tmp_path, spec, three, schema)
     try:
         with pytest.raises(SiteRefusedError, match="swamp"):
             sites[0].call("stats", {})
