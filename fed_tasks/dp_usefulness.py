@@ -79,9 +79,9 @@ def parameters(spec: JobSpec) -> int:
     """P: how many numbers one model update holds, read from the job's (cached) schedule —
     a site judges this on every call, so no model is built for it. A round's vector is
     ``[Δ, loss, weight]`` for every strategy that DP allows (scaffold is refused)."""
-    from fed_tasks.schedule import vector_length
+    from fed_tasks.schedule import has_phase, vector_length
 
-    return vector_length(spec, "fit") - 2
+    return vector_length(spec, "fit") - 2 if has_phase(spec, "fit") else 0
 
 
 def _client(spec: JobSpec) -> NoiseEstimate:
