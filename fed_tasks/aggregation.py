@@ -13,15 +13,17 @@ A secure variant never gives the orchestrator a single site's vector.
 
 from __future__ import annotations
 
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+import time
+from concurrent.futures import FIRST_COMPLETED, Future, ThreadPoolExecutor, wait
 from typing import Any, NamedTuple, Protocol
 
 import numpy as np
 
+from fed_tasks.buffered import staleness_in
 from fed_tasks.codec import decode_array
 from fed_tasks.encoding import decode_session_sum, secagg_plan, session_round
 from fed_tasks.interface import SiteConnection, call_all
-from fed_tasks.schedule import combine
+from fed_tasks.schedule import combine, slot_index
 from fed_tasks.spec import JobSpec
 from privacy.secagg import SecAggError
 from privacy.secagg_session import SecAggSessionServer
@@ -118,6 +120,7 @@ class _Immediate:
         self.timeout: float | None = None  # seconds a round waits for a site (None: all)
         self.last_skipped: dict[str, str] = {}  # the last call's sites left out, and why
         self._out: dict[str, str] = {}  # sites left out for good (no rejoining), and why
+        self.buffer_k: int | None = None  # buffered rounds: aggregate once k updates are in
 
     #: whether a site left out of a round may come back (plain mode: it catches up; a
     #: secure mode: it stays out, or two sums would differ by its update alone)
@@ -137,6 +140,8 @@ class _Immediate:
               ) -> list[dict[str, Any]]:
         """The replies of the sites that answered in time, in site order; a site's refusal
         or failure is raised (as before timeouts existed), a timeout is a skip."""
+        if self.buffer_k is not None and action == "fit":
+            return self._call_buffered(sites, action, message)
         self._busy = {k: f for k, f in self._busy.items() if not f.done()}
         ready = [s for s in sites if s.name not in self._busy and s.name not in self._out]
         self.last_skipped = {s.name: "still computing an earlier call" for s in sites
@@ -154,6 +159,44 @@ class _Immediate:
             elif isinstance(reply, Exception):
                 raise reply
         return [r for r in replies.values() if not isinstance(r, Exception)]
+
+    def _call_buffered(self, sites: list[SiteConnection], action: str,
+                       message: dict[str, Any]) -> list[dict[str, Any]]:
+        """A buffered round (FedBuff): call every idle site, then take the replies that are
+        in once ``buffer_k`` of them are (or ``timeout`` passed), late ones from earlier
+        rounds included. A site still computing keeps its call running; its update joins
+        a later round's buffer (see :mod:`fed_tasks.buffered`)."""
+        assert self.buffer_k is not None
+        # a late update already in counts in this round, and its site is called again now
+        arrived = {name: f for name, f in self._busy.items() if f.done()}
+        running = {name: f for name, f in self._busy.items() if not f.done()}
+        idle = [s for s in sites if s.name not in running and s.name not in self._out]
+        pool = ThreadPoolExecutor(max_workers=max(1, len(idle)))
+        called = {s.name: pool.submit(s.call, action, self._message_for(s, message))
+                  for s in idle}
+        for site in idle:
+            self._seen[site.name] = len(self._history)
+        pool.shutdown(wait=False)
+        waiting = {**running, **called, **arrived}  # one update per site in a buffer
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+        while sum(f.done() for f in waiting.values()) < min(self.buffer_k, len(waiting)):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            wait([f for f in waiting.values() if not f.done()], timeout=left,
+                 return_when=FIRST_COMPLETED)
+        done = {name: f for name, f in waiting.items() if f.done()}
+        self._busy = {name: f for name, f in {**running, **called}.items()
+                      if f is not done.get(name)}
+        self.last_skipped = {s.name: self._out[s.name] for s in sites if s.name in self._out}
+        replies = []
+        for site in sites:  # in site order, as every party forms the aggregate
+            if site.name in done:
+                exc = done[site.name].exception()
+                if isinstance(exc, Exception):
+                    raise exc
+                replies.append(done[site.name].result())
+        return replies
 
     def submit(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
                length: int) -> list[Released]:
@@ -228,6 +271,7 @@ class PlainSum(_Immediate):
         super().__init__()
         self.min_sites = min_sites
         self.spec = spec  # the job whose strategy combines a round (None: a plain sum)
+        self.last_staleness: dict[str, int] = {}  # a buffered round: site -> staleness
 
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -236,8 +280,25 @@ class PlainSum(_Immediate):
             raise TooFewSitesError(f"{len(replies)} sites answered, job needs {self.min_sites}")
         signed = [r["contribution"] for r in replies]
         parsed = [SignedContribution.from_str(c) for c in signed]
+        staleness: dict[str, int] = {}
+        if self.spec is not None and self.spec.async_k is not None and action == "fit":
+            index = slot_index(self.spec, action, int(message.get("round", 0)))
+            fresh = [(s, c) for s, c in zip(signed, parsed, strict=True)
+                     if index - c.round <= self.spec.max_staleness]
+            for c in parsed:  # too old to apply: dropped, and said so
+                if index - c.round > self.spec.max_staleness:
+                    self.last_skipped[c.site_id] = (f"its update was {index - c.round} rounds "
+                                                    f"stale (the job allows "
+                                                    f"{self.spec.max_staleness})")
+            signed, parsed = [s for s, _ in fresh], [c for _, c in fresh]
+            staleness = staleness_in(self.spec, action, index,
+                                     {c.site_id: c.round for c in parsed})
+            if len(parsed) < self.min_sites:
+                raise TooFewSitesError(f"{len(parsed)} updates are recent enough, job needs "
+                                       f"{self.min_sites}")
+        self.last_staleness = staleness
         total = combine(action, {c.site_id: decode_array(c.payload, length) for c in parsed},
-                        self.spec)
+                        self.spec, staleness)
         return total, {"kind": "plain", "action": action,
                        "round": int(message.get("round", 0)), "contributions": signed,
                        "heads": _heads(replies)}

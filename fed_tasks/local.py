@@ -15,6 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fed_tasks import site_step
+from fed_tasks.buffered import staleness_in
 from fed_tasks.codec import decode_array, encode_array
 from fed_tasks.interface import SiteConnection
 from fed_tasks.messages import AggregateEvidence, parse_message
@@ -29,8 +30,10 @@ def unchecked_sum(spec: JobSpec, evidence: AggregateEvidence) -> np.ndarray:
     """The sum of a plain aggregate's vectors, signatures unchecked (trusted simulation)."""
     length = site_step.vector_length(spec, evidence.action)
     parsed = [SignedContribution.from_str(c) for c in evidence.contributions]
+    index = aggregate_index(spec, evidence.action, evidence.round)
     return combine(evidence.action, {c.site_id: decode_array(c.payload, length) for c in parsed},
-                   spec)
+                   spec, staleness_in(spec, evidence.action, index,
+                                      {c.site_id: c.round for c in parsed}))
 
 
 class LocalSite(SiteConnection):

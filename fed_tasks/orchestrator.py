@@ -18,6 +18,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from fed_tasks.aggregation import PlainSum, Released, SecureSum, TooFewSitesError
+from fed_tasks.buffered import staleness_weight
 from fed_tasks.checkpoint import Checkpoint, CheckpointError
 from fed_tasks.global_state import GlobalState
 from fed_tasks.interface import SiteConnection, SiteRefusedError, call_all, is_budget_refusal
@@ -49,6 +50,9 @@ class TrainingResult:
     # sites left out of a call: {"action", "round", "site", "why"} (not selected for the
     # round, no answer within round_timeout, a secure-sum dropout)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    # buffered rounds (spec.async_k): each round's contributors, {"round", "site",
+    # "staleness", "weight"}: a stale update weighs (1 + staleness)^-1/2
+    buffered: list[dict[str, Any]] = field(default_factory=list)
 
     @property
     def rounds_completed(self) -> int:
@@ -107,6 +111,14 @@ class FederatedTrainer:
             self.secure_sum.spec = spec  # strategy; the orchestrator must do the same
         if hasattr(self.secure_sum, "timeout"):
             self.secure_sum.timeout = spec.round_timeout
+        if spec.async_k is not None:
+            if not isinstance(self.secure_sum, PlainSum):
+                raise ValueError("buffered rounds (async_k) need aggregation 'plain'")
+            if spec.async_k > len(self.sites):
+                raise ValueError(f"async_k={spec.async_k} exceeds the {len(self.sites)} sites: "
+                                 "a round could never fill its buffer")
+            self.secure_sum.buffer_k = spec.async_k
+        self.buffered: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
         self._chosen: FederatedTrainer | None = None  # model="auto": the winner's trainer
 
@@ -121,6 +133,12 @@ class FederatedTrainer:
             return self.secure_sum.submit(called, action, message,
                                           vector_length(self.spec, action))
         finally:
+            if action == "fit" and self.spec.async_k is not None:
+                for name, stale in sorted(getattr(self.secure_sum, "last_staleness",
+                                                  {}).items()):
+                    self.buffered.append({"round": rnd, "site": name, "staleness": stale,
+                                          "weight": round(staleness_weight(stale), 4)})
+                self.secure_sum.last_staleness = {}
             for name, why in (getattr(self.secure_sum, "last_skipped", None) or {}).items():
                 self.skipped.append({"action": action, "round": rnd, "site": name, "why": why})
                 log.warning("job %s %s %d: site %s skipped: %s", self.spec.job_id, action,
@@ -238,7 +256,8 @@ class FederatedTrainer:
                                    f"({stop_reason or 'no site answered'})")
         return TrainingResult(self.spec, state.weights, state.norm, losses, seconds, release,
                               stopped_early=bool(stop_reason), stop_reason=stop_reason,
-                              state=state, skipped=list(self.skipped))
+                              state=state, skipped=list(self.skipped),
+                              buffered=list(self.buffered))
 
     def _select(self) -> TrainingResult:
         """model="auto": every candidate trained and validated; the best one's result."""

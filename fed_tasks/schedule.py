@@ -156,19 +156,23 @@ def max_bits(spec: JobSpec, n_sites: int) -> int:
     return max(p.codec.bits_per_value(n_sites) for p in phases(spec))
 
 
-def combine(action: str, vectors: dict[str, np.ndarray],
-            spec: JobSpec | None = None) -> np.ndarray:
+def combine(action: str, vectors: dict[str, np.ndarray], spec: JobSpec | None = None,
+            staleness: dict[str, int] | None = None) -> np.ndarray:
     """The aggregate of one call from each contributor's vector: their sum, except for a
     forest's trees, which are pooled (concatenated in site order, so every party forms the
     same forest), and a training round, which the job's strategy combines (a robust one
-    from the individual updates). Only plain mode can pool: a secure sum can only add."""
+    from the individual updates; a buffered round's stale updates down-weighted first, see
+    :mod:`fed_tasks.buffered`). Only plain mode can pool: a secure sum can only add."""
     if not vectors:
         raise PayloadError("an aggregate needs at least one contribution")
     if action == "trees":
         return np.concatenate([np.asarray(vectors[s], dtype=np.float64)
                                for s in sorted(vectors)])
     if action == "fit" and spec is not None:
+        from fed_tasks.buffered import weighted
         from fed_tasks.strategies import strategy_for
 
+        if staleness:
+            vectors = weighted(vectors, staleness)
         return strategy_for(spec).aggregate(vectors)
     return np.sum([np.asarray(v, dtype=np.float64) for v in vectors.values()], axis=0)

@@ -84,6 +84,11 @@ class SiteModelState:
     # never released, not part of the digest
     private: dict[str, np.ndarray] = field(default_factory=dict)
     path: Path | None = field(default=None, repr=False)
+    # buffered rounds (fed_tasks/buffered.py): the digests of the last few models this site
+    # held (aggregate index -> digest), which a stale contribution must have been computed
+    # from, and each member's last slot already applied, so no update counts twice
+    past: dict[int, str] = field(default_factory=dict)
+    used: dict[str, int] = field(default_factory=dict)
 
     @classmethod
     def initial(cls, spec: JobSpec, weights: np.ndarray, path: Path | None = None
@@ -109,7 +114,9 @@ class SiteModelState:
                                         else len(weights)))
             return cls(spec, state, str(raw["digest"]), int(raw["applied"]),
                        int(raw["trained"]), raw.get("reply"),
-                       _arrays(raw, "private", lambda _: len(weights)), path)
+                       _arrays(raw, "private", lambda _: len(weights)), path,
+                       {int(k): str(v) for k, v in dict(raw.get("past") or {}).items()},
+                       {str(k): int(v) for k, v in dict(raw.get("used") or {}).items()})
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ModelStateError(f"model state file {path.name} is unreadable: "
                                   f"{type(exc).__name__}") from None
@@ -123,7 +130,7 @@ class SiteModelState:
             "weights": encode_array(self.state.weights), "loss": repr(self.state.loss),
             "norm": self.state.norm.to_dict() if self.state.norm is not None else None,
             "extra": _encoded(self.state.extra), "server": _encoded(self.state.server),
-            "private": _encoded(self.private)})
+            "private": _encoded(self.private), "past": self.past, "used": self.used})
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:
@@ -147,6 +154,17 @@ class SiteModelState:
         self.state.advance(action, summed, strategy_for(self.spec), rnd=rnd)
         self.digest = _h(self.digest, action, str(index), sum_digest(summed))
         self.applied = index
+        if self.spec.async_k is not None:  # what a stale contribution may be computed from
+            self.past[index] = self.digest
+            keep = index - self.spec.max_staleness - 1
+            self.past = {i: d for i, d in self.past.items() if i >= keep}
+
+    def model_before(self, slot: int) -> str | None:
+        """The digest of the model this site held right before computing ``slot`` (the
+        model after aggregate ``slot − 1``), if it is recent enough to be kept."""
+        if slot - 1 == self.applied:
+            return self.digest
+        return self.past.get(slot - 1)
 
     def check_slot(self, index: int) -> bool:
         """Whether summed call ``index`` may be computed now (after the call's evidence was

@@ -86,6 +86,12 @@ class JobSpec(BaseModel):
     # a round stays out of the job (secagg: a dropout the secure sum recovers from).
     fraction: float = Field(default=1.0, gt=0.0, le=1.0, allow_inf_nan=False)
     round_timeout: float | None = Field(default=None, gt=0.0, le=86_400.0, allow_inf_nan=False)
+    # asynchronous buffered rounds (FedBuff; fed_tasks/buffered.py): a round's aggregate is
+    # formed once async_k updates are in; a slow site's update joins a later aggregate,
+    # weighted (1 + staleness)^-1/2, and never once it is more than max_staleness rounds old.
+    # Plain mode only (see _async_fits).
+    async_k: int | None = Field(default=None, ge=1, le=1000)
+    max_staleness: int = Field(default=4, ge=0, le=100)
     update_bound: float = Field(default=2.0**24, gt=0)
     frac_bits: int = Field(default=16, ge=0, le=32)
     seed: int = 0
@@ -138,6 +144,31 @@ class JobSpec(BaseModel):
             raise ValueError("fraction < 1 needs aggregation 'plain': in a secure mode a site "
                              "left out of a round stays out of the job (were it to rejoin, "
                              "two sums would differ by its update alone)")
+        return self
+
+    @model_validator(mode="after")
+    def _async_fits(self) -> JobSpec:
+        if self.async_k is None:
+            return self
+        if self.aggregation != "plain":
+            raise ValueError("async_k needs aggregation 'plain': in a secure mode each buffer "
+                             "would sum another subset of sites, so two sums could differ by "
+                             "one site's update alone")
+        if self.model not in NEURAL_MODELS:
+            raise ValueError(f"async_k buffers training rounds; model {self.model!r} has none")
+        if self.async_k < self.min_sites:
+            raise ValueError(f"async_k={self.async_k} is below min_sites={self.min_sites}: "
+                             "every aggregate must hold at least min_sites updates")
+        if self.strategy not in ("fedavg", "fedprox", "fedadam", "fedyogi"):
+            raise ValueError(f"async_k weighs stale updates in an average; strategy "
+                             f"{self.strategy!r} does not average (use fedavg, fedprox, "
+                             "fedadam or fedyogi)")
+        if self.dp_enabled:
+            raise ValueError("async_k is not available with differential privacy: weighting "
+                             "a stale update would also scale its noise below the calibrated "
+                             "level")
+        if self.fraction < 1.0:
+            raise ValueError("async_k calls every idle site each round: leave fraction at 1")
         return self
 
     @model_validator(mode="after")

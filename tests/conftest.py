@@ -38,6 +38,14 @@ def partitions(shuttle_small, schema):
 
 
 @pytest.fixture(scope="session")
+def four_sites(shuttle_small, schema):
+    """Four institutions' (train, test) frames, non-IID, for in-process site tests."""
+    parts = dirichlet_split(shuttle_small, 4, by="f1", seed=3)
+    return {f"inst-{i}": train_test_split(p, 0.3, seed=i, label=schema.label)
+            for i, p in enumerate(parts)}
+
+
+@pytest.fixture(scope="session")
 def federation(partitions, schema, tmp_path_factory):
     """Three real in-process PySyft datasites, started once for the whole session."""
     from datasites.harness.federation import Federation

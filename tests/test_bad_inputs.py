@@ -308,6 +308,14 @@ def _options_cases() -> dict[str, tuple[list[str], str]]:
         **{f"{s}-secagg": (["--strategy", s, "--aggregation", "secagg"],
                            f"--strategy '{s}' needs every site's update in clear")
            for s in ("median", "trimmed-mean", "krum")},
+        "async-secagg": (["--async", "2", "--aggregation", "secagg"],
+                         "--async needs --aggregation 'plain'"),
+        "async-above-sites": (["--async", "4", "--sites", "3"],
+                              "--async 4: a round's buffer takes 1 to --sites (3) updates"),
+        "async-krum": (["--async", "3", "--strategy", "krum"],
+                       "--strategy 'krum' does not average"),
+        "async-pca": (["--async", "2", "--model", "pca"],
+                      "--async buffers training --rounds; --model 'pca' has none"),
         "strategy-with-pca": (["--strategy", "fedprox", "--model", "pca"],
                               "--strategy 'fedprox' combines training --rounds; --model 'pca' "
                               "has none"),

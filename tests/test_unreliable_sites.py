@@ -15,7 +15,6 @@ import numpy as np
 import pytest
 
 from datasites.governance.audit import Action
-from datasites.harness.partition import dirichlet_split, train_test_split
 from fed_tasks.aggregation import MaskedSum
 from fed_tasks.interface import SiteConnection, SiteRefusedError
 from fed_tasks.orchestrator import FederatedTrainer
@@ -40,13 +39,6 @@ class Stalling(SiteConnection):
             finally:
                 self.answered.set()
         return self.inner.call(action, message)
-
-
-@pytest.fixture(scope="module")
-def four_sites(shuttle_small, schema):
-    parts = dirichlet_split(shuttle_small, 4, by="f1", seed=3)
-    return {f"inst-{i}": train_test_split(p, 0.3, seed=i, label=schema.label)
-            for i, p in enumerate(parts)}
 
 
 def _sites(tmp_path, spec, frames) -> list:

@@ -57,7 +57,7 @@ FLAGS = {"rounds": "--rounds", "seed": "--seed", "aggregation": "--aggregation",
          "target_fpr": "--target-fpr", "patience": "--patience",
          "time_column": "--time-column", "strategy": "--strategy",
          "personalize_epochs": "--personalize", "fraction": "--fraction",
-         "round_timeout": "--round-timeout"}
+         "round_timeout": "--round-timeout", "async_k": "--async"}
 ALLOWED = {"--sites": f"{SITES_MIN} to {SITES_MAX}",
            "--rounds": f"{ROUNDS_MIN} to {ROUNDS_MAX}",
            "--seed": f"0 to {SEED_MAX}",
@@ -71,7 +71,8 @@ ALLOWED = {"--sites": f"{SITES_MIN} to {SITES_MAX}",
            "--strategy": ", ".join(STRATEGIES),
            "--personalize": f"0 to {PERSONALIZE_MAX}",
            "--fraction": "above 0, at most 1",
-           "--round-timeout": "above 0, at most 86400 seconds"}
+           "--round-timeout": "above 0, at most 86400 seconds",
+           "--async": "1 to the number of sites"}
 
 
 def dp_unit_of(epsilon: float | None, dp_unit: str | None, *, dp_sgd: bool = False,
@@ -126,7 +127,8 @@ def check_job_options(*, sites: int, rounds: int, model: str, aggregation: str, 
                       target_fpr: float | None = None, patience: int = 0,
                       time_column: str | None = None, strategy: str = "fedavg",
                       personalize: int = 0, fraction: float = 1.0,
-                      round_timeout: float | None = None) -> None:
+                      round_timeout: float | None = None,
+                      async_k: int | None = None) -> None:
     """Build the :class:`JobSpec` the demo would build (with a stand-in feature), so that a
     bad option fails in milliseconds, before the table is read or a site exists."""
     from pydantic import ValidationError
@@ -153,11 +155,14 @@ def check_job_options(*, sites: int, rounds: int, model: str, aggregation: str, 
     if adaptive_clip and dp_unit != "site":
         raise JobOptionError("--adaptive-clip adapts the clip of a site's whole update: it "
                              "needs --epsilon with --dp-unit site")
+    if async_k is not None and not 1 <= async_k <= sites:
+        raise JobOptionError(f"--async {async_k}: a round's buffer takes 1 to --sites "
+                             f"({sites}) updates")
     try:
         JobSpec(model=model, features=("x" if time_column != "x" else "y",),
                 time_column=time_column, rounds=rounds, seed=seed, aggregation=aggregation,
                 target_fpr=target_fpr, patience=patience, personalize_epochs=personalize,
-                fraction=fraction, round_timeout=round_timeout,
+                fraction=fraction, round_timeout=round_timeout, async_k=async_k,
                 **strategy_options(strategy, sites), **dp)
     except ValidationError as exc:
         raise JobOptionError(spec_error_line(exc)) from None

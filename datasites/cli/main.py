@@ -364,6 +364,11 @@ def demo(
         "and named in the report (paillier: it stays out; secagg: a dropout the secure sum "
         "recovers from) "
         "[default: wait for every site].")),
+    async_k: int = typer.Option(None, "--async", min=1, max=opts.SITES_MAX,
+                                show_default=False, help=(
+        "Buffered asynchronous rounds (FedBuff): a round's aggregate is formed once K sites "
+        "have answered; a slower site's update joins a later round, down-weighted by its "
+        "staleness. --aggregation plain only [default: every round waits for every site].")),
     seed: int = typer.Option(0, min=0, max=opts.SEED_MAX,
                              help="Seed for the split and the model."),
     report: Path = typer.Option(None, help="Write the JSON report here."),
@@ -404,7 +409,7 @@ def demo(
                                target_fpr=target_fpr, patience=patience,
                                time_column=time_column, strategy=strategy,
                                personalize=personalize, fraction=fraction,
-                               round_timeout=round_timeout)
+                               round_timeout=round_timeout, async_k=async_k)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
     if report is not None:
@@ -423,7 +428,7 @@ def demo(
                      time_column=time_column,
                      patience=patience, seed=seed, aggregation=aggregation,
                      strategy=strategy, personalize_epochs=personalize,
-                     fraction=fraction, round_timeout=round_timeout,
+                     fraction=fraction, round_timeout=round_timeout, async_k=async_k,
                      keep_sites=keep_sites, passwords=passwords,
                      epsilon=epsilon, delta=delta, clip=clip, dp_unit=dp_unit,
                      adaptive_clip=adaptive_clip)
@@ -444,7 +449,8 @@ def demo(
         _print_kept_sites(cfg)
     console.print(results_table(result))
     _say(_threshold_line(result))
-    for line in _selection_lines(result) + _personalized_lines(result) + _skipped_lines(result):
+    for line in (_selection_lines(result) + _personalized_lines(result)
+                 + _skipped_lines(result) + _stale_lines(result)):
         _say(line)
     if result["dropped_columns"]["constant"] or result["dropped_columns"]["user"]:
         _say(f"columns left out: constant {result['dropped_columns']['constant']}, "
@@ -476,6 +482,13 @@ def _skipped_lines(report: dict[str, Any]) -> list[str]:
         grouped.setdefault((s["action"], s["round"], s["why"]), []).append(s["site"])
     return [f"{action} {rnd}: skipped {', '.join(sites)} ({why})"
             for (action, rnd, why), sites in grouped.items()]
+
+
+def _stale_lines(report: dict[str, Any]) -> list[str]:
+    """Buffered rounds: which stale updates joined which round, at what weight."""
+    return [f"fit {b['round']}: {b['site']}'s update was {b['staleness']} round"
+            f"{'s' if b['staleness'] > 1 else ''} stale (weight {b['weight']:.2f})"
+            for b in report.get("buffered") or [] if b["staleness"] > 0]
 
 
 def _say_noise(report: dict[str, Any]) -> None:

@@ -72,6 +72,7 @@ class Review:
             _privacy(s),
             *_noise(s, self.train_rows),
             f"  aggregation {AGGREGATION_WORDS[s.aggregation]}",
+            *_buffered(s),
             "  code: the fedsyft template (checked), calling the installed site step",
         ]
         return "\n".join(lines + self._policy_lines())
@@ -98,6 +99,16 @@ def _noise(s: JobSpec, rows: int | None) -> list[str]:
                "useless model" if est.ratio > dp_usefulness.USEFUL_RATIO
                else "the data's signal dominates the noise")
     return [f"  noise vs signal: {est.words()}: {verdict}"]
+
+
+def _buffered(s: JobSpec) -> list[str]:
+    """Buffered rounds: the updates of several models in one aggregate, in plain words."""
+    if s.async_k is None:
+        return []
+    return [f"  rounds are buffered: each aggregate is formed once {s.async_k} site(s) have "
+            "answered; a slower site's update joins a later round, weighted down by how many "
+            f"rounds old it is (at most {s.max_staleness}); your site accepts only updates "
+            "computed from a model it held itself"]
 
 
 def _selection(s: JobSpec, rows: int | None, label: str) -> list[str]:

@@ -67,6 +67,7 @@ class DemoConfig:
     personalize_epochs: int = 0  # each site fine-tunes its own copy after the rounds
     fraction: float = 1.0  # of the sites each training round calls (a seeded draw)
     round_timeout: float | None = None  # seconds a round waits for a site (None: all)
+    async_k: int | None = None  # buffered rounds: aggregate once this many sites answered
     min_delta: float = 0.01  # relative loss improvement that counts as one
     min_local_steps: int = 20  # minibatch steps per site and round, at least
     aggregation: str = "plain"
@@ -220,9 +221,11 @@ def reference_models(spec: JobSpec, splits: list[tuple[pd.DataFrame, pd.DataFram
     made of every device's rows would be a series that never existed."""
     # non-private bounds; one site: a robust strategy of one update is that update
     alone_strategy = "fedavg" if spec.strategy in INDIVIDUAL_STRATEGIES else spec.strategy
+    # (one site: nothing to buffer, nothing to wait for; no DP, so no adaptive clip)
     spec = JobSpec.model_validate({**spec.model_dump(), "aggregation": "plain", "min_sites": 1,
                                    "dp_epsilon": None, "dp_sgd": False,
-                                   "strategy": alone_strategy})
+                                   "dp_adaptive_clip": False, "dp_clip_count_std": None,
+                                   "async_k": None, "strategy": alone_strategy})
     tests = [t for _, t in splits]
     centralized: dict[str, Any] | None = None
     if schema.time is None:
@@ -388,7 +391,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
                    target_fpr=cfg.target_fpr, patience=cfg.patience, min_delta=cfg.min_delta,
                    min_local_steps=cfg.min_local_steps, time_column=schema.time,
                    personalize_epochs=cfg.personalize_epochs, fraction=cfg.fraction,
-                   round_timeout=cfg.round_timeout,
+                   round_timeout=cfg.round_timeout, async_k=cfg.async_k,
                    **strategy_options(cfg.strategy, len(splits)), **dp)
     if cfg.epsilon is not None and cfg.dp_unit is None:
         spec, why = dp_usefulness.default_unit(spec)
@@ -463,6 +466,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         "noise_check": noise_check(per_site) if spec.dp_enabled else None,
         "rounds_completed": result.rounds_completed,
         "skipped": result.skipped,  # who missed which call, and why
+        "buffered": result.buffered,  # buffered rounds: contributors and their staleness
         "stopped_early": result.stop_reason or None,
         **refs,
         "per_site": per_site,

@@ -7,7 +7,9 @@ aggregate must be for this job and this aggregate, come from a distinct member, 
 been computed from the very model this site holds (the chain digest of
 :mod:`fed_tasks.site_state`); the aggregate must hold at least the job's minimum number of
 sites, this site among them (in a plain job that asks for it, a site skipped for a round
-catches up on an aggregate without it: :func:`may_leave_out`).
+catches up on an aggregate without it: :func:`may_leave_out`). In a buffered round
+(``JobSpec.async_k``) an update may be a few rounds stale: then it must have been computed
+from the model this site held before the update's own slot (:func:`check_buffered`).
 The secure-sum evidence is checked in :mod:`datasites.runtime.protection`, where the site's
 session keys live.
 """
@@ -21,11 +23,12 @@ import numpy as np
 
 from datasites.governance.guard import CallRefused
 from datasites.runtime.federation_config import read_config
+from fed_tasks.buffered import staleness_of
 from fed_tasks.codec import PayloadError, decode_array
 from fed_tasks.detectors import rules_for
 from fed_tasks.messages import AggregateEvidence
 from fed_tasks.schedule import combine, vector_length
-from fed_tasks.site_state import aggregate_index
+from fed_tasks.site_state import SiteModelState, aggregate_index
 from fed_tasks.spec import JobSpec
 from privacy import signing
 
@@ -41,10 +44,9 @@ def federation_config(directory: Path) -> dict[str, Any]:
     return config
 
 
-def check_contributions(config: dict[str, Any], spec: JobSpec, evidence: AggregateEvidence,
-                        site: str, model: str) -> dict[str, signing.SignedContribution]:
-    """Parse and verify signed contributions of one aggregate; sender -> contribution."""
-    index = aggregate_index(spec, evidence.action, evidence.round)
+def _signed(config: dict[str, Any], spec: JobSpec, evidence: AggregateEvidence
+            ) -> dict[str, signing.SignedContribution]:
+    """Parse the aggregate's contributions and verify each member's signature; one each."""
     members: dict[str, str] = config["sites"]
     out: dict[str, signing.SignedContribution] = {}
     raw_list = evidence.contributions if evidence.kind == "plain" else evidence.inputs
@@ -61,16 +63,51 @@ def check_contributions(config: dict[str, Any], spec: JobSpec, evidence: Aggrega
         except signing.SignatureError:
             raise AggregateRefused(f"the contribution of {c.site_id!r} is not signed by it"
                                    ) from None
-        if c.job_id != spec.job_id or c.round != index:
+        if c.job_id != spec.job_id:
+            raise AggregateRefused(f"the contribution of {c.site_id!r} is for job "
+                                   f"{c.job_id!r}, not job {spec.job_id!r}")
+        if c.site_id in out:
+            raise AggregateRefused(f"site {c.site_id!r} contributes twice to the aggregate")
+        out[c.site_id] = c
+    return out
+
+
+def check_contributions(config: dict[str, Any], spec: JobSpec, evidence: AggregateEvidence,
+                        site: str, model: str) -> dict[str, signing.SignedContribution]:
+    """Parse and verify signed contributions of one aggregate; sender -> contribution."""
+    index = aggregate_index(spec, evidence.action, evidence.round)
+    out = _signed(config, spec, evidence)
+    for c in out.values():
+        if c.round != index:
             raise AggregateRefused(f"the contribution of {c.site_id!r} is for job {c.job_id!r} "
                                    f"aggregate {c.round}, not job {spec.job_id!r} aggregate "
                                    f"{index}")
         if c.model != model:
             raise AggregateRefused(f"the contribution of {c.site_id!r} was computed from another "
                                    "model than this site's (sites were sent different models)")
-        if c.site_id in out:
-            raise AggregateRefused(f"site {c.site_id!r} contributes twice to the aggregate")
-        out[c.site_id] = c
+    _check_members(sorted(out), spec, config, site)
+    return out
+
+
+def check_buffered(config: dict[str, Any], spec: JobSpec, evidence: AggregateEvidence,
+                   site: str, state: SiteModelState) -> dict[str, signing.SignedContribution]:
+    """:func:`check_contributions` for a buffered round (``JobSpec.async_k``): a member's
+    update may have been computed for an earlier slot, at most ``max_staleness`` rounds
+    back, and then from the very model *this* site held before that slot; each member's
+    slots only ever increase, so no update is applied twice."""
+    index = aggregate_index(spec, evidence.action, evidence.round)
+    out = _signed(config, spec, evidence)
+    for c in out.values():
+        try:
+            staleness_of(spec, index, c.round)
+        except PayloadError as exc:
+            raise AggregateRefused(f"the contribution of {c.site_id!r}: {exc}") from None
+        if c.round <= state.used.get(c.site_id, 0):
+            raise AggregateRefused(f"the update of {c.site_id!r} for aggregate {c.round} was "
+                                   "already applied, or is older than one that was")
+        if c.model != state.model_before(c.round):
+            raise AggregateRefused(f"the contribution of {c.site_id!r} was computed from another "
+                                   f"model than this site held before aggregate {c.round}")
     _check_members(sorted(out), spec, config, site)
     return out
 
@@ -95,15 +132,22 @@ def may_leave_out(spec: JobSpec) -> bool:
     ``round_timeout``). In a secure mode a site that could leave and rejoin would let two
     sums differ by its update alone (one round with it, the next without), so there a site
     left out stays out."""
-    return spec.aggregation == "plain" and (spec.fraction < 1.0 or
-                                            spec.round_timeout is not None)
+    return spec.aggregation == "plain" and (spec.fraction < 1.0 or spec.async_k is not None
+                                            or spec.round_timeout is not None)
 
 
 def plain_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvidence,
-              model: str) -> np.ndarray:
-    """The sum of every member's signed vector, formed by this site itself."""
-    contributions = check_contributions(federation_config(directory), spec, evidence, site,
-                                        model)
+              state: SiteModelState) -> np.ndarray:
+    """The sum of every member's signed vector, formed by this site itself (a buffered
+    round: stale updates down-weighted, each member's slot recorded in ``state.used``)."""
+    config = federation_config(directory)
+    staleness: dict[str, int] = {}
+    if spec.async_k is not None and evidence.action == "fit":
+        contributions = check_buffered(config, spec, evidence, site, state)
+        index = aggregate_index(spec, evidence.action, evidence.round)
+        staleness = {name: index - c.round for name, c in contributions.items()}
+    else:
+        contributions = check_contributions(config, spec, evidence, site, state.digest)
     length = vector_length(spec, evidence.action)
     vectors = {}
     for sender, c in contributions.items():
@@ -113,7 +157,10 @@ def plain_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvid
         except PayloadError as exc:
             raise AggregateRefused(f"the signed contribution of {sender!r} holds no valid "
                                    f"vector: {exc}") from None
-    return combine(evidence.action, vectors, spec)
+    summed = combine(evidence.action, vectors, spec, staleness)
+    if staleness:
+        state.used.update({name: c.round for name, c in contributions.items()})
+    return summed
 
 
 def authority_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvidence,

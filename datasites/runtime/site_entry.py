@@ -116,8 +116,7 @@ class _ModelCall:
         if self.secure is not None:
             summed = self.secure.open_previous(evidence, self.state.digest)
         elif evidence.kind == "plain":
-            summed = plain_sum(self.directory, self.site, self.spec, evidence,
-                               self.state.digest)
+            summed = plain_sum(self.directory, self.site, self.spec, evidence, self.state)
         else:
             summed = authority_sum(self.directory, self.site, self.spec, evidence,
                                    self.state.digest)

@@ -283,6 +283,7 @@ def test_only_a_plain_job_may_call_a_fraction_of_the_sites(schema, aggregation):
     assert not may_leave_out(_spec(schema))
     assert may_leave_out(_spec(schema, fraction=0.5)) and may_leave_out(_spec(schema,
                                                                                 **CATCH_UP))
+    assert may_leave_out(_spec(schema, async_k=2))  # a buffered round need not hold the site
 
 
 def test_two_concurrent_calls_do_not_compute_one_slot_twice(tmp_path, schema, four,
@@ -684,7 +685,8 @@ def test_colluding_members_cannot_set_an_honest_sites_model(tmp_path, schema, fo
 
 @pytest.mark.xfail(strict=True, raises=AssertionError, reason=(
     "WEAKNESS (plain mode, only where the approved spec asks for unreliable-site handling: "
-    "fraction < 1 or a round_timeout): a site there may apply an aggregate it is not in, so "
+    "fraction < 1, a round_timeout or async_k): a site there may apply an aggregate it is "
+    "not in, so "
     "min_sites colluding members (each signing with its own key) form an aggregate that "
     "sets an honest site's model to any vector they like (FedAvg trusts the claimed row "
     "count); the site then trains and releases an update of that crafted model. README: a "
