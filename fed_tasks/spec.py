@@ -5,7 +5,7 @@ from __future__ import annotations
 import functools
 import hashlib
 import secrets
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
@@ -23,6 +23,12 @@ ROW_DP_MODELS = ("pca", "hbos")
 DP_SGD_MODELS = ("ae",)
 #: detectors whose aggregate is pooled, not summed: plain mode only
 PLAIN_ONLY_MODELS = ("iforest",)
+#: the latent code's size when the spec does not give one: 4 for the dense models, wider for
+#: the series model, whose one shared code must encode the windows of unlike devices (NAB's
+#: ten server series: fed_tasks/detectors/lstm_ae.py). Filled in before validation, so the
+#: spec, its JSON and its fingerprint always carry the number the sites will build.
+DEFAULT_LATENT = 4
+MODEL_LATENT = {"lstm-ae": 32}
 #: what ``model="auto"`` compares when the spec names no candidates
 DEFAULT_CANDIDATES = ("pca", "hbos", "ae", "iforest")
 Aggregation = Literal["plain", "paillier", "secagg"]
@@ -53,7 +59,8 @@ class JobSpec(BaseModel):
     candidates: tuple[str, ...] | None = None
     val_fraction: float = Field(default=0.2, ge=0.05, le=0.5)
     hidden: tuple[int, ...] = (32, 16)
-    latent: int = Field(default=4, ge=1)
+    # default: MODEL_LATENT[model], else DEFAULT_LATENT (filled in by _latent_for_model)
+    latent: int = Field(default=DEFAULT_LATENT, ge=1)
     local_epochs: int = Field(default=2, ge=1, le=100)
     batch_size: int = Field(default=256, ge=1)
     lr: float = Field(default=1e-3, gt=0, le=1)
@@ -123,6 +130,14 @@ class JobSpec(BaseModel):
     dp_clip_quantile: float = Field(default=0.5, gt=0, lt=1, allow_inf_nan=False)
     dp_clip_lr: float = Field(default=0.2, gt=0, le=1, allow_inf_nan=False)
     dp_clip_count_std: float | None = Field(default=None, gt=0, le=1e6, allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _latent_for_model(cls, data: Any) -> Any:
+        # a per-model default: only when the caller gave no latent (an explicit one wins)
+        if isinstance(data, dict) and "latent" not in data and data.get("model") in MODEL_LATENT:
+            return {**data, "latent": MODEL_LATENT[data["model"]]}
+        return data
 
     @model_validator(mode="after")
     def _label_not_a_feature(self) -> JobSpec:

@@ -43,19 +43,20 @@ class LSTMAutoencoder(TorchDetector):
     scales 1,000× apart; the shared model learns shapes, not levels): that scaling never
     leaves the site, and it makes the federation's standardization irrelevant here.
 
-    ``latent`` is the code a window is squeezed through (the spec's default 4 is sized for
-    the dense models). A federation of unlike devices needs a wider one: on NAB's ten server
-    series (window 64, 12 rounds; ``benchmarks/detection.py``) the federated model's mean
-    ROC-AUC rose 0.647 → 0.654 → 0.659 with latent 4 → 16 → 32 (seed 0), while each device
-    trained alone fell 0.651 → 0.645 → 0.642: a wider code lets a lone model copy more of
-    its own series, anomalies included. The benchmark runs latent 32.
+    ``latent`` is the code a window is squeezed through. The spec's default for this model
+    is 32 (``fed_tasks.spec.MODEL_LATENT``; the dense models keep 4), because a federation of
+    unlike devices needs a wide one: on NAB's ten server series (window 64, 12 rounds;
+    ``benchmarks/detection.py``) the federated model's mean ROC-AUC rose 0.647 → 0.654 →
+    0.659 with latent 4 → 16 → 32 (seed 0), while each device trained alone fell 0.651 →
+    0.645 → 0.642: a wider code lets a lone model copy more of its own series, anomalies
+    included. A spec that names its latent keeps it.
     """
 
     name = "lstm-ae"
     title = ("an LSTM autoencoder over sliding windows of your series (in time order), "
              "trained by federated averaging")
 
-    def __init__(self, n_features: int, hidden: tuple[int, ...] = (32, 16), latent: int = 4,
+    def __init__(self, n_features: int, hidden: tuple[int, ...] = (32, 16), latent: int = 32,
                  seed: int = 0, window: int = 32) -> None:
         if window < 1:
             raise ValueError("window must be >= 1")
