@@ -14,7 +14,7 @@ training call: a slower institution. In the same run, per seed:
 Reported: the training wall time (``fit``), the pooled test ROC-AUC, and how many of the
 slow site's updates were applied and how stale they were.
 
-Usage: ``python benchmarks/async_rounds.py [--seeds 0,1,2] [--rounds 10] [--delay 2]``;
+Usage: ``python benchmarks/async_rounds.py [--seeds 0,1,2] [--rounds 10] [--delay 1]``;
 prints the table and writes ``benchmarks/results/async_rounds.json``.
 """
 
@@ -78,6 +78,7 @@ def run(setting: str, seed: int, rounds: int, delay: float) -> dict[str, Any]:
             started = time.perf_counter()
             result = trainer.fit()
             seconds = time.perf_counter() - started
+            trainer.evaluate(result)  # waits for a slow site's last call, as a job does
         finally:
             for s in sites:
                 s.close()
@@ -95,7 +96,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=10)
-    parser.add_argument("--delay", type=float, default=2.0)
+    parser.add_argument("--delay", type=float, default=1.0)
     args = parser.parse_args()
     seeds = [int(s) for s in args.seeds.split(",")]
     run(SETTINGS[0], seeds[0], 1, 0.0)  # warm-up (imports, torch), not reported

@@ -179,7 +179,11 @@ class _Immediate:
         pool.shutdown(wait=False)
         waiting = {**running, **called, **arrived}  # one update per site in a buffer
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
-        while sum(f.done() for f in waiting.values()) < min(self.buffer_k, len(waiting)):
+
+        def usable() -> int:  # an update too stale to apply does not fill the buffer
+            return sum(f.done() and self._usable(f, message) for f in waiting.values())
+
+        while usable() < self.buffer_k and not all(f.done() for f in waiting.values()):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
@@ -197,6 +201,10 @@ class _Immediate:
                     raise exc
                 replies.append(done[site.name].result())
         return replies
+
+    def _usable(self, reply: Future, message: dict[str, Any]) -> bool:
+        """Whether a finished call's update may still be applied this round."""
+        return True
 
     def submit(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
                length: int) -> list[Released]:
@@ -272,6 +280,18 @@ class PlainSum(_Immediate):
         self.min_sites = min_sites
         self.spec = spec  # the job whose strategy combines a round (None: a plain sum)
         self.last_staleness: dict[str, int] = {}  # a buffered round: site -> staleness
+
+    def _usable(self, reply: Future, message: dict[str, Any]) -> bool:
+        """A buffered round's update counts if it is at most ``max_staleness`` rounds old
+        (a failed call counts: it is raised, as in a synchronous round)."""
+        if self.spec is None or reply.exception() is not None:
+            return True
+        try:
+            slot = SignedContribution.from_str(reply.result()["contribution"]).round
+        except (KeyError, TypeError, ValueError):
+            return True  # malformed: refused where the aggregate is formed
+        index = slot_index(self.spec, "fit", int(message.get("round", 0)))
+        return index - slot <= self.spec.max_staleness
 
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:

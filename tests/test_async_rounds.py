@@ -120,6 +120,21 @@ def test_a_slow_sites_update_joins_a_later_round_and_the_model_stays_as_good(
     assert abs(buffered - everyone) <= 0.01, (buffered, everyone)
 
 
+def test_an_update_too_stale_to_apply_is_dropped_said_and_does_not_fill_the_buffer(
+        tmp_path, schema, four_sites):
+    """max_staleness 1 and a site whose updates arrive two rounds late: each of them is left
+    out and named in the report, and every round still waits for three usable updates."""
+    spec = JobSpec(features=schema.features, label_column=schema.label, rounds=4,
+                   min_sites=3, seed=5, async_k=3, max_staleness=1)
+    result, rows = _train(tmp_path, spec, four_sites, slow=True)
+    assert result.rounds_completed == 4
+    assert {b["site"] for b in result.buffered} == {"inst-0", "inst-1", "inst-2"}
+    dropped = [s for s in result.skipped if s["site"] == "inst-3"]
+    assert dropped and all("rounds stale (the job allows 1)" in s["why"] for s in dropped)
+    assert all(b["staleness"] <= 1 for b in result.buffered)
+    assert len(rows) == 4  # the slow site still catches up and evaluates the final model
+
+
 # ---- what a site accepts in a buffered aggregate ------------------------------------------
 @pytest.fixture()
 def members(tmp_path, schema, four_sites):
