@@ -19,6 +19,7 @@ from typing import Any, NamedTuple, Protocol
 import numpy as np
 
 from fed_tasks.codec import decode_array
+from fed_tasks.compression import contribution_vector
 from fed_tasks.encoding import decode_session_sum, secagg_plan, session_round
 from fed_tasks.interface import SiteConnection, call_all
 from fed_tasks.schedule import combine
@@ -118,6 +119,7 @@ class _Immediate:
         self.timeout: float | None = None  # seconds a round waits for a site (None: all)
         self.last_skipped: dict[str, str] = {}  # the last call's sites left out, and why
         self._out: dict[str, str] = {}  # sites left out for good (no rejoining), and why
+        self.sent_bytes: dict[str, int] = {}  # the last call's contribution sizes per site
 
     #: whether a site left out of a round may come back (plain mode: it catches up; a
     #: secure mode: it stays out, or two sums would differ by its update alone)
@@ -213,9 +215,23 @@ def _heads(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r["audit_head"] for r in replies if isinstance(r.get("audit_head"), dict)]
 
 
+def sent_bytes(signed: list[str]) -> dict[str, int]:
+    """Site -> size of its signed contribution string, as it leaves the site (the reply's
+    transport envelope may zlib-compress it further)."""
+    return {SignedContribution.from_str(text).site_id: len(text) for text in signed}
+
+
 def _signed_payload(text: str) -> str:
     """The payload of a site's signed contribution (its signature is the sites' to check)."""
     return SignedContribution.from_str(text).payload
+
+
+def _plain_vector(spec: JobSpec | None, action: str, payload: str, length: int) -> np.ndarray:
+    """A plain contribution's vector, decoded as the sites decode it (a compressed update
+    by the job's setting: :func:`fed_tasks.compression.contribution_vector`)."""
+    if spec is None:
+        return decode_array(payload, length)
+    return contribution_vector(spec, action, payload, length)
 
 
 class PlainSum(_Immediate):
@@ -235,9 +251,10 @@ class PlainSum(_Immediate):
         if len(replies) < self.min_sites:
             raise TooFewSitesError(f"{len(replies)} sites answered, job needs {self.min_sites}")
         signed = [r["contribution"] for r in replies]
+        self.sent_bytes = sent_bytes(signed)
         parsed = [SignedContribution.from_str(c) for c in signed]
-        total = combine(action, {c.site_id: decode_array(c.payload, length) for c in parsed},
-                        self.spec)
+        total = combine(action, {c.site_id: _plain_vector(self.spec, action, c.payload, length)
+                                 for c in parsed}, self.spec)
         return total, {"kind": "plain", "action": action,
                        "round": int(message.get("round", 0)), "contributions": signed,
                        "heads": _heads(replies)}
@@ -256,6 +273,7 @@ class KeyAuthoritySum(_Immediate):
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
         replies = self._call(sites, action, message)
+        self.sent_bytes = sent_bytes([r["contribution"] for r in replies])
         request = {"action": action, "round": int(message.get("round", 0)),
                    "length": length, "contributions": [r["contribution"] for r in replies]}
         reply = self.key_authority.call("decrypt", request)
@@ -288,13 +306,15 @@ class MaskedSum:
         self.plan = secagg_plan(spec, n_sites)
         self.server = SecAggSessionServer(self.plan["threshold"], self.plan["bits"],
                                           self.plan["vector_length"], spec.job_id,
-                                          self.plan["rounds"])
+                                          self.plan["rounds"],
+                                          round_bits=self.plan["round_bits"])
         self._pending: tuple[str, int] | None = None  # (action, round) awaiting opening
         self._unreturned: list[Released] = []  # opened by a call that then failed
         self._evidence: dict[str, Any] | None = None  # signed inputs of the pending round
         self.dropped: dict[str, str] = {}
         self.timeout: float | None = None  # a site silent this long drops out of the session
         self.last_skipped: dict[str, str] = {}  # the last call's new dropouts, and why
+        self.sent_bytes: dict[str, int] = {}  # the last call's masked input sizes per site
 
     def _setup(self, sites: list[SiteConnection]) -> None:
         adverts = call_all(sites, "secagg_advertise", {})
@@ -354,6 +374,7 @@ class MaskedSum:
         Returns the round's evidence for the sites."""
         r = session_round(self.spec, action, rnd)
         signed = [rep["masked"] for rep in replies.values() if not isinstance(rep, Exception)]
+        self.sent_bytes = sent_bytes(signed)
         masked = [_signed_payload(m) for m in signed]
         ok = [rep for rep in replies.values() if not isinstance(rep, Exception)]
         evidence = {"kind": "secagg", "action": action, "round": rnd, "inputs": signed,

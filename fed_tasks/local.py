@@ -15,7 +15,7 @@ import numpy as np
 import pandas as pd
 
 from fed_tasks import site_step
-from fed_tasks.codec import decode_array, encode_array
+from fed_tasks.compression import contribution_payload, contribution_vector
 from fed_tasks.interface import SiteConnection
 from fed_tasks.messages import AggregateEvidence, parse_message
 from fed_tasks.schedule import combine
@@ -29,8 +29,9 @@ def unchecked_sum(spec: JobSpec, evidence: AggregateEvidence) -> np.ndarray:
     """The sum of a plain aggregate's vectors, signatures unchecked (trusted simulation)."""
     length = site_step.vector_length(spec, evidence.action)
     parsed = [SignedContribution.from_str(c) for c in evidence.contributions]
-    return combine(evidence.action, {c.site_id: decode_array(c.payload, length) for c in parsed},
-                   spec)
+    return combine(evidence.action, {c.site_id: contribution_vector(spec, evidence.action,
+                                                                    c.payload, length)
+                                     for c in parsed}, spec)
 
 
 class LocalSite(SiteConnection):
@@ -84,7 +85,8 @@ class LocalSite(SiteConnection):
                                                        self.model.private))
         if "vector" not in result:
             return result
-        payload = encode_array(result.pop("vector"))
+        vector = result.pop("vector")
+        payload = result.pop("payload", None) or contribution_payload(self.spec, action, vector)
         index = aggregate_index(self.spec, action, rnd)
         return {**result, "contribution": SignedContribution(
             self.name, self.spec.job_id, index, payload, model=self.model.digest).to_str()}

@@ -49,6 +49,14 @@ class TrainingResult:
     # sites left out of a call: {"action", "round", "site", "why"} (not selected for the
     # round, no answer within round_timeout, a secure-sum dropout)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    # each site's training-round contribution as it left the site: {"round", "site", "bytes"}
+    # (the signed string; fed_tasks/compression.py makes it smaller)
+    sent: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def bytes_per_site_round(self) -> float | None:
+        """Mean size in bytes of one site's contribution to one training round."""
+        return float(np.mean([s["bytes"] for s in self.sent])) if self.sent else None
 
     @property
     def rounds_completed(self) -> int:
@@ -108,6 +116,7 @@ class FederatedTrainer:
         if hasattr(self.secure_sum, "timeout"):
             self.secure_sum.timeout = spec.round_timeout
         self.skipped: list[dict[str, Any]] = []
+        self.sent: list[dict[str, Any]] = []  # TrainingResult.sent
         self._chosen: FederatedTrainer | None = None  # model="auto": the winner's trainer
 
     def _submit(self, action: str, message: dict[str, Any]) -> list[Released]:
@@ -118,8 +127,13 @@ class FederatedTrainer:
                 self.skipped.append({"action": action, "round": rnd, "site": site.name,
                                      "why": "not selected for this round"})
         try:
-            return self.secure_sum.submit(called, action, message,
-                                          vector_length(self.spec, action))
+            released = self.secure_sum.submit(called, action, message,
+                                               vector_length(self.spec, action))
+            if action == "fit":
+                self.sent += [{"round": rnd, "site": name, "bytes": size} for name, size
+                              in sorted((getattr(self.secure_sum, "sent_bytes", None)
+                                         or {}).items())]
+            return released
         finally:
             for name, why in (getattr(self.secure_sum, "last_skipped", None) or {}).items():
                 self.skipped.append({"action": action, "round": rnd, "site": name, "why": why})
@@ -238,7 +252,7 @@ class FederatedTrainer:
                                    f"({stop_reason or 'no site answered'})")
         return TrainingResult(self.spec, state.weights, state.norm, losses, seconds, release,
                               stopped_early=bool(stop_reason), stop_reason=stop_reason,
-                              state=state, skipped=list(self.skipped))
+                              state=state, skipped=list(self.skipped), sent=list(self.sent))
 
     def _select(self) -> TrainingResult:
         """model="auto": every candidate trained and validated; the best one's result."""
