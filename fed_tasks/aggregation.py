@@ -119,7 +119,7 @@ class _Immediate:
         self.timeout: float | None = None  # seconds a round waits for a site (None: all)
         self.last_skipped: dict[str, str] = {}  # the last call's sites left out, and why
         self._out: dict[str, str] = {}  # sites left out for good (no rejoining), and why
-        self.sent_bytes: dict[str, int] = {}  # the last call's contribution sizes per site
+        self.sent: dict[str, dict[str, int]] = {}  # the last call's sizes per site (sent_by)
 
     #: whether a site left out of a round may come back (plain mode: it catches up; a
     #: secure mode: it stays out, or two sums would differ by its update alone)
@@ -215,10 +215,16 @@ def _heads(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r["audit_head"] for r in replies if isinstance(r.get("audit_head"), dict)]
 
 
-def sent_bytes(signed: list[str]) -> dict[str, int]:
-    """Site -> size of its signed contribution string, as it leaves the site (the reply's
-    transport envelope may zlib-compress it further)."""
-    return {SignedContribution.from_str(text).site_id: len(text) for text in signed}
+def sent_by(replies: list[dict[str, Any]], key: str) -> dict[str, dict[str, int]]:
+    """Site -> ``{"bytes": size of its signed contribution string as it left the site,
+    "clipped": values the site clipped to its encoding's bound}`` (the reply's transport
+    envelope may zlib-compress the string further)."""
+    out = {}
+    for reply in replies:
+        text = str(reply[key])
+        out[SignedContribution.from_str(text).site_id] = {
+            "bytes": len(text), "clipped": int(reply.get("clipped") or 0)}
+    return out
 
 
 def _signed_payload(text: str) -> str:
@@ -251,7 +257,7 @@ class PlainSum(_Immediate):
         if len(replies) < self.min_sites:
             raise TooFewSitesError(f"{len(replies)} sites answered, job needs {self.min_sites}")
         signed = [r["contribution"] for r in replies]
-        self.sent_bytes = sent_bytes(signed)
+        self.sent = sent_by(replies, "contribution")
         parsed = [SignedContribution.from_str(c) for c in signed]
         total = combine(action, {c.site_id: _plain_vector(self.spec, action, c.payload, length)
                                  for c in parsed}, self.spec)
@@ -273,7 +279,7 @@ class KeyAuthoritySum(_Immediate):
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
         replies = self._call(sites, action, message)
-        self.sent_bytes = sent_bytes([r["contribution"] for r in replies])
+        self.sent = sent_by(replies, "contribution")
         request = {"action": action, "round": int(message.get("round", 0)),
                    "length": length, "contributions": [r["contribution"] for r in replies]}
         reply = self.key_authority.call("decrypt", request)
@@ -314,7 +320,7 @@ class MaskedSum:
         self.dropped: dict[str, str] = {}
         self.timeout: float | None = None  # a site silent this long drops out of the session
         self.last_skipped: dict[str, str] = {}  # the last call's new dropouts, and why
-        self.sent_bytes: dict[str, int] = {}  # the last call's masked input sizes per site
+        self.sent: dict[str, dict[str, int]] = {}  # the last call's sizes per site (sent_by)
 
     def _setup(self, sites: list[SiteConnection]) -> None:
         adverts = call_all(sites, "secagg_advertise", {})
@@ -374,7 +380,8 @@ class MaskedSum:
         Returns the round's evidence for the sites."""
         r = session_round(self.spec, action, rnd)
         signed = [rep["masked"] for rep in replies.values() if not isinstance(rep, Exception)]
-        self.sent_bytes = sent_bytes(signed)
+        self.sent = sent_by([rep for rep in replies.values()
+                             if not isinstance(rep, Exception)], "masked")
         masked = [_signed_payload(m) for m in signed]
         ok = [rep for rep in replies.values() if not isinstance(rep, Exception)]
         evidence = {"kind": "secagg", "action": action, "round": rnd, "inputs": signed,

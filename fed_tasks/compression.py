@@ -74,20 +74,25 @@ def parse(setting: str) -> Compression:
     return Compression("topk", int(match.group(1)))
 
 
-def words(setting: str) -> str:
-    """The setting in plain words (the owner's review, the reports)."""
+def words(setting: str, aggregation: str = "plain") -> str:
+    """The setting in plain words (the owner's review)."""
     c = parse(setting)
+    kept = ("; what it drops is kept at this site (never sent) and added to its next update")
     if c.kind == "none":
         return "none (every value as a 64-bit float)"
     if c.kind == "topk":
         return (f"top-{c.k}: only the {c.k} largest changes of each round's update leave, as "
-                "(position, 32-bit value) pairs; the rest is kept at the site and added to "
-                "its next update")
+                f"(position, 32-bit value) pairs, with the exact sample count and loss{kept}")
     bits = SECURE_BITS[c.kind]
-    return (f"{bits}-bit quantization of each round's update (plain: between the update's "
-            f"own minimum and maximum; secure modes: {bits}-bit fixed point, clipped at "
-            "±%.3g); the rounding error is kept at the site and added to its next update"
-            % secure_codec(setting).bound)
+    if aggregation == "plain":
+        return (f"{bits}-bit quantization: each value of the update leaves as one of "
+                f"{1 << bits} levels between the update's own minimum and maximum, with the "
+                f"exact sample count and loss{kept}")
+    codec = secure_codec(setting)
+    return (f"{bits}-bit fixed point: the update times this site's share n/N of the "
+            f"federation's training rows, in steps of {1 / codec.scale:.2g}, "
+            f"values beyond ±{codec.bound:.3g} clipped and the clipped count sent with "
+            f"it{kept}")
 
 
 def secure_codec(setting: str) -> FixedPointCodec:
@@ -174,7 +179,8 @@ def decode(setting: str, text: str, length: int) -> np.ndarray:
         if not (math.isfinite(lo) and math.isfinite(step) and step >= 0):
             raise PayloadError("quantized payload has a non-finite or negative scale")
         codes = np.frombuffer(raw[32:], dtype="<u1" if c.kind == "q8" else "<u2")
-        head = lo + codes.astype(np.float64) * step
+        with np.errstate(over="ignore"):  # an overflow is refused just below
+            head = lo + codes.astype(np.float64) * step
     out = np.concatenate([head, tail])
     if not np.all(np.isfinite(out)):
         raise PayloadError(f"{c.kind} payload decodes to NaN or infinity")

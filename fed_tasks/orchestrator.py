@@ -49,8 +49,8 @@ class TrainingResult:
     # sites left out of a call: {"action", "round", "site", "why"} (not selected for the
     # round, no answer within round_timeout, a secure-sum dropout)
     skipped: list[dict[str, Any]] = field(default_factory=list)
-    # each site's training-round contribution as it left the site: {"round", "site", "bytes"}
-    # (the signed string; fed_tasks/compression.py makes it smaller)
+    # each site's training-round contribution as it left the site: {"round", "site", "bytes",
+    # "clipped"} (the signed string's size; values clipped to the encoding's bound)
     sent: list[dict[str, Any]] = field(default_factory=list)
 
     @property
@@ -130,9 +130,8 @@ class FederatedTrainer:
             released = self.secure_sum.submit(called, action, message,
                                                vector_length(self.spec, action))
             if action == "fit":
-                self.sent += [{"round": rnd, "site": name, "bytes": size} for name, size
-                              in sorted((getattr(self.secure_sum, "sent_bytes", None)
-                                         or {}).items())]
+                self.sent += [{"round": rnd, "site": name, **sizes} for name, sizes
+                              in sorted((getattr(self.secure_sum, "sent", None) or {}).items())]
             return released
         finally:
             for name, why in (getattr(self.secure_sum, "last_skipped", None) or {}).items():

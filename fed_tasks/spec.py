@@ -259,7 +259,11 @@ class JobSpec(BaseModel):
     def _known_compression(cls, value: str) -> str:
         from fed_tasks.compression import parse
 
-        parse(value)  # a one-line ValueError for anything else
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError("must be none, q8, q16 or topk:K (K a whole number from 1)"
+                             ) from None
         return value
 
     @model_validator(mode="after")

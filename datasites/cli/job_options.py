@@ -47,6 +47,12 @@ DP_UNIT_HELP = (
     "hbos: always row.")
 TARGET_FPR_MIN, TARGET_FPR_MAX = 0.0, 0.5  # JobSpec.target_fpr, both bounds excluded
 PATIENCE_MAX = ROUNDS_MAX  # patience beyond the rounds never stops anything
+COMPRESS_HELP = (
+    "Smaller training updates: none; q16 / q8 (16 / 8 bits per value: plain mode quantizes "
+    "each update between its own min and max, paillier/secagg use 16- / 8-bit fixed point); "
+    "topk:K (only the K largest changes leave; plain only). What a compression drops stays "
+    "at the site and joins its next update. The report gives the bytes each site sent per "
+    "round.")
 
 # JobSpec field -> the demo option it comes from
 FLAGS = {"rounds": "--rounds", "seed": "--seed", "aggregation": "--aggregation",
@@ -57,7 +63,7 @@ FLAGS = {"rounds": "--rounds", "seed": "--seed", "aggregation": "--aggregation",
          "target_fpr": "--target-fpr", "patience": "--patience",
          "time_column": "--time-column", "strategy": "--strategy",
          "personalize_epochs": "--personalize", "fraction": "--fraction",
-         "round_timeout": "--round-timeout"}
+         "round_timeout": "--round-timeout", "compress": "--compress"}
 ALLOWED = {"--sites": f"{SITES_MIN} to {SITES_MAX}",
            "--rounds": f"{ROUNDS_MIN} to {ROUNDS_MAX}",
            "--seed": f"0 to {SEED_MAX}",
@@ -126,7 +132,7 @@ def check_job_options(*, sites: int, rounds: int, model: str, aggregation: str, 
                       target_fpr: float | None = None, patience: int = 0,
                       time_column: str | None = None, strategy: str = "fedavg",
                       personalize: int = 0, fraction: float = 1.0,
-                      round_timeout: float | None = None) -> None:
+                      round_timeout: float | None = None, compress: str = "none") -> None:
     """Build the :class:`JobSpec` the demo would build (with a stand-in feature), so that a
     bad option fails in milliseconds, before the table is read or a site exists."""
     from pydantic import ValidationError
@@ -157,7 +163,7 @@ def check_job_options(*, sites: int, rounds: int, model: str, aggregation: str, 
         JobSpec(model=model, features=("x" if time_column != "x" else "y",),
                 time_column=time_column, rounds=rounds, seed=seed, aggregation=aggregation,
                 target_fpr=target_fpr, patience=patience, personalize_epochs=personalize,
-                fraction=fraction, round_timeout=round_timeout,
+                fraction=fraction, round_timeout=round_timeout, compress=compress,
                 **strategy_options(strategy, sites), **dp)
     except ValidationError as exc:
         raise JobOptionError(spec_error_line(exc)) from None

@@ -364,6 +364,7 @@ def demo(
         "and named in the report (paillier: it stays out; secagg: a dropout the secure sum "
         "recovers from) "
         "[default: wait for every site].")),
+    compress: str = typer.Option("none", "--compress", help=opts.COMPRESS_HELP),
     seed: int = typer.Option(0, min=0, max=opts.SEED_MAX,
                              help="Seed for the split and the model."),
     report: Path = typer.Option(None, help="Write the JSON report here."),
@@ -404,7 +405,7 @@ def demo(
                                target_fpr=target_fpr, patience=patience,
                                time_column=time_column, strategy=strategy,
                                personalize=personalize, fraction=fraction,
-                               round_timeout=round_timeout)
+                               round_timeout=round_timeout, compress=compress)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
     if report is not None:
@@ -423,7 +424,7 @@ def demo(
                      time_column=time_column,
                      patience=patience, seed=seed, aggregation=aggregation,
                      strategy=strategy, personalize_epochs=personalize,
-                     fraction=fraction, round_timeout=round_timeout,
+                     fraction=fraction, round_timeout=round_timeout, compress=compress,
                      keep_sites=keep_sites, passwords=passwords,
                      epsilon=epsilon, delta=delta, clip=clip, dp_unit=dp_unit,
                      adaptive_clip=adaptive_clip)
@@ -444,7 +445,8 @@ def demo(
         _print_kept_sites(cfg)
     console.print(results_table(result))
     _say(_threshold_line(result))
-    for line in _selection_lines(result) + _personalized_lines(result) + _skipped_lines(result):
+    for line in (_selection_lines(result) + _personalized_lines(result)
+                 + _skipped_lines(result) + _sent_lines(result)):
         _say(line)
     if result["dropped_columns"]["constant"] or result["dropped_columns"]["user"]:
         _say(f"columns left out: constant {result['dropped_columns']['constant']}, "
@@ -467,6 +469,17 @@ def demo(
             raise _fail(f"cannot write the report to --report {report}: "
                         f"{exc.strerror or exc}") from None
         console.print(f"report written to {report}")
+
+
+def _sent_lines(report: dict[str, Any]) -> list[str]:
+    """What one site sent per training round (and what the compression clipped)."""
+    size = report.get("bytes_per_site_round")
+    if size is None:
+        return []
+    clipped = report.get("clipped_values") or 0
+    return [f"training updates (--compress {report.get('compress', 'none')}): {size:,.0f} "
+            f"bytes per site per round" + (f"; {clipped:,} values clipped to the encoding's "
+                                           "bound at the sites" if clipped else "")]
 
 
 def _skipped_lines(report: dict[str, Any]) -> list[str]:

@@ -67,6 +67,7 @@ class DemoConfig:
     personalize_epochs: int = 0  # each site fine-tunes its own copy after the rounds
     fraction: float = 1.0  # of the sites each training round calls (a seeded draw)
     round_timeout: float | None = None  # seconds a round waits for a site (None: all)
+    compress: str = "none"  # training updates: none, q8, q16, topk:K (fed_tasks/compression)
     min_delta: float = 0.01  # relative loss improvement that counts as one
     min_local_steps: int = 20  # minibatch steps per site and round, at least
     aggregation: str = "plain"
@@ -388,7 +389,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
                    target_fpr=cfg.target_fpr, patience=cfg.patience, min_delta=cfg.min_delta,
                    min_local_steps=cfg.min_local_steps, time_column=schema.time,
                    personalize_epochs=cfg.personalize_epochs, fraction=cfg.fraction,
-                   round_timeout=cfg.round_timeout,
+                   round_timeout=cfg.round_timeout, compress=cfg.compress,
                    **strategy_options(cfg.strategy, len(splits)), **dp)
     if cfg.epsilon is not None and cfg.dp_unit is None:
         spec, why = dp_usefulness.default_unit(spec)
@@ -463,6 +464,11 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         "noise_check": noise_check(per_site) if spec.dp_enabled else None,
         "rounds_completed": result.rounds_completed,
         "skipped": result.skipped,  # who missed which call, and why
+        # bytes each site's training-round contribution took as it left the site
+        "compress": spec.compress,
+        "bytes_per_site_round": result.bytes_per_site_round,
+        "clipped_values": sum(s.get("clipped", 0) for s in result.sent),
+        "sent": result.sent,
         "stopped_early": result.stop_reason or None,
         **refs,
         "per_site": per_site,
