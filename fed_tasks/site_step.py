@@ -138,7 +138,10 @@ def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
     DP-SGD during training, or Δ clipped and noised afterwards (``noise_shares``: into how
     many shares the noise is split; default from the spec's aggregation mode). With
     adaptive clipping the clip is ``C_t`` of the site's own global state and the loss slot
-    carries the noisy clipping bit: ``[Δ_private, b + noise, 1]``.
+    carries the noisy clipping bit: ``[Δ_private, b + noise, 1]``. With ``spec.compress``
+    the vector is what will be summed (:func:`fed_tasks.compression.compress_fit`: in plain
+    mode the decoded payload, also returned as ``payload``; in a secure mode
+    ``[w·Δ, w·loss, w]``, w = n/N), what it drops kept in ``given.private``.
     """
     model, norm = _model_at(spec, given)
     start = model.get_weights()

@@ -4,6 +4,7 @@ q8 against no compression; secure q16 sends fewer bytes than today's encoding)."
 
 from __future__ import annotations
 
+import base64
 import json
 
 import numpy as np
@@ -11,13 +12,16 @@ import pytest
 from pydantic import ValidationError
 
 from datasites.runtime.direct import direct_federation
+from datasites.runtime.federation_config import load_site_keys
 from fed_tasks import compression
-from fed_tasks.aggregation import MaskedSum
+from fed_tasks.aggregation import MaskedSum, PlainSum
 from fed_tasks.codec import PayloadError, encode_array
 from fed_tasks.encoding import secagg_plan
+from fed_tasks.interface import SiteRefusedError
 from fed_tasks.orchestrator import FederatedTrainer
-from fed_tasks.schedule import fit_codec
+from fed_tasks.schedule import fit_codec, vector_length
 from fed_tasks.spec import JobSpec
+from privacy.signing import SignedContribution
 
 RNG = np.random.default_rng(0)
 VECTOR = np.concatenate([RNG.normal(0, 50, 500), [123.456, 4000.0]])  # [n·Δ, n·loss, n]
@@ -139,6 +143,36 @@ def test_plain_q8_trains_like_uncompressed_through_the_site_code(tmp_path, parti
     assert len(q8.sent) == 3 * 3 and {s["round"] for s in q8.sent} == {1, 2, 3}
     saved = json.loads((tmp_path / "q8" / "site-0" / f"model_{spec.job_id}.json").read_text())
     assert set(saved["private"]) == {compression.RESIDUAL}  # survives a restart, never sent
+
+
+def test_a_member_signing_a_malformed_compressed_update_is_refused_by_the_others(
+        tmp_path, partitions, schema):
+    """A member may sign any payload; every other site decodes it itself, strictly, and
+    refuses the aggregate in one line before training from it."""
+    spec = JobSpec(features=schema.features, label_column=schema.label, rounds=2,
+                   compress="topk:5")
+    sites = direct_federation(tmp_path, spec, {f"site-{i}": p for i, p in enumerate(partitions)})
+    try:
+        agg = PlainSum(spec.min_sites, spec)
+        agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
+        agg.submit(sites, "fit", {"round": 1, "previous": agg.evidence()},
+                   vector_length(spec, "fit"))
+        evidence = dict(agg.evidence() or {})
+        first = SignedContribution.from_str(evidence["contributions"][0])
+        raw = bytearray(base64.b64decode(first.payload))
+        raw[16 + 16:16 + 20] = np.array([10**6], "<u4").tobytes()  # the last top-k index
+        keys = load_site_keys(tmp_path / first.site_id, first.site_id)
+        forged = SignedContribution.create(keys.signing_key, first.site_id, spec.job_id,
+                                           first.round, base64.b64encode(raw).decode(),
+                                           model=first.model)
+        evidence["contributions"] = [forged.to_str(), *evidence["contributions"][1:]]
+        other = next(s for s in sites if s.name != first.site_id)
+        with pytest.raises(SiteRefusedError, match="holds no valid vector: top-k indices") as e:
+            other.call("fit", {"round": 2, "previous": evidence})
+        assert "\n" not in str(e.value)
+    finally:
+        for s in sites:
+            s.close()
 
 
 def test_secagg_q16_round_sends_fewer_bytes_and_still_trains(tmp_path, partitions, schema):
