@@ -113,6 +113,11 @@ def test_secure_codecs_fit_16_and_8_bits_and_topk_is_plain_only():
         JobSpec(features=("a",), model="hbos", compress="q8")
     auto = JobSpec(features=("a",), model="auto", candidates=("ae", "pca"), compress="q8")
     assert [c.compress for c in auto.candidate_specs] == ["q8", "none"]
+    from datasites.harness.demo import encoding_problems
+
+    # a compressed secure update carries the share n/N, not n: any row count fits
+    assert encoding_problems(JobSpec(features=("a",), aggregation="secagg", compress="q8"),
+                             20_000_000) == []
 
 
 def _direct_job(root, partitions, schema, **fields):
@@ -206,3 +211,28 @@ def test_paillier_q16_packs_more_values_per_ciphertext(federation, schema):
         aucs[setting] = np.mean([e["roc_auc"] for e in trainer.evaluate(result)])
     assert sizes["q16"] < 0.6 * sizes["none"], sizes
     assert aucs["q16"] > 0.9 and abs(aucs["q16"] - aucs["none"]) < 0.01, aucs
+
+
+def test_submit_refuses_a_bad_compress_in_one_line_naming_the_flag(tmp_path):
+    """``fedsyft submit`` checks --compress before it connects to any site."""
+    import pandas as pd
+    from typer.testing import CliRunner
+
+    from datasites.cli.main import app
+
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"f1": rng.normal(size=300), "f2": rng.normal(size=300),
+                  "anomaly": (np.arange(300) % 10 == 0).astype(int)}).to_csv(
+        tmp_path / "t.csv", index=False)
+    runner = CliRunner(mix_stderr=False)
+    assert runner.invoke(app, ["init", str(tmp_path / "fed"), "--data",
+                               str(tmp_path / "t.csv")]).exit_code == 0
+    config = str(tmp_path / "fed" / "federation.toml")
+    for args, needle in ((["--compress", "zip"], "--compress: must be none, q8, q16 or topk:K"),
+                         (["--compress", "topk:3", "--aggregation", "secagg"],
+                          "--compress 'topk:3' sends a sparse update, which 'secagg' cannot "
+                          "add")):
+        result = runner.invoke(app, ["submit", "--config", config, *args])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.stderr
+        assert "Traceback" not in result.stdout + result.stderr

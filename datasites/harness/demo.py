@@ -354,8 +354,10 @@ def encoding_problems(spec: JobSpec, rows: int) -> list[str]:
     from fed_tasks.detectors.pca import Z_CLIP
     from fed_tasks.schedule import phases
 
+    # DP updates carry no count; a compressed secure update carries the share n/N <= 1
+    counted = not spec.dp_enabled and (spec.compress == "none" or spec.aggregation == "plain")
     per_row = {"hist": 1.0, "calibrate": 1.0, "moments2": Z_CLIP ** 2,
-               **({} if spec.dp_enabled else {"fit": 1.0})}  # DP updates carry no count
+               **({"fit": 1.0} if counted else {})}
     specs = spec.candidate_specs if spec.model == "auto" else (spec,)
     problems = []
     for one in specs:
