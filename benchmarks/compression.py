@@ -12,8 +12,9 @@ not depend on the values). Bytes: the signed contribution string one site sends 
 training round, as the orchestrator receives it (``TrainingResult.sent``; the reply's
 transport envelope may zlib-compress it further). Metric: ROC-AUC on the pooled test rows.
 
-Usage: ``python benchmarks/compression.py [--seeds 0,1,2] [--rounds 10] [--topk 184]``;
-prints the table and writes ``benchmarks/results/compression.{json,md}``.
+Usage: ``python benchmarks/compression.py [--seeds 0,1,2] [--rounds 10] [--topk 184]
+[--table shuttle]``; prints the table and writes ``benchmarks/results/compression.{json,md}``
+(another table: ``compression_<table>.{json,md}``; pima, 768 rows, is the harder check).
 """
 
 from __future__ import annotations
@@ -84,12 +85,15 @@ def main() -> None:
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--topk", type=int, default=184, help="K of topk:K (184: 10%% of "
-                        "the autoencoder's 1,837 weights)")
+                        "the autoencoder's 1,837 weights on shuttle)")
+    parser.add_argument("--table", default="shuttle", choices=("shuttle", "pima"))
     args = parser.parse_args()
+    out = RESULTS if args.table == "shuttle" else RESULTS.with_name(
+        f"compression_{args.table}.json")
     seeds = [int(s) for s in args.seeds.split(",") if s]
     cells = [("plain", c) for c in ("none", "q16", "q8", f"topk:{args.topk}")]
     cells += [("secagg", c) for c in ("none", "q16", "q8")]
-    frame, schema = load("shuttle")
+    frame, schema = load(args.table)
     started = time.perf_counter()
     runs: list[dict[str, Any]] = []
     for seed in seeds:
@@ -115,19 +119,19 @@ def main() -> None:
              "worst_cost": float(max(q8.values())), "met": bool(max(q8.values()) <= Q8_BAR)}
     text = markdown(rows, len(seeds))
     print(text)
-    print("\nq8 vs none (plain), ROC-AUC cost per seed: "
+    print(f"\n{args.table}: q8 vs none (plain), ROC-AUC cost per seed: "
           + ", ".join(f"{s}: {v:+.4f}" for s, v in q8.items())
           + f"; worst {check['worst_cost']:+.4f} ({'within' if check['met'] else 'ABOVE'} "
           f"the {Q8_BAR} bar)")
     wall = time.perf_counter() - started
-    RESULTS.parent.mkdir(parents=True, exist_ok=True)
-    RESULTS.write_text(json.dumps({"table": "shuttle", "sites": SITES, "alpha": ALPHA,
-                                   "rounds": args.rounds, "seeds": seeds, "wall_s": wall,
-                                   "summary": rows, "q8_check": check,
-                                   "paillier_bytes_per_site_round": paillier, "runs": runs},
-                                  indent=2))
-    RESULTS.with_suffix(".md").write_text(text + "\n")
-    print(f"{len(runs)} jobs in {wall:.0f} s; written to {RESULTS} (.md)")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"table": args.table, "sites": SITES, "alpha": ALPHA,
+                               "rounds": args.rounds, "seeds": seeds, "wall_s": wall,
+                               "summary": rows, "q8_check": check,
+                               "paillier_bytes_per_site_round": paillier, "runs": runs},
+                              indent=2))
+    out.with_suffix(".md").write_text(text + "\n")
+    print(f"{len(runs)} jobs in {wall:.0f} s; written to {out} (.md)")
 
 
 def summarise(runs: list[dict[str, Any]], cells: list[tuple[str, str]],
