@@ -19,10 +19,11 @@ the approved spec, so that every party forming an aggregate decodes each contrib
   ``w`` sums to 1 over the sites, so FedAvg's mean (sum / total weight) is unchanged.
 
 Error feedback (Seide et al. 2014; Karimireddy et al. 2019): what the compression dropped
-from a site's Δ part this round (rounding, the coordinates top-k left out, clipping) is kept
-in the site's private job state (``SiteModelState.private["residual"]``, saved in the site
-directory, never released) and added to its next update, so that nothing is lost for good,
-only delayed.
+from a site's Δ part this round (rounding, the coordinates top-k left out) is kept in the
+site's private job state (``SiteModelState.private["residual"]``, saved in the site
+directory, never released) and added to its next update, so that it is delayed, not lost.
+What the secure codec *clips* is counted, not carried: a value beyond the bound round after
+round would otherwise pile up in the residual without limit (wind-up).
 """
 
 from __future__ import annotations
@@ -209,9 +210,9 @@ def compress_fit(spec: Any, vector: np.ndarray, rows: float,
 
     Plain mode: the returned vector is the decoded payload (what every party will sum) and
     ``extra["payload"]`` the payload itself. Secure modes: the vector is ``[w·Δ, w·loss, w]``
-    plus the residual (the protection clips and encodes it with :func:`secure_codec`; the
-    residual kept is what that rounding and clipping will drop). ``rows``: N, the
-    federation's training rows, for the secure weight ``w = n / N``.
+    plus the residual (the protection clips, counts and encodes it with
+    :func:`secure_codec`; the residual kept is what that rounding will drop). ``rows``: N,
+    the federation's training rows, for the secure weight ``w = n / N``.
     """
     c = parse(spec.compress)
     v = np.asarray(vector, dtype=np.float64).copy()
@@ -226,11 +227,12 @@ def compress_fit(spec: Any, vector: np.ndarray, rows: float,
         v[:-2] += residual
     if spec.aggregation == "plain":
         payload = encode(spec.compress, v)
-        sent, extra = decode(spec.compress, payload, v.size), {"payload": payload}
+        kept, extra = v, {"payload": payload}
+        sent = decode(spec.compress, payload, v.size)
     else:
         codec = secure_codec(spec.compress)
-        clipped = np.clip(v, -codec.bound, codec.bound)
-        sent, extra = np.rint(clipped * codec.scale) / codec.scale, {}
+        kept, extra = np.clip(v, -codec.bound, codec.bound), {}
+        sent = np.rint(kept * codec.scale) / codec.scale
     if private is not None:
-        private[RESIDUAL] = v[:-2] - sent[:-2]
+        private[RESIDUAL] = kept[:-2] - sent[:-2]
     return (sent if spec.aggregation == "plain" else v), extra

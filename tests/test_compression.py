@@ -236,3 +236,20 @@ def test_submit_refuses_a_bad_compress_in_one_line_naming_the_flag(tmp_path):
         lines = result.stderr.strip().splitlines()
         assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], result.stderr
         assert "Traceback" not in result.stdout + result.stderr
+
+
+def test_secure_error_feedback_carries_rounding_not_clipping():
+    """Rounding is carried to the next round; a value clipped to the public bound is counted
+    by the protection and dropped (carrying it would pile up round after round)."""
+    spec = JobSpec(features=("a",), aggregation="secagg", compress="q8")
+    codec = fit_codec(spec)
+    private: dict[str, np.ndarray] = {}
+    rows, step = 30.0, 1 / codec.scale  # this site: n = 10 of N = 30 rows, so w = 1/3
+    w_vector = np.array([0.3 * step, 5.0, -7.0, 0.01, 1 / 3])  # [w·Δ, w·loss, w]
+    sent, extra = compression.compress_fit(spec, w_vector * rows, rows, private)
+    assert extra == {} and sent[-1] == pytest.approx(1 / 3)
+    residual = private[compression.RESIDUAL]
+    assert residual[0] == pytest.approx(0.3 * step)  # rounded to 0, carried
+    assert residual[1] == residual[2] == 0.0  # beyond the bound: clipped, not carried
+    again, _ = compression.compress_fit(spec, w_vector * rows, rows, private)
+    assert again[0] == pytest.approx(0.6 * step)  # the carried rounding joins the next one
