@@ -40,11 +40,10 @@ from privacy.fixed_point import FixedPointCodec
 
 #: the private-state key of a site's error-feedback residual (never released)
 RESIDUAL = "residual"
-#: the settings a job may name (``topk:K``: K a whole number >= 1)
-SETTINGS = ("none", "q8", "q16", "topk:K")
-_TOPK = re.compile(r"topk:([1-9][0-9]{0,8})")
-#: secure modes: a single site's value fits this many bits (the codec's 2·offset < 2**bits)
-SECURE_BITS = {"q8": 8, "q16": 16}
+_TOPK = re.compile(r"topk:([1-9][0-9]{0,8})")  # K a whole number >= 1
+#: bits per value: plain mode's quantization levels (2**bits); in the secure modes a single
+#: site's encoding fits them (the codec's 2·offset < 2**bits)
+BITS = {"q8": 8, "q16": 16}
 #: secure modes: fixed-point fraction bits; the bound is then (2**(bits-1) - 1) / 2**frac,
 #: just under 1, because the weight slot w = n / N may approach 1 (a site with most rows).
 #: Measured on shuttle (3 sites, ae): |Δ| per round stays below 0.15, so q16 keeps every
@@ -84,7 +83,7 @@ def words(setting: str, aggregation: str = "plain") -> str:
     if c.kind == "topk":
         return (f"top-{c.k}: only the {c.k} largest changes of each round's update leave, as "
                 f"(position, 32-bit value) pairs, with the exact sample count and loss{kept}")
-    bits = SECURE_BITS[c.kind]
+    bits = BITS[c.kind]
     if aggregation == "plain":
         return (f"{bits}-bit quantization: each value of the update leaves as one of "
                 f"{1 << bits} levels between the update's own minimum and maximum, with the "
@@ -100,11 +99,11 @@ def secure_codec(setting: str) -> FixedPointCodec:
     """The fit phase's fixed-point codec of a secure job with ``q8``/``q16``: one site's
     encoding ``[0, 2·offset]`` fits ``bits`` bits."""
     c = parse(setting)
-    if c.kind not in SECURE_BITS:
+    if c.kind not in BITS:
         raise ValueError(f"compress {setting!r} has no fixed-point codec (q8 or q16 only)")
     frac = SECURE_FRAC[c.kind]
     return FixedPointCodec(frac_bits=frac,
-                           bound=(2 ** (SECURE_BITS[c.kind] - 1) - 1) / 2 ** frac)
+                           bound=(2 ** (BITS[c.kind] - 1) - 1) / 2 ** frac)
 
 
 # ---- plain mode: the payload ------------------------------------------------------------
@@ -137,7 +136,7 @@ def encode(setting: str, vector: np.ndarray) -> str:
         k = _topk(c, head.size)
         idx = np.sort(np.argsort(-np.abs(head), kind="stable")[:k])
         return _b64(out + idx.astype("<u4").tobytes() + head[idx].astype("<f4").tobytes())
-    levels = (1 << SECURE_BITS[c.kind]) - 1
+    levels = (1 << BITS[c.kind]) - 1
     lo = float(head.min()) if head.size else 0.0
     hi = float(head.max()) if head.size else 0.0
     step = (hi - lo) / levels
