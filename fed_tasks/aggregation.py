@@ -21,6 +21,7 @@ import numpy as np
 
 from fed_tasks.buffered import staleness_in
 from fed_tasks.codec import decode_array
+from fed_tasks.compression import contribution_vector
 from fed_tasks.encoding import decode_session_sum, secagg_plan, session_round
 from fed_tasks.interface import SiteConnection, call_all
 from fed_tasks.schedule import combine, slot_index
@@ -121,6 +122,7 @@ class _Immediate:
         self.last_skipped: dict[str, str] = {}  # the last call's sites left out, and why
         self._out: dict[str, str] = {}  # sites left out for good (no rejoining), and why
         self.buffer_k: int | None = None  # buffered rounds: aggregate once k updates are in
+        self.sent: dict[str, dict[str, int]] = {}  # the last call's sizes per site (sent_by)
 
     #: whether a site left out of a round may come back (plain mode: it catches up; a
     #: secure mode: it stays out, or two sums would differ by its update alone)
@@ -264,9 +266,29 @@ def _heads(replies: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return [r["audit_head"] for r in replies if isinstance(r.get("audit_head"), dict)]
 
 
+def sent_by(replies: list[dict[str, Any]], key: str) -> dict[str, dict[str, int]]:
+    """Site -> ``{"bytes": size of its signed contribution string as it left the site,
+    "clipped": values the site clipped to its encoding's bound}`` (the reply's transport
+    envelope may zlib-compress the string further)."""
+    out = {}
+    for reply in replies:
+        text = str(reply[key])
+        out[SignedContribution.from_str(text).site_id] = {
+            "bytes": len(text), "clipped": int(reply.get("clipped") or 0)}
+    return out
+
+
 def _signed_payload(text: str) -> str:
     """The payload of a site's signed contribution (its signature is the sites' to check)."""
     return SignedContribution.from_str(text).payload
+
+
+def _plain_vector(spec: JobSpec | None, action: str, payload: str, length: int) -> np.ndarray:
+    """A plain contribution's vector, decoded as the sites decode it (a compressed update
+    by the job's setting: :func:`fed_tasks.compression.contribution_vector`)."""
+    if spec is None:
+        return decode_array(payload, length)
+    return contribution_vector(spec, action, payload, length)
 
 
 class PlainSum(_Immediate):
@@ -299,6 +321,7 @@ class PlainSum(_Immediate):
         if len(replies) < self.min_sites:
             raise TooFewSitesError(f"{len(replies)} sites answered, job needs {self.min_sites}")
         signed = [r["contribution"] for r in replies]
+        self.sent = sent_by(replies, "contribution")
         parsed = [SignedContribution.from_str(c) for c in signed]
         staleness: dict[str, int] = {}
         if self.spec is not None and self.spec.async_k is not None and action == "fit":
@@ -317,8 +340,8 @@ class PlainSum(_Immediate):
                 raise TooFewSitesError(f"{len(parsed)} updates are recent enough, job needs "
                                        f"{self.min_sites}")
         self.last_staleness = staleness
-        total = combine(action, {c.site_id: decode_array(c.payload, length) for c in parsed},
-                        self.spec, staleness)
+        total = combine(action, {c.site_id: _plain_vector(self.spec, action, c.payload, length)
+                                 for c in parsed}, self.spec, staleness)
         return total, {"kind": "plain", "action": action,
                        "round": int(message.get("round", 0)), "contributions": signed,
                        "heads": _heads(replies)}
@@ -337,6 +360,7 @@ class KeyAuthoritySum(_Immediate):
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
         replies = self._call(sites, action, message)
+        self.sent = sent_by(replies, "contribution")
         request = {"action": action, "round": int(message.get("round", 0)),
                    "length": length, "contributions": [r["contribution"] for r in replies]}
         reply = self.key_authority.call("decrypt", request)
@@ -369,13 +393,15 @@ class MaskedSum:
         self.plan = secagg_plan(spec, n_sites)
         self.server = SecAggSessionServer(self.plan["threshold"], self.plan["bits"],
                                           self.plan["vector_length"], spec.job_id,
-                                          self.plan["rounds"])
+                                          self.plan["rounds"],
+                                          round_bits=self.plan["round_bits"])
         self._pending: tuple[str, int] | None = None  # (action, round) awaiting opening
         self._unreturned: list[Released] = []  # opened by a call that then failed
         self._evidence: dict[str, Any] | None = None  # signed inputs of the pending round
         self.dropped: dict[str, str] = {}
         self.timeout: float | None = None  # a site silent this long drops out of the session
         self.last_skipped: dict[str, str] = {}  # the last call's new dropouts, and why
+        self.sent: dict[str, dict[str, int]] = {}  # the last call's sizes per site (sent_by)
 
     def _setup(self, sites: list[SiteConnection]) -> None:
         adverts = call_all(sites, "secagg_advertise", {})
@@ -435,6 +461,8 @@ class MaskedSum:
         Returns the round's evidence for the sites."""
         r = session_round(self.spec, action, rnd)
         signed = [rep["masked"] for rep in replies.values() if not isinstance(rep, Exception)]
+        self.sent = sent_by([rep for rep in replies.values()
+                             if not isinstance(rep, Exception)], "masked")
         masked = [_signed_payload(m) for m in signed]
         ok = [rep for rep in replies.values() if not isinstance(rep, Exception)]
         evidence = {"kind": "secagg", "action": action, "round": rnd, "inputs": signed,

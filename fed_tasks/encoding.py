@@ -8,27 +8,41 @@ are large but need little precision; histogram counts are integers.
 
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 
 from fed_tasks.schedule import STATS_CODEC as STATS_CODEC
 from fed_tasks.schedule import codec_for as codec_for
-from fed_tasks.schedule import max_bits, max_length, slot_at, slot_index, total_slots, vector_length
+from fed_tasks.schedule import (
+    max_bits,
+    max_length,
+    phases,
+    slot_at,
+    slot_index,
+    total_slots,
+    vector_length,
+)
 from fed_tasks.spec import JobSpec
 
 
-def secagg_plan(spec: JobSpec, n_sites: int) -> dict[str, int]:
+def secagg_plan(spec: JobSpec, n_sites: int) -> dict[str, Any]:
     """Parameters of the job's secure-sum session, derived identically by every party.
 
     One session covers the job: session round s + 1 sums slot s. Vectors are padded to the
-    longest phase; the modulus fits every phase's encoding summed over all member sites.
+    longest phase. Each session round masks modulo its own phase's width (``round_bits``:
+    that phase's encoding summed over all member sites), so a training round of 16-bit
+    values is not sent at the width of the 52-bit statistics; ``bits`` is the widest.
     """
     from privacy.secagg import default_threshold
 
     bits = max_bits(spec, n_sites)
     if bits > 64:
         raise ValueError(f"secure sum needs {bits}-bit values; lower update_bound or frac_bits")
+    round_bits = [p.codec.bits_per_value(n_sites) for p in phases(spec) for _ in range(p.count)]
     return {"threshold": default_threshold(n_sites), "bits": bits,
-            "rounds": total_slots(spec), "vector_length": max_length(spec)}
+            "rounds": total_slots(spec), "vector_length": max_length(spec),
+            "round_bits": round_bits}
 
 
 def session_round(spec: JobSpec, action: str, rnd: int) -> int:

@@ -16,7 +16,7 @@ import pandas as pd
 
 from fed_tasks import site_step
 from fed_tasks.buffered import staleness_in
-from fed_tasks.codec import decode_array, encode_array
+from fed_tasks.compression import contribution_payload, contribution_vector
 from fed_tasks.interface import SiteConnection
 from fed_tasks.messages import AggregateEvidence, parse_message
 from fed_tasks.schedule import combine
@@ -31,9 +31,11 @@ def unchecked_sum(spec: JobSpec, evidence: AggregateEvidence) -> np.ndarray:
     length = site_step.vector_length(spec, evidence.action)
     parsed = [SignedContribution.from_str(c) for c in evidence.contributions]
     index = aggregate_index(spec, evidence.action, evidence.round)
-    return combine(evidence.action, {c.site_id: decode_array(c.payload, length) for c in parsed},
-                   spec, staleness_in(spec, evidence.action, index,
-                                      {c.site_id: c.round for c in parsed}))
+    return combine(evidence.action, {c.site_id: contribution_vector(spec, evidence.action,
+                                                                    c.payload, length)
+                                     for c in parsed}, spec,
+                   staleness_in(spec, evidence.action, index,
+                                {c.site_id: c.round for c in parsed}))
 
 
 class LocalSite(SiteConnection):
@@ -87,7 +89,8 @@ class LocalSite(SiteConnection):
                                                        self.model.private))
         if "vector" not in result:
             return result
-        payload = encode_array(result.pop("vector"))
+        vector = result.pop("vector")
+        payload = result.pop("payload", None) or contribution_payload(self.spec, action, vector)
         index = aggregate_index(self.spec, action, rnd)
         return {**result, "contribution": SignedContribution(
             self.name, self.spec.job_id, index, payload, model=self.model.digest).to_str()}

@@ -53,6 +53,14 @@ class TrainingResult:
     # buffered rounds (spec.async_k): each round's contributors, {"round", "site",
     # "staleness", "weight"}: a stale update weighs (1 + staleness)^-1/2
     buffered: list[dict[str, Any]] = field(default_factory=list)
+    # each site's training-round contribution as it left the site: {"round", "site", "bytes",
+    # "clipped"} (the signed string's size; values clipped to the encoding's bound)
+    sent: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def bytes_per_site_round(self) -> float | None:
+        """Mean size in bytes of one site's contribution to one training round."""
+        return float(np.mean([s["bytes"] for s in self.sent])) if self.sent else None
 
     @property
     def rounds_completed(self) -> int:
@@ -120,6 +128,7 @@ class FederatedTrainer:
             self.secure_sum.buffer_k = spec.async_k
         self.buffered: list[dict[str, Any]] = []
         self.skipped: list[dict[str, Any]] = []
+        self.sent: list[dict[str, Any]] = []  # TrainingResult.sent
         self._chosen: FederatedTrainer | None = None  # model="auto": the winner's trainer
 
     def _submit(self, action: str, message: dict[str, Any]) -> list[Released]:
@@ -130,8 +139,12 @@ class FederatedTrainer:
                 self.skipped.append({"action": action, "round": rnd, "site": site.name,
                                      "why": "not selected for this round"})
         try:
-            return self.secure_sum.submit(called, action, message,
-                                          vector_length(self.spec, action))
+            released = self.secure_sum.submit(called, action, message,
+                                               vector_length(self.spec, action))
+            if action == "fit":
+                self.sent += [{"round": rnd, "site": name, **sizes} for name, sizes
+                              in sorted((getattr(self.secure_sum, "sent", None) or {}).items())]
+            return released
         finally:
             if action == "fit" and self.spec.async_k is not None:
                 for name, stale in sorted(getattr(self.secure_sum, "last_staleness",
@@ -257,7 +270,7 @@ class FederatedTrainer:
         return TrainingResult(self.spec, state.weights, state.norm, losses, seconds, release,
                               stopped_early=bool(stop_reason), stop_reason=stop_reason,
                               state=state, skipped=list(self.skipped),
-                              buffered=list(self.buffered))
+                              buffered=list(self.buffered), sent=list(self.sent))
 
     def _select(self) -> TrainingResult:
         """model="auto": every candidate trained and validated; the best one's result."""

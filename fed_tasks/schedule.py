@@ -50,6 +50,12 @@ class Phase:
 
 
 def fit_codec(spec: JobSpec) -> FixedPointCodec:
+    """The training rounds' encoding: the spec's, or fewer bits for a compressed secure job
+    (:func:`fed_tasks.compression.secure_codec`; plain mode sends no fixed point)."""
+    if spec.compress in ("q8", "q16") and spec.aggregation != "plain":
+        from fed_tasks.compression import secure_codec
+
+        return secure_codec(spec.compress)
     return FixedPointCodec(frac_bits=spec.frac_bits, bound=spec.update_bound)
 
 

@@ -15,12 +15,12 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from fed_tasks import calibration, dp_step, dp_sums
+from fed_tasks import calibration, compression, dp_step, dp_sums
 from fed_tasks.codec import PayloadError
 from fed_tasks.detectors import rules_for
 from fed_tasks.detectors._torch import TorchDetector
 from fed_tasks.evaluation import detection_metrics
-from fed_tasks.global_state import GlobalState
+from fed_tasks.global_state import GlobalState, extra_key
 from fed_tasks.preprocessing import Moments, Standardizer
 from fed_tasks.schedule import SUMMED_ACTIONS, has_phase
 from fed_tasks.schedule import vector_length as vector_length
@@ -138,7 +138,10 @@ def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
     DP-SGD during training, or Δ clipped and noised afterwards (``noise_shares``: into how
     many shares the noise is split; default from the spec's aggregation mode). With
     adaptive clipping the clip is ``C_t`` of the site's own global state and the loss slot
-    carries the noisy clipping bit: ``[Δ_private, b + noise, 1]``.
+    carries the noisy clipping bit: ``[Δ_private, b + noise, 1]``. With ``spec.compress``
+    the vector is what will be summed (:func:`fed_tasks.compression.compress_fit`: in plain
+    mode the decoded payload, also returned as ``payload``; in a secure mode
+    ``[w·Δ, w·loss, w]``, w = n/N), what it drops kept in ``given.private``.
     """
     model, norm = _model_at(spec, given)
     start = model.get_weights()
@@ -156,7 +159,13 @@ def fit(spec: JobSpec, train: pd.DataFrame, given: StepInput,
         server = _state(given).server
         return {"vector": dp_step.private_update(spec, delta, shares, server),
                 "round": rnd}
-    return {"vector": pack_update(delta, loss, len(train)), "round": rnd}
+    vector = pack_update(delta, loss, len(train))
+    if spec.compress == "none":
+        return {"vector": vector, "round": rnd}
+    stats = _state(given).extra.get(extra_key("stats", 0))
+    rows = float(stats[0]) if stats is not None and len(stats) else 0.0
+    sent, extra = compression.compress_fit(spec, vector, rows, given.private)
+    return {"vector": sent, "round": rnd, **extra}
 
 
 def scored(labels: np.ndarray, scores: np.ndarray, threshold: float | None) -> dict[str, Any]:

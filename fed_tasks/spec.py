@@ -99,6 +99,10 @@ class JobSpec(BaseModel):
     # Plain mode only (see _async_fits).
     async_k: int | None = Field(default=None, ge=1, le=1000)
     max_staleness: int = Field(default=4, ge=0, le=100)
+    # smaller training updates (fed_tasks/compression.py): "none", "q8" / "q16" (8 / 16 bits
+    # per value: plain mode quantizes each update between its own min and max, the secure
+    # modes use fewer fixed-point bits) or "topk:K" (the K largest changes; plain mode only)
+    compress: str = "none"
     update_bound: float = Field(default=2.0**24, gt=0)
     frac_bits: int = Field(default=16, ge=0, le=32)
     seed: int = 0
@@ -296,6 +300,37 @@ class JobSpec(BaseModel):
                              f"needs min_sites >= {self.krum_byzantine + 3}")
         return self
 
+    @field_validator("compress")
+    @classmethod
+    def _known_compression(cls, value: str) -> str:
+        from fed_tasks.compression import parse
+
+        try:
+            parse(value)
+        except ValueError:
+            raise ValueError("must be none, q8, q16 or topk:K (K a whole number from 1)"
+                             ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _compression_fits(self) -> JobSpec:
+        if self.compress == "none":
+            return self
+        if self.model not in NEURAL_MODELS and self.model != "auto":
+            raise ValueError(f"compress {self.compress!r} shrinks training updates; model "
+                             f"{self.model!r} has no training rounds (use compress 'none')")
+        if self.dp_enabled:
+            raise ValueError("compress is not available with differential privacy yet (each "
+                             "site's noise is calibrated to the uncompressed update)")
+        if self.strategy == "scaffold":
+            raise ValueError("compress is not available with strategy 'scaffold' (its control "
+                             "variates travel in the update)")
+        if self.compress.startswith("topk") and self.aggregation != "plain":
+            raise ValueError(f"compress {self.compress!r} sends a sparse update, which "
+                             f"{self.aggregation!r} cannot add (a secure sum needs dense "
+                             "vectors): use aggregation 'plain', or q8 / q16")
+        return self
+
     @model_validator(mode="after")
     def _aggregation_fits_model(self) -> JobSpec:
         if self.model in PLAIN_ONLY_MODELS and self.aggregation != "plain":
@@ -337,7 +372,8 @@ SELECTABLE = ("ae", "vae", "deepsvdd", "pca", "hbos", "iforest")
 def _candidate_spec(spec: JobSpec, index: int) -> JobSpec:
     model = spec.candidate_models[index]
     rounds_only = {} if model in NEURAL_MODELS else {"strategy": "fedavg",
-                                                     "personalize_epochs": 0}
+                                                     "personalize_epochs": 0,
+                                                     "compress": "none"}
     return JobSpec.model_validate({**spec.model_dump(), "model": model,
                                    "job_id": f"{spec.job_id}c{index}", "candidates": None,
                                    **rounds_only})

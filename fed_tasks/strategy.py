@@ -1,8 +1,9 @@
 """Turning the sum of site updates into the next global model (Flower-style strategies).
 
-Every site sends one vector ``[n·Δ, n·loss, n]`` (Δ = local weights − global weights), so the
-orchestrator only ever needs the *sum* of those vectors — which is exactly what secure
-aggregation can give it without revealing any single site's vector.
+Every site sends one vector ``[n·Δ, n·loss, n]`` (Δ = local weights − global weights; a
+compressed secure job scales it by 1/N, :mod:`fed_tasks.compression`, which leaves the means
+unchanged), so the orchestrator only ever needs the *sum* of those vectors — which is
+exactly what secure aggregation can give it without revealing any single site's vector.
 """
 
 from __future__ import annotations

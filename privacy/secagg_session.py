@@ -124,6 +124,22 @@ def _check_rounds(rounds: Any) -> None:
         raise SecAggRoundError(f"rounds must be an integer in 1..{MAX_ROUNDS}, got {rounds!r}")
 
 
+def _round_bits(round_bits: Any, bits: int, rounds: int) -> list[int] | None:
+    """Per-round moduli: round r sums mod 2^round_bits[r-1] (at most the session's bits).
+
+    A job's phases need different widths (a training round of 16-bit values, a statistics
+    round of 52-bit sums); masking each round mod its own 2^b keeps the one-time pad exact
+    (the masks are uniform mod 2^b) and sends ceil(b/8) bytes per value instead of the
+    widest phase's. Every party derives the widths itself (from the approved job)."""
+    if round_bits is None:
+        return None
+    out = list(round_bits)
+    if len(out) != rounds or any(type(b) is not int or not 1 <= b <= bits for b in out):
+        raise SecAggModulusError(f"round_bits must be {rounds} integers in 1..{bits}, got "
+                                 f"{round_bits!r}")
+    return out
+
+
 def _pair_seed(s_sk: X25519PrivateKey, peer_pk: bytes, job_id: str, r: int,
                a: str, b: str) -> bytes:
     """Round-r seed of sites a (owner of s_sk) and b (owner of peer_pk), symmetric in a, b."""
@@ -420,9 +436,11 @@ class SecAggSessionClient:
     """
 
     def __init__(self, site_id: str, *, job_id: str, threshold: int, bits: int,
-                 vector_length: int, rounds: int, min_survivors: int = 0) -> None:
+                 vector_length: int, rounds: int, min_survivors: int = 0,
+                 round_bits: list[int] | None = None) -> None:
         _check_params(threshold, bits, vector_length)
         _check_rounds(rounds)
+        self.round_bits = _round_bits(round_bits, bits, rounds)
         if not isinstance(site_id, str) or not site_id:
             raise SecAggMessageError(f"site_id must be a non-empty string, got {site_id!r}")
         if not isinstance(job_id, str):
@@ -450,6 +468,12 @@ class SecAggSessionClient:
         self._recovery: tuple[list[str], list[str]] | None = None  # (S, D) of self._round
         self._opened = 0  # latest round whose sum this site opened
         self._opened_digest = ""
+
+    def bits_of(self, r: int) -> int:
+        """The modulus exponent of round r (the session's, unless per-round widths)."""
+        if self.round_bits is not None and type(r) is int and 1 <= r <= self.rounds:
+            return self.round_bits[r - 1]
+        return self.bits
 
     def _error_job(self, job_id: str, what: str) -> None:
         if job_id != self.job_id:
@@ -593,7 +617,8 @@ class SecAggSessionClient:
                 f"site {self.site_id!r}: round {r!r} is outside 1..{self.rounds} of job "
                 f"{self.job_id!r}"
             )
-        xs = _as_residues(x, self.bits, self.vector_length, self.site_id)
+        bits = self.bits_of(r)
+        xs = _as_residues(x, bits, self.vector_length, self.site_id)
         digest = hashlib.sha256(xs.astype("<u8").tobytes()).hexdigest()
         if r < self._round:
             raise SecAggRoundError(
@@ -624,12 +649,11 @@ class SecAggSessionClient:
                 acc += stream
             else:
                 acc -= stream
-        acc &= _mask(self.bits)
+        acc &= _mask(bits)
         if r != self._round:
             self._round, self._input_digest, self._peers = r, digest, peers
             self._recovery = None
-        return SessionMaskedInput(self.job_id, me, r, self.bits, n, list(peers),
-                                  _pack(acc, self.bits))
+        return SessionMaskedInput(self.job_id, me, r, bits, n, list(peers), _pack(acc, bits))
 
     def _check_survivors(self, r: int, survivors: list[str], what: str) -> set[str]:
         me = self.site_id
@@ -699,10 +723,11 @@ class SecAggSessionClient:
             raise SecAggUnmaskRefusedError(
                 f"site {me!r} already opened the sum of round {r} (another masked sum or "
                 "survivor set would reveal a difference of inputs)")
-        if (msg.bits, msg.vector_length) != (self.bits, self.vector_length):
+        bits = self.bits_of(r)
+        if (msg.bits, msg.vector_length) != (bits, self.vector_length):
             raise SecAggModulusError(
                 f"site {me!r}: masked sum is {msg.vector_length} values mod 2^{msg.bits}, this "
-                f"job sums {self.vector_length} values mod 2^{self.bits}")
+                f"job sums {self.vector_length} values mod 2^{bits} in round {r}")
         surv = set(msg.survivors)
         if not retry:
             surv = self._check_survivors(r, msg.survivors, "opens")
@@ -712,11 +737,11 @@ class SecAggSessionClient:
                     f"{self._recovery[0]}, the masked sum claims {sorted(surv)}")
             for v in set(self._peers) - surv:  # their masks were removed by a recovery
                 self._dropped.setdefault(v, r)
-        total = _unpack(msg.data, self.bits, self.vector_length, "the masked sum")
+        total = _unpack(msg.data, bits, self.vector_length, "the masked sum")
         total -= _self_masks(self._group_key, self.job_id, r, sorted(surv), self.vector_length)
-        total &= _mask(self.bits)
+        total &= _mask(bits)
         self._opened, self._opened_digest = r, digest
-        return SessionOpenedSum(self.job_id, me, r, sorted(surv), _pack(total, self.bits))
+        return SessionOpenedSum(self.job_id, me, r, sorted(surv), _pack(total, bits))
 
     def open_round(self, inputs: Iterable[SessionMaskedInput | str],
                    recoveries: Iterable[SessionRecoverShares | str] = ()) -> SessionOpenedSum:
@@ -740,10 +765,11 @@ class SecAggSessionClient:
             raise SecAggMessageError(f"site {self.site_id!r}: masked inputs of rounds "
                                      f"{sorted(rounds)} cannot form one sum")
         r = rounds.pop()
-        if any((m.bits, m.vector_length) != (self.bits, self.vector_length)
+        bits = self.bits_of(r)
+        if any((m.bits, m.vector_length) != (bits, self.vector_length)
                for m in got.values()):
             raise SecAggModulusError(f"site {self.site_id!r}: a masked input does not sum "
-                                     f"{self.vector_length} values mod 2^{self.bits}")
+                                     f"{self.vector_length} values mod 2^{bits}")
         survivors = sorted(got)
         peers = {u: list(got[u].peers) for u in survivors}
         dropped = sorted(set().union(*map(set, peers.values())) - set(survivors))
@@ -763,13 +789,14 @@ class SecAggSessionClient:
                     f"{len(revealed)} survivors revealed their keys, {self.threshold} needed")
             total = _remove_dropped_masks(total, self.job_id, r, self._sites, self.threshold,
                                           self._s_pks, peers, dropped, revealed)
-        return self.open_sum(SessionMaskedSum(self.job_id, r, survivors, self.bits,
+        return self.open_sum(SessionMaskedSum(self.job_id, r, survivors, bits,
                                               self.vector_length,
-                                              _pack(total & _mask(self.bits), self.bits)))
+                                              _pack(total & _mask(bits), bits)))
 
     def opened_values(self, opened: SessionOpenedSum) -> np.ndarray:
         """The residues of an opened sum (for the site's own use of the aggregate)."""
-        return _unpack(opened.data, self.bits, self.vector_length, "the opened sum")
+        return _unpack(opened.data, self.bits_of(opened.round), self.vector_length,
+                       "the opened sum")
 
     # -- state
     def export_state(self) -> str:
@@ -778,6 +805,7 @@ class SecAggSessionClient:
             "kind": "secagg_session_client_state", "protocol": PROTOCOL,
             "site_id": self.site_id, "job_id": self.job_id, "threshold": self.threshold,
             "bits": self.bits, "vector_length": self.vector_length, "rounds": self.rounds,
+            "round_bits": self.round_bits,
             "min_survivors": self.min_survivors, "phase": self._phase,
             "c_sk": _b64e(self._c_sk.private_bytes_raw()),
             "s_sks": [_b64e(k.private_bytes_raw()) for k in self._s_sks],
@@ -806,6 +834,7 @@ class SecAggSessionClient:
             c.rounds, c.min_survivors = st["rounds"], int(st["min_survivors"])
             _check_params(c.threshold, c.bits, c.vector_length)
             _check_rounds(c.rounds)
+            c.round_bits = _round_bits(st.get("round_bits"), c.bits, c.rounds)
             c._phase = st["phase"]
             key = X25519PrivateKey.from_private_bytes
             c._c_sk = key(_b64d(st["c_sk"], "c_sk", _KEY))
@@ -845,9 +874,10 @@ class SecAggSessionServer:
 
     def __init__(self, threshold: int, bits: int, vector_length: int, job_id: str,
                  rounds: int, *, sites: Iterable[str] | None = None,
-                 min_survivors: int = 0) -> None:
+                 min_survivors: int = 0, round_bits: list[int] | None = None) -> None:
         _check_params(threshold, bits, vector_length)
         _check_rounds(rounds)
+        self.round_bits = _round_bits(round_bits, bits, rounds)
         if not isinstance(job_id, str):
             raise SecAggMessageError(f"job_id must be a string, got {job_id!r}")
         self.threshold, self.bits, self.vector_length = threshold, bits, vector_length
@@ -863,6 +893,12 @@ class SecAggSessionServer:
         self._round_dropped: list[str] = []  # awaiting recovery in self._round
         self._peers: dict[str, list[str]] = {}
         self._sum = ""  # packed sum of self._round's masked inputs
+
+    def bits_of(self, r: int) -> int:
+        """The modulus exponent of round r (the session's, unless per-round widths)."""
+        if self.round_bits is not None and type(r) is int and 1 <= r <= self.rounds:
+            return self.round_bits[r - 1]
+        return self.bits
 
     @property
     def participants(self) -> list[str]:
@@ -978,9 +1014,10 @@ class SecAggSessionServer:
                 )
             if msg.round != r:
                 raise SecAggMessageError(f"site {u!r} sent round {msg.round} in round {r}")
-            if msg.bits != self.bits:
+            if msg.bits != self.bits_of(r):
                 raise SecAggModulusError(
-                    f"site {u!r} masked modulo 2^{msg.bits}, this job sums modulo 2^{self.bits}"
+                    f"site {u!r} masked modulo 2^{msg.bits}, this job sums round {r} modulo "
+                    f"2^{self.bits_of(r)}"
                 )
             if msg.vector_length != self.vector_length:
                 raise SecAggLengthError(f"site {u!r} sent {msg.vector_length} values, this job "
@@ -1004,7 +1041,7 @@ class SecAggSessionServer:
             self._dropped.setdefault(v, r)
         self._round, self._survivors, self._round_dropped = r, survivors, dropped
         self._peers = {u: list(got[u].peers) for u in survivors}
-        self._sum = _pack(total & _mask(self.bits), self.bits)
+        self._sum = _pack(total & _mask(self.bits_of(r)), self.bits_of(r))
         if not dropped:
             return None
         return SessionRecoverRequest(self.job_id, r, survivors, dropped)
@@ -1024,10 +1061,11 @@ class SecAggSessionServer:
             if set(msg.sk_shares) != set(dropped):
                 raise SecAggMessageError(f"site {w!r} revealed keys of {sorted(msg.sk_shares)}, "
                                          f"expected {dropped}")
-        total = _unpack(self._sum, self.bits, self.vector_length, "the round's sum")
+        bits = self.bits_of(r)
+        total = _unpack(self._sum, bits, self.vector_length, "the round's sum")
         total = _remove_dropped_masks(total, self.job_id, r, self.participants, self.threshold,
                                       self._s_pks, self._peers, dropped, got)
-        self._sum, self._round_dropped = _pack(total & _mask(self.bits), self.bits), []
+        self._sum, self._round_dropped = _pack(total & _mask(bits), bits), []
 
     def masked_sum(self, r: int) -> SessionMaskedSum:
         """Round r's sum, pairwise masks removed, self-masks still on: for the sites to open."""
@@ -1036,7 +1074,7 @@ class SecAggSessionServer:
             raise SecAggRoundError(
                 f"round {r!r} has no masked sum ready (latest round {self._round or 'none'}"
                 f"{waiting})")
-        return SessionMaskedSum(self.job_id, r, list(self._survivors), self.bits,
+        return SessionMaskedSum(self.job_id, r, list(self._survivors), self.bits_of(r),
                                 self.vector_length, self._sum)
 
     def collect_opened(self, r: int, messages: Iterable[SessionOpenedSum | str]) -> np.ndarray:
@@ -1056,7 +1094,7 @@ class SecAggSessionServer:
             raise SecAggReconstructionError(
                 f"sites {sorted(got)} opened different sums of round {r} (a site holds another "
                 "federation key, or its state is corrupted)")
-        return _unpack(values.pop(), self.bits, self.vector_length, "the opened sum")
+        return _unpack(values.pop(), self.bits_of(r), self.vector_length, "the opened sum")
 
     # -- state
     def export_state(self) -> str:
@@ -1064,7 +1102,8 @@ class SecAggSessionServer:
         return json.dumps({
             "kind": "secagg_session_server_state", "protocol": PROTOCOL,
             "threshold": self.threshold, "bits": self.bits, "vector_length": self.vector_length,
-            "job_id": self.job_id, "rounds": self.rounds, "sites": self.sites,
+            "round_bits": self.round_bits, "job_id": self.job_id, "rounds": self.rounds,
+            "sites": self.sites,
             "min_survivors": self.min_survivors,
             "c_pks": {s: _b64e(k) for s, k in self._c_pks.items()},
             "s_pks": {s: [_b64e(k) for k in ks] for s, ks in self._s_pks.items()},
@@ -1081,7 +1120,8 @@ class SecAggSessionServer:
             if st.get("kind") != "secagg_session_server_state" or st.get("protocol") != PROTOCOL:
                 raise SecAggMessageError(f"not a {PROTOCOL} session server state")
             srv = cls(st["threshold"], st["bits"], st["vector_length"], st["job_id"],
-                      st["rounds"], sites=st["sites"], min_survivors=st["min_survivors"])
+                      st["rounds"], sites=st["sites"], min_survivors=st["min_survivors"],
+                      round_bits=st.get("round_bits"))
             srv._c_pks = {s: _b64d(k, "c_pk", _KEY) for s, k in st["c_pks"].items()}
             srv._s_pks = {s: [_b64d(k, "s_pk", _KEY) for k in ks]
                           for s, ks in st["s_pks"].items()}

@@ -324,6 +324,16 @@ def _options_cases() -> dict[str, tuple[list[str], str]]:
                              "noise yet"),
         "auto-epsilon": (["--model", "auto", *eps], "--model 'auto' is not available with "
                          "differential privacy yet"),
+        "compress-bogus": (["--compress", "zip"], "--compress: must be none, q8, q16 or "
+                           "topk:K (K a whole number from 1) (got 'zip')"),
+        "compress-topk-0": (["--compress", "topk:0"], "--compress: must be none, q8, q16"),
+        "compress-topk-secagg": (["--compress", "topk:5", "--aggregation", "secagg"],
+                                 "--compress 'topk:5' sends a sparse update, which 'secagg' "
+                                 "cannot add (a secure sum needs dense vectors)"),
+        "compress-pca": (["--compress", "q8", "--model", "pca"],
+                         "--model 'pca' has no training --rounds"),
+        "compress-epsilon": (["--compress", "q16", *eps],
+                             "--compress is not available with differential privacy yet"),
         "personalize-negative": (["--personalize", "-1"],
                                  "--personalize: -1 is out of range (allowed: 0 to 100)"),
         "personalize-pca": (["--personalize", "2", "--model", "hbos"],

@@ -198,6 +198,7 @@ def submit(
         "training rows exceed [default: no threshold, ranking only]."),
     patience: int = typer.Option(0, min=0, max=opts.PATIENCE_MAX, help=(
         "Early stopping (neural models): rounds without a 1% loss improvement; 0: off.")),
+    compress: str = typer.Option("none", "--compress", help=opts.COMPRESS_HELP),
 ) -> None:
     """The data scientist submits a job to every site: prints the job id and request ids."""
     try:
@@ -215,7 +216,7 @@ def submit(
                                delta=delta, clip=clip, dp_unit=dp_unit,
                                adaptive_clip=adaptive_clip,
                                target_fpr=target_fpr, patience=patience,
-                               time_column=time_column)
+                               time_column=time_column, compress=compress)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
     if sites_time is not None and time_column not in (None, sites_time):
@@ -243,7 +244,7 @@ def submit(
     spec = JobSpec(model=model, features=tuple(c for c in columns if c not in not_features),
                    label_column=label_column, time_column=time_column, rounds=rounds, seed=seed,
                    aggregation=aggregation, min_sites=cfg.federation.min_sites,
-                   target_fpr=target_fpr, patience=patience, **dp)
+                   target_fpr=target_fpr, patience=patience, compress=compress, **dp)
     spec = _useful_dp(spec, dp_unit, _published_policies(fed))
     ids = fed.submit(spec)
     save_job(spec, cfg.path, ids)

@@ -49,6 +49,12 @@ DP_UNIT_HELP = (
     "hbos: always row.")
 TARGET_FPR_MIN, TARGET_FPR_MAX = 0.0, 0.5  # JobSpec.target_fpr, both bounds excluded
 PATIENCE_MAX = ROUNDS_MAX  # patience beyond the rounds never stops anything
+COMPRESS_HELP = (
+    "Smaller training updates: none; q16 / q8 (16 / 8 bits per value: plain mode quantizes "
+    "each update between its own min and max, paillier/secagg use 16- / 8-bit fixed point); "
+    "topk:K (only the K largest changes leave; plain only). What a compression drops stays "
+    "at the site and joins its next update. The report gives the bytes each site sent per "
+    "round.")
 
 # JobSpec field -> the demo option it comes from
 FLAGS = {"rounds": "--rounds", "seed": "--seed", "aggregation": "--aggregation",
@@ -59,7 +65,8 @@ FLAGS = {"rounds": "--rounds", "seed": "--seed", "aggregation": "--aggregation",
          "target_fpr": "--target-fpr", "patience": "--patience",
          "time_column": "--time-column", "strategy": "--strategy",
          "personalize_epochs": "--personalize", "fraction": "--fraction",
-         "round_timeout": "--round-timeout", "async_k": "--async"}
+         "round_timeout": "--round-timeout", "async_k": "--async",
+         "compress": "--compress"}
 ALLOWED = {"--sites": f"{SITES_MIN} to {SITES_MAX}",
            "--rounds": f"{ROUNDS_MIN} to {ROUNDS_MAX}",
            "--seed": f"0 to {SEED_MAX}",
@@ -130,7 +137,7 @@ def check_job_options(*, sites: int, rounds: int, model: str, aggregation: str, 
                       time_column: str | None = None, strategy: str = "fedavg",
                       personalize: int = 0, fraction: float = 1.0,
                       round_timeout: float | None = None,
-                      async_k: int | None = None) -> None:
+                      async_k: int | None = None, compress: str = "none") -> None:
     """Build the :class:`JobSpec` the demo would build (with a stand-in feature), so that a
     bad option fails in milliseconds, before the table is read or a site exists."""
     from pydantic import ValidationError
@@ -165,6 +172,7 @@ def check_job_options(*, sites: int, rounds: int, model: str, aggregation: str, 
                 time_column=time_column, rounds=rounds, seed=seed, aggregation=aggregation,
                 target_fpr=target_fpr, patience=patience, personalize_epochs=personalize,
                 fraction=fraction, round_timeout=round_timeout, async_k=async_k,
+                compress=compress,
                 **strategy_options(strategy, sites), **dp)
     except ValidationError as exc:
         raise JobOptionError(spec_error_line(exc)) from None

@@ -369,6 +369,7 @@ def demo(
         "Buffered asynchronous rounds (FedBuff): a round's aggregate is formed once K sites "
         "have answered; a slower site's update joins a later round, down-weighted by its "
         "staleness. --aggregation plain only [default: every round waits for every site].")),
+    compress: str = typer.Option("none", "--compress", help=opts.COMPRESS_HELP),
     seed: int = typer.Option(0, min=0, max=opts.SEED_MAX,
                              help="Seed for the split and the model."),
     report: Path = typer.Option(None, help="Write the JSON report here."),
@@ -409,7 +410,8 @@ def demo(
                                target_fpr=target_fpr, patience=patience,
                                time_column=time_column, strategy=strategy,
                                personalize=personalize, fraction=fraction,
-                               round_timeout=round_timeout, async_k=async_k)
+                               round_timeout=round_timeout, async_k=async_k,
+                               compress=compress)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
     if report is not None:
@@ -429,6 +431,7 @@ def demo(
                      patience=patience, seed=seed, aggregation=aggregation,
                      strategy=strategy, personalize_epochs=personalize,
                      fraction=fraction, round_timeout=round_timeout, async_k=async_k,
+                     compress=compress,
                      keep_sites=keep_sites, passwords=passwords,
                      epsilon=epsilon, delta=delta, clip=clip, dp_unit=dp_unit,
                      adaptive_clip=adaptive_clip)
@@ -450,7 +453,7 @@ def demo(
     console.print(results_table(result))
     _say(_threshold_line(result))
     for line in (_selection_lines(result) + _personalized_lines(result)
-                 + _skipped_lines(result) + _stale_lines(result)):
+                 + _skipped_lines(result) + _stale_lines(result) + _sent_lines(result)):
         _say(line)
     if result["dropped_columns"]["constant"] or result["dropped_columns"]["user"]:
         _say(f"columns left out: constant {result['dropped_columns']['constant']}, "
@@ -473,6 +476,17 @@ def demo(
             raise _fail(f"cannot write the report to --report {report}: "
                         f"{exc.strerror or exc}") from None
         console.print(f"report written to {report}")
+
+
+def _sent_lines(report: dict[str, Any]) -> list[str]:
+    """What one site sent per training round (and what the compression clipped)."""
+    size = report.get("bytes_per_site_round")
+    if size is None:
+        return []
+    clipped = report.get("clipped_values") or 0
+    return [f"training updates (--compress {report.get('compress', 'none')}): {size:,.0f} "
+            f"bytes per site per round" + (f"; {clipped:,} values clipped to the encoding's "
+                                           "bound at the sites" if clipped else "")]
 
 
 def _skipped_lines(report: dict[str, Any]) -> list[str]:

@@ -69,6 +69,7 @@ class Review:
             f"  columns touched: {len(s.features)} features {list(s.features)}; {label}",
             _shape(s, self.train_rows),
             _leaves(s),
+            *_compression(s),
             _privacy(s),
             *_noise(s, self.train_rows),
             f"  aggregation {AGGREGATION_WORDS[s.aggregation]}",
@@ -124,7 +125,7 @@ def _selection(s: JobSpec, rows: int | None, label: str) -> list[str]:
     for i, sub in enumerate(s.candidate_specs):
         lines += [f"  candidate {i + 1}, {sub.model}:", "  " + _what(sub), "  " + _shape(sub, rows),
                   "  " + _leaves(sub)]
-    return lines + [_privacy(s),
+    return lines + [*_compression(s), _privacy(s),
                     "  code: the fedsyft template (checked), calling the installed site step"]
 
 
@@ -177,6 +178,15 @@ def _leaves(s: JobSpec) -> str:
     return ("  leaves the site: feature counts/sums of the published mock (nothing private), "
             "then per round one privatized weight update (no sample count, loss withheld), "
             "then the metrics")
+
+
+def _compression(s: JobSpec) -> list[str]:
+    """A compressed job: what form each round's update leaves in, in words."""
+    if s.compress == "none":
+        return []
+    from fed_tasks.compression import words
+
+    return [f"  compression of each round's update: {words(s.compress, s.aggregation)}"]
 
 
 def _privacy(s: JobSpec) -> str:

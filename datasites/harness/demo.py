@@ -68,6 +68,7 @@ class DemoConfig:
     fraction: float = 1.0  # of the sites each training round calls (a seeded draw)
     round_timeout: float | None = None  # seconds a round waits for a site (None: all)
     async_k: int | None = None  # buffered rounds: aggregate once this many sites answered
+    compress: str = "none"  # training updates: none, q8, q16, topk:K (fed_tasks/compression)
     min_delta: float = 0.01  # relative loss improvement that counts as one
     min_local_steps: int = 20  # minibatch steps per site and round, at least
     aggregation: str = "plain"
@@ -356,8 +357,10 @@ def encoding_problems(spec: JobSpec, rows: int) -> list[str]:
     from fed_tasks.detectors.pca import Z_CLIP
     from fed_tasks.schedule import phases
 
+    # DP updates carry no count; a compressed secure update carries the share n/N <= 1
+    counted = not spec.dp_enabled and (spec.compress == "none" or spec.aggregation == "plain")
     per_row = {"hist": 1.0, "calibrate": 1.0, "moments2": Z_CLIP ** 2,
-               **({} if spec.dp_enabled else {"fit": 1.0})}  # DP updates carry no count
+               **({"fit": 1.0} if counted else {})}
     specs = spec.candidate_specs if spec.model == "auto" else (spec,)
     problems = []
     for one in specs:
@@ -392,6 +395,7 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
                    min_local_steps=cfg.min_local_steps, time_column=schema.time,
                    personalize_epochs=cfg.personalize_epochs, fraction=cfg.fraction,
                    round_timeout=cfg.round_timeout, async_k=cfg.async_k,
+                   compress=cfg.compress,
                    **strategy_options(cfg.strategy, len(splits)), **dp)
     if cfg.epsilon is not None and cfg.dp_unit is None:
         spec, why = dp_usefulness.default_unit(spec)
@@ -467,6 +471,11 @@ def run_demo(cfg: DemoConfig, log: Any = print) -> dict[str, Any]:
         "rounds_completed": result.rounds_completed,
         "skipped": result.skipped,  # who missed which call, and why
         "buffered": result.buffered,  # buffered rounds: contributors and their staleness
+        # bytes each site's training-round contribution took as it left the site
+        "compress": spec.compress,
+        "bytes_per_site_round": result.bytes_per_site_round,
+        "clipped_values": sum(s.get("clipped", 0) for s in result.sent),
+        "sent": result.sent,
         "stopped_early": result.stop_reason or None,
         **refs,
         "per_site": per_site,

@@ -25,6 +25,7 @@ from datasites.governance.guard import CallRefused
 from datasites.runtime.federation_config import read_config
 from fed_tasks.buffered import staleness_of
 from fed_tasks.codec import PayloadError, decode_array
+from fed_tasks.compression import contribution_vector
 from fed_tasks.detectors import rules_for
 from fed_tasks.messages import AggregateEvidence
 from fed_tasks.schedule import combine, vector_length
@@ -152,7 +153,7 @@ def plain_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvid
     vectors = {}
     for sender, c in contributions.items():
         try:  # a member's vector must be well formed (e.g. trees), checked before any use
-            vectors[sender] = decode_array(c.payload, length)
+            vectors[sender] = contribution_vector(spec, evidence.action, c.payload, length)
             rules_for(spec).check_contribution(spec, evidence.action, vectors[sender])
         except PayloadError as exc:
             raise AggregateRefused(f"the signed contribution of {sender!r} holds no valid "

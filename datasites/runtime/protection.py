@@ -19,7 +19,7 @@ from cryptography.exceptions import InvalidSignature
 
 from datasites.runtime.aggregate_check import AggregateRefused, check_contributions
 from datasites.runtime.federation_config import SiteKeys, read_config
-from fed_tasks.codec import encode_array
+from fed_tasks.compression import contribution_payload
 from fed_tasks.encoding import (
     codec_for,
     decode_session_sum,
@@ -65,11 +65,12 @@ def protect(keys: SiteKeys, spec: JobSpec, action: str, result: dict[str, Any],
     """Replace ``result["vector"]`` by what may leave the site in ``spec.aggregation`` mode:
     a signed contribution bound to the job, the aggregate and the model it came from."""
     vector = np.asarray(result.pop("vector"), dtype=np.float64)
+    payload = result.pop("payload", None)  # a compressed update, already encoded
     index = slot_index(spec, action, result.get("round", 0))
     if spec.aggregation == "plain":
+        text = payload if payload is not None else contribution_payload(spec, action, vector)
         return {**result, "contribution": SignedContribution.create(
-            keys.signing_key, keys.site, spec.job_id, index, encode_array(vector),
-            model=model).to_str()}
+            keys.signing_key, keys.site, spec.job_id, index, text, model=model).to_str()}
     if spec.aggregation == "paillier":
         if keys.paillier_public_key is None:
             raise PermissionError("site has no key authority configured for paillier jobs")
@@ -188,7 +189,8 @@ def secagg_control(directory: Path, keys: SiteKeys, spec: JobSpec, action: str,
         plan = secagg_plan(spec, int(config["max_sites"]))
         client = SecAggSessionClient(keys.site, job_id=spec.job_id, threshold=plan["threshold"],
                                      bits=plan["bits"], vector_length=plan["vector_length"],
-                                     rounds=plan["rounds"], min_survivors=spec.min_sites)
+                                     rounds=plan["rounds"], min_survivors=spec.min_sites,
+                                     round_bits=plan["round_bits"])
         advert = client.advertise(sign=lambda payload: keys.signing_key.sign(payload))
         _save_client(directory, spec, client)
         return {"advert": advert.to_str()}
