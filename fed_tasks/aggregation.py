@@ -144,6 +144,8 @@ class _Immediate:
         or failure is raised (as before timeouts existed), a timeout is a skip."""
         if self.buffer_k is not None and action == "fit":
             return self._call_buffered(sites, action, message)
+        if self.buffer_k is not None:  # after buffered rounds: the next phase needs everyone,
+            wait(list(self._busy.values()), timeout=self.timeout)  # so let late calls end
         self._busy = {k: f for k, f in self._busy.items() if not f.done()}
         ready = [s for s in sites if s.name not in self._busy and s.name not in self._out]
         self.last_skipped = {s.name: "still computing an earlier call" for s in sites
