@@ -184,10 +184,12 @@ class _Immediate:
         waiting = {**running, **called, **arrived}  # one update per site in a buffer
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
 
-        def usable() -> int:  # an update too stale to apply does not fill the buffer
-            return sum(f.done() and self._usable(f, message) for f in waiting.values())
+        def full() -> bool:  # K usable updates (too stale: none), enough of them fresh
+            kinds = [self._kind(f, message) for f in waiting.values() if f.done()]
+            return (sum(k is not None for k in kinds) >= self.buffer_k
+                    and kinds.count("fresh") >= self.fresh_needed)
 
-        while usable() < self.buffer_k and not all(f.done() for f in waiting.values()):
+        while not full() and not all(f.done() for f in waiting.values()):
             left = None if deadline is None else deadline - time.monotonic()
             if left is not None and left <= 0:
                 break
@@ -206,9 +208,12 @@ class _Immediate:
                 replies.append(done[site.name].result())
         return replies
 
-    def _usable(self, reply: Future, message: dict[str, Any]) -> bool:
-        """Whether a finished call's update may still be applied this round."""
-        return True
+    #: a buffer's updates of the round itself, at least (the sites require min_sites)
+    fresh_needed = 1
+
+    def _kind(self, reply: Future, message: dict[str, Any]) -> str | None:
+        """A finished call's update this round: "fresh", "stale" or None (unusable)."""
+        return "fresh"
 
     def submit(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
                length: int) -> list[Released]:
@@ -305,17 +310,24 @@ class PlainSum(_Immediate):
         self.spec = spec  # the job whose strategy combines a round (None: a plain sum)
         self.last_staleness: dict[str, int] = {}  # a buffered round: site -> staleness
 
-    def _usable(self, reply: Future, message: dict[str, Any]) -> bool:
-        """A buffered round's update counts if it is at most ``max_staleness`` rounds old
-        (a failed call counts: it is raised, as in a synchronous round)."""
+    @property
+    def fresh_needed(self) -> int:  # type: ignore[override]
+        return self.min_sites
+
+    def _kind(self, reply: Future, message: dict[str, Any]) -> str | None:
+        """A buffered round's update is fresh (computed for this round), stale (at most
+        ``max_staleness`` rounds old) or unusable; a failed call counts as fresh: it is
+        raised, as in a synchronous round."""
         if self.spec is None or reply.exception() is not None:
-            return True
+            return "fresh"
         try:
             slot = SignedContribution.from_str(reply.result()["contribution"]).round
         except (KeyError, TypeError, ValueError):
-            return True  # malformed: refused where the aggregate is formed
+            return "fresh"  # malformed: refused where the aggregate is formed
         index = slot_index(self.spec, "fit", int(message.get("round", 0)))
-        return index - slot <= self.spec.max_staleness
+        if slot == index:
+            return "fresh"
+        return "stale" if index - slot <= self.spec.max_staleness else None
 
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -338,8 +350,10 @@ class PlainSum(_Immediate):
             signed, parsed = [s for s, _ in fresh], [c for _, c in fresh]
             staleness = staleness_in(self.spec, action, index,
                                      {c.site_id: c.round for c in parsed})
-            if len(parsed) < self.min_sites:
-                raise TooFewSitesError(f"{len(parsed)} updates are recent enough, job needs "
+            fresh_updates = sum(c.round == index for c in parsed)
+            if fresh_updates < self.min_sites:
+                raise TooFewSitesError(f"{fresh_updates} updates of round "
+                                       f"{message.get('round')} came in, the job needs "
                                        f"{self.min_sites}")
         self.last_staleness = staleness
         total = combine(action, {c.site_id: _plain_vector(self.spec, action, c.payload, length)

@@ -17,6 +17,7 @@ from __future__ import annotations
 import numpy as np
 
 from fed_tasks.codec import PayloadError
+from fed_tasks.schedule import slot_at
 from fed_tasks.spec import JobSpec
 
 
@@ -29,12 +30,20 @@ def staleness_weight(staleness: int) -> float:
 
 def staleness_of(spec: JobSpec, index: int, computed_for: int) -> int:
     """Rounds between the slot an update was computed for and the aggregate applying it;
-    refuses one from the future or staler than the job allows."""
+    refuses one from the future, one staler than the job allows, and one computed for
+    another phase's slot (a signature covers the slot, not what was computed for it, so a
+    Deep SVDD centre must never be read as a training update)."""
     staleness = index - computed_for
     if staleness < 0 or staleness > spec.max_staleness:
         raise PayloadError(f"an update computed for aggregate {computed_for} cannot join "
                            f"aggregate {index}: the job allows updates at most "
                            f"{spec.max_staleness} rounds stale")
+    action, phase = slot_at(spec, computed_for)[0], slot_at(spec, index)[0]
+    if action != phase:
+        raise PayloadError(f"the contribution for aggregate {computed_for} is a {action!r} "
+                           f"contribution, not a training update" if phase == "fit" else
+                           f"the contribution for aggregate {computed_for} is a {action!r} "
+                           f"contribution, not a {phase!r} one")
     return staleness
 
 

@@ -167,25 +167,30 @@ def test_a_site_accepts_a_stale_update_only_from_a_model_it_held_and_only_once(m
     model, age or history must each be refused."""
     spec, sites, keys, state, config = members
     fresh = ("inst-0", (5, "model-after-4"))
-    ok = check_buffered(config, spec, _evidence(spec, keys, dict([fresh, ("inst-1", (
-        3, "model-after-2"))])), "inst-0", state)
-    assert {n: c.round for n, c in ok.items()} == {"inst-0": 5, "inst-1": 3}
+    ok = check_buffered(config, spec, _evidence(spec, keys, dict([fresh, ("inst-2", (
+        5, "model-after-4")), ("inst-1", (3, "model-after-2"))])), "inst-0", state)
+    assert {n: c.round for n, c in ok.items()} == {"inst-0": 5, "inst-2": 5, "inst-1": 3}
+    with pytest.raises(AggregateRefused, match="holds 1 updates of this round, the job "
+                                               "needs at least 2"):
+        check_buffered(config, spec, _evidence(spec, keys, dict([fresh, ("inst-1", (
+            3, "model-after-2"))])), "inst-0", state)  # stale ones only add to fresh ones
 
     refused = {
         "another model": ("inst-1", (3, "model-after-3")),  # not what slot 3 came from
         "at most 2 rounds stale": ("inst-1", (2, "model-after-1")),
         "cannot join": ("inst-1", (6, "model-after-4")),  # for a later slot
     }
+    second = ("inst-2", (5, "model-after-4"))
     for why, stale in refused.items():
         with pytest.raises(AggregateRefused, match=why):
-            check_buffered(config, spec, _evidence(spec, keys, dict([fresh, stale])),
+            check_buffered(config, spec, _evidence(spec, keys, dict([fresh, second, stale])),
                            "inst-0", state)
     state.used["inst-1"] = 3  # its slot-3 update was applied in an earlier aggregate
     with pytest.raises(AggregateRefused, match="already applied"):
-        check_buffered(config, spec, _evidence(spec, keys, dict([fresh, ("inst-1", (
+        check_buffered(config, spec, _evidence(spec, keys, dict([fresh, second, ("inst-1", (
             3, "model-after-2"))])), "inst-0", state)
-    forged = _evidence(spec, {**keys, "inst-1": keys["inst-2"]}, dict([fresh, ("inst-1", (
-        3, "model-after-2"))]))  # signed by another member's key
+    forged = _evidence(spec, {**keys, "inst-1": keys["inst-2"]}, dict([fresh, second, (
+        "inst-1", (3, "model-after-2"))]))  # signed by another member's key
     with pytest.raises(AggregateRefused, match="not signed by it"):
         check_buffered(config, spec, forged, "inst-0", state)
 

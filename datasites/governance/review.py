@@ -107,9 +107,10 @@ def _buffered(s: JobSpec) -> list[str]:
     if s.async_k is None:
         return []
     return [f"  rounds are buffered: each aggregate is formed once {s.async_k} site(s) have "
-            "answered; a slower site's update joins a later round, weighted down by how many "
-            f"rounds old it is (at most {s.max_staleness}); your site accepts only updates "
-            "computed from a model it held itself"]
+            f"answered (at least {s.min_sites} with an update of that very round); a slower "
+            "site's update joins a later round, weighted down by how many rounds old it is "
+            f"(at most {s.max_staleness}); your site accepts only updates computed from a "
+            "model it held itself, each once"]
 
 
 def _selection(s: JobSpec, rows: int | None, label: str) -> list[str]:

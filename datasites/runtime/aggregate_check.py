@@ -93,9 +93,11 @@ def check_contributions(config: dict[str, Any], spec: JobSpec, evidence: Aggrega
 def check_buffered(config: dict[str, Any], spec: JobSpec, evidence: AggregateEvidence,
                    site: str, state: SiteModelState) -> dict[str, signing.SignedContribution]:
     """:func:`check_contributions` for a buffered round (``JobSpec.async_k``): a member's
-    update may have been computed for an earlier slot, at most ``max_staleness`` rounds
-    back, and then from the very model *this* site held before that slot; each member's
-    slots only ever increase, so no update is applied twice."""
+    update may have been computed for an earlier training slot, at most ``max_staleness``
+    rounds back, and then from the very model *this* site held before that slot; each
+    member's slots only ever increase, so no update is applied twice. At least
+    ``min_sites`` updates must be of this very round, so stale ones never carry a history
+    (say, one site shown another aggregate) that too few sites hold."""
     index = aggregate_index(spec, evidence.action, evidence.round)
     out = _signed(config, spec, evidence)
     for c in out.values():
@@ -109,6 +111,10 @@ def check_buffered(config: dict[str, Any], spec: JobSpec, evidence: AggregateEvi
         if c.model != state.model_before(c.round):
             raise AggregateRefused(f"the contribution of {c.site_id!r} was computed from another "
                                    f"model than this site held before aggregate {c.round}")
+    fresh = sum(c.round == index for c in out.values())
+    if fresh < spec.min_sites:
+        raise AggregateRefused(f"the aggregate holds {fresh} updates of this round, the job "
+                               f"needs at least {spec.min_sites} (stale ones only add to them)")
     _check_members(sorted(out), spec, config, site)
     return out
 
