@@ -647,3 +647,29 @@ def test_bad_input_in_a_real_process(case):
     args, needle = PROCESS[case]
     proc = subprocess.run([str(BIN), *args], capture_output=True, text=True, timeout=120)
     _assert_one_line(proc.returncode, proc.stdout, proc.stderr, 2, needle)
+
+
+def test_submit_refuses_a_round_option_the_job_cannot_take_in_one_line(tmp_path):
+    """``fedsyft submit`` takes the demo's round options and checks them before it connects
+    to any site: a strategy that needs individual updates in a secure mode, buffered or
+    partial rounds outside plain mode, a buffer larger than the federation."""
+    rng = np.random.default_rng(0)
+    pd.DataFrame({"f1": rng.normal(size=300), "f2": rng.normal(size=300),
+                  "anomaly": (np.arange(300) % 10 == 0).astype(int)}).to_csv(
+        tmp_path / "t.csv", index=False)
+    assert _cli(["init", tmp_path / "fed", "--data", tmp_path / "t.csv"]).exit_code == 0
+    config = tmp_path / "fed" / "federation.toml"
+    cases = {
+        ("--strategy", "krum", "--aggregation", "paillier"):
+            "--strategy 'krum' needs every site's update in clear",
+        ("--async", "2", "--aggregation", "secagg"): "--async needs --aggregation 'plain'",
+        ("--async", "9"): "--async 9: a round's buffer takes 1 to --sites",
+        ("--fraction", "0.5", "--aggregation", "secagg"): "--fraction < 1 needs --aggregation",
+        ("--personalize", "2", "--model", "pca"): "personalization fine-tunes a --model",
+    }
+    for args, needle in cases.items():
+        result = _cli(["submit", "--config", config, *args])
+        lines = result.stderr.strip().splitlines()
+        assert result.exit_code == 2 and len(lines) == 1 and needle in lines[0], \
+            (args, result.stderr)
+        assert "Traceback" not in result.stdout + result.stderr

@@ -199,6 +199,22 @@ def submit(
     patience: int = typer.Option(0, min=0, max=opts.PATIENCE_MAX, help=(
         "Early stopping (neural models): rounds without a 1% loss improvement; 0: off.")),
     compress: str = typer.Option("none", "--compress", help=opts.COMPRESS_HELP),
+    strategy: str = typer.Option("fedavg", click_type=click.Choice(opts.STRATEGIES), help=(
+        "How each round's updates are combined: fedavg, fedprox, scaffold, fedadam, fedyogi "
+        "(every mode); median, trimmed-mean, krum (--aggregation plain only).")),
+    personalize: int = typer.Option(0, "--personalize", min=0, max=opts.PERSONALIZE_MAX,
+                                    help="Epochs each site fine-tunes its own copy after the "
+                                         "rounds (the copy never leaves the site)."),
+    fraction: float = typer.Option(1.0, "--fraction", click_type=_positive(1.0), help=(
+        "Each training round calls this fraction of the sites (--aggregation plain only).")),
+    round_timeout: float = typer.Option(None, "--round-timeout", click_type=_positive(
+        86_400.0), show_default=False, help=(
+        "Seconds a round waits for a site before skipping it [default: wait for every "
+        "site].")),
+    async_k: int = typer.Option(None, "--async", min=1, max=opts.SITES_MAX,
+                                show_default=False, help=(
+        "Buffered rounds (FedBuff): a round's aggregate is formed once K sites answered; "
+        "--aggregation plain only [default: every round waits for every site].")),
 ) -> None:
     """The data scientist submits a job to every site: prints the job id and request ids."""
     try:
@@ -216,7 +232,10 @@ def submit(
                                delta=delta, clip=clip, dp_unit=dp_unit,
                                adaptive_clip=adaptive_clip,
                                target_fpr=target_fpr, patience=patience,
-                               time_column=time_column, compress=compress)
+                               time_column=time_column, compress=compress,
+                               strategy=strategy, personalize=personalize,
+                               fraction=fraction, round_timeout=round_timeout,
+                               async_k=async_k)
     except opts.JobOptionError as exc:
         raise _fail(exc) from None
     if sites_time is not None and time_column not in (None, sites_time):
@@ -224,6 +243,8 @@ def submit(
                     f"(time_column in {cfg.path})")
     if aggregation == "paillier" and cfg.key_authority is None:
         raise _fail(f"--aggregation paillier needs a [key_authority] in {cfg.path}")
+    from pydantic import ValidationError
+
     from datasites.deploy.jobs import save_job
     from fed_tasks.spec import JobSpec
 
@@ -241,10 +262,19 @@ def submit(
         dp = {"dp_epsilon": epsilon, "dp_delta": delta, "dp_clip": clip, "dp_sgd": row,
               "dp_adaptive_clip": adaptive_clip, **({"trim": 0.0} if row else {})}
     not_features = (label_column, time_column, sites_time)
-    spec = JobSpec(model=model, features=tuple(c for c in columns if c not in not_features),
-                   label_column=label_column, time_column=time_column, rounds=rounds, seed=seed,
-                   aggregation=aggregation, min_sites=cfg.federation.min_sites,
-                   target_fpr=target_fpr, patience=patience, compress=compress, **dp)
+    rounds_how = {**opts.strategy_options(strategy, len(cfg.site)),
+                  "personalize_epochs": personalize, "fraction": fraction,
+                  "round_timeout": round_timeout, "async_k": async_k}
+    # the federation's floor; Krum needs every site in each round (strategy_options)
+    if strategy != "krum":
+        rounds_how["min_sites"] = cfg.federation.min_sites
+    try:
+        spec = JobSpec(model=model, features=tuple(c for c in columns if c not in not_features),
+                       label_column=label_column, time_column=time_column, rounds=rounds,
+                       seed=seed, aggregation=aggregation, target_fpr=target_fpr,
+                       patience=patience, compress=compress, **rounds_how, **dp)
+    except ValidationError as exc:
+        raise _fail(opts.spec_error_line(exc)) from None
     spec = _useful_dp(spec, dp_unit, _published_policies(fed))
     ids = fed.submit(spec)
     save_job(spec, cfg.path, ids)
