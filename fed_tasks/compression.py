@@ -230,7 +230,9 @@ def compress_fit(spec: Any, vector: np.ndarray, rows: float,
         sent = decode(spec.compress, payload, v.size)
     else:
         codec = secure_codec(spec.compress)
-        kept, extra = np.clip(v, -codec.bound, codec.bound), {}
+        b = codec.bound  # as the protection clips (a non-finite value is 0 or ±bound): the
+        # residual must stay finite, or the site's saved state could never be read again
+        kept, extra = np.clip(np.nan_to_num(v, nan=0.0, posinf=b, neginf=-b), -b, b), {}
         sent = np.rint(kept * codec.scale) / codec.scale
     if private is not None:
         private[RESIDUAL] = kept[:-2] - sent[:-2]

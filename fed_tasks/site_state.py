@@ -15,6 +15,7 @@ so sites that were shown different histories can never be summed together.
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import os
@@ -43,6 +44,12 @@ def _h(*parts: str) -> str:
 
 def sum_digest(summed: np.ndarray) -> str:
     return hashlib.sha256(np.ascontiguousarray(summed, dtype="<f8").tobytes()).hexdigest()
+
+
+def _finite(state: GlobalState) -> bool:
+    """Every number of the model is finite (what the site saves must load again)."""
+    arrays = [state.weights, *state.extra.values(), *state.server.values()]
+    return all(np.all(np.isfinite(a)) for a in arrays)
 
 
 def initial_digest(spec: JobSpec, weights: np.ndarray) -> str:
@@ -151,7 +158,12 @@ class SiteModelState:
         if not self.expects(index):
             raise ModelStateError(f"aggregate {action} round {rnd} is not the next one for this "
                                   f"site (it holds the model after aggregate {self.applied})")
-        self.state.advance(action, summed, strategy_for(self.spec), rnd=rnd)
+        trial = copy.deepcopy(self.state)  # a sum that would wreck the model is refused whole
+        trial.advance(action, summed, strategy_for(self.spec), rnd=rnd)
+        if not _finite(trial):
+            raise ModelStateError(f"aggregate {action} round {rnd} would make this site's model "
+                                  "non-finite (an overflowing or cancelling update): refused")
+        self.state = trial
         self.digest = _h(self.digest, action, str(index), sum_digest(summed))
         self.applied = index
         if self.spec.async_k is not None:  # what a stale contribution may be computed from

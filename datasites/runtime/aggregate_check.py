@@ -161,6 +161,8 @@ def plain_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvid
         try:  # a member's vector must be well formed (e.g. trees), checked before any use
             vectors[sender] = contribution_vector(spec, evidence.action, c.payload, length)
             rules_for(spec).check_contribution(spec, evidence.action, vectors[sender])
+            if evidence.action == "fit":
+                _check_rows(vectors[sender][-1])
         except PayloadError as exc:
             raise AggregateRefused(f"the signed contribution of {sender!r} holds no valid "
                                    f"vector: {exc}") from None
@@ -168,6 +170,13 @@ def plain_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvid
     if staleness:
         state.used.update({name: c.round for name, c in contributions.items()})
     return summed
+
+
+def _check_rows(n: float) -> None:
+    """A training update's row count is a whole number of rows, at least 1 (1 under DP):
+    a negative or fractional count could cancel the others' and blow the mean up."""
+    if not (np.isfinite(n) and n >= 1 and float(n).is_integer()):
+        raise PayloadError(f"its row count {n!r} is not a whole number of rows")
 
 
 def authority_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvidence,
