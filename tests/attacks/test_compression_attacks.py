@@ -218,6 +218,13 @@ def _topk_cases(raw: bytearray, vec: np.ndarray, k: int, head: int
     ]
 
 
+def _round_one_replies(spec: JobSpec, sites: list) -> tuple[list[dict[str, Any]], int]:
+    """Every site's genuine round-1 reply (after the statistics), and the fit length."""
+    ev0 = _statistics(spec, sites)
+    return ([s.call("fit", {"round": 1, "previous": ev0}) for s in sites],
+            vector_length(spec, "fit"))
+
+
 @pytest.mark.parametrize("setting", ["q8", "q16", "topk:5"])
 def test_a_members_malformed_compressed_payload_is_refused_by_every_honest_site(
         tmp_path, schema, three, setting):
@@ -234,9 +241,7 @@ def test_a_members_malformed_compressed_payload_is_refused_by_every_honest_site(
     sites = direct_federation(tmp_path, spec, three)
     evil, honest = sites[0], sites[1:]
     try:
-        ev0 = _statistics(spec, sites)
-        r1 = [s.call("fit", {"round": 1, "previous": ev0}) for s in sites]
-        length = vector_length(spec, "fit")
+        r1, length = _round_one_replies(spec, sites)
         genuine = r1[0]["contribution"]
         vec = compression.decode(setting, SignedContribution.from_str(genuine).payload, length)
         raw = _raw(genuine)
@@ -269,9 +274,7 @@ def test_an_odd_but_valid_payload_decodes_alike_at_every_site_and_the_orchestrat
     sites = direct_federation(tmp_path, spec, three)
     evil, honest = sites[0], sites[1:]
     try:
-        ev0 = _statistics(spec, sites)
-        r1 = [s.call("fit", {"round": 1, "previous": ev0}) for s in sites]
-        length = vector_length(spec, "fit")
+        r1, length = _round_one_replies(spec, sites)
         raw = _raw(r1[0]["contribution"])
         raw[16:32] = np.array([-0.0, 5e-324], "<f8").tobytes()  # lo = -0, a subnormal step
         raw[32:] = bytes([0, 255] * ((len(raw) - 32) // 2) + [255] * ((len(raw) - 32) % 2))
