@@ -9,7 +9,9 @@ training call: a slower institution. In the same run, per seed:
 - **sync, all fast**: every site answers at full speed (the reference model);
 - **sync, one slow**: every round waits for the slow site;
 - **async K=3, one slow**: each round is formed once three updates are in; the slow site's
-  update joins a later round, weighted ``(1 + staleness)^-½``.
+  update joins a later round, weighted ``(1 + staleness)^-½``;
+- the last two again in ``paillier``: there the key authority forms each buffer as one
+  sum, weighing each stale ciphertext itself.
 
 Reported: the training wall time (``fit``), the pooled test ROC-AUC, and how many of the
 slow site's updates were applied and how stale they were.
@@ -32,7 +34,8 @@ import pandas as pd
 
 RESULTS = Path(__file__).parent / "results" / "async_rounds.json"
 DATA = Path(__file__).parents[1] / "datasites" / "data"
-SETTINGS = ("sync, all fast", "sync, one slow", "async K=3, one slow")
+SETTINGS = ("sync, all fast", "sync, one slow", "async K=3, one slow",
+            "paillier sync, one slow", "paillier async K=3, one slow")
 
 
 class Sleepy:
@@ -61,26 +64,34 @@ def splits(seed: int) -> tuple[dict[str, tuple[pd.DataFrame, pd.DataFrame]], Any
 def run(setting: str, seed: int, rounds: int, delay: float) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
-    from datasites.runtime.direct import direct_federation
+    from datasites.runtime.direct import direct_federation, direct_paillier_federation
+    from fed_tasks.aggregation import KeyAuthoritySum
     from fed_tasks.orchestrator import FederatedTrainer
     from fed_tasks.spec import JobSpec
 
     frames, schema = splits(seed)
+    paillier = setting.startswith("paillier")
     spec = JobSpec(features=schema.features, label_column=schema.label, rounds=rounds,
-                   min_sites=3, seed=seed, async_k=3 if setting.startswith("async") else None)
+                   min_sites=3, seed=seed, async_k=3 if "async" in setting else None,
+                   aggregation="paillier" if paillier else "plain")
     with tempfile.TemporaryDirectory() as tmp:
-        sites = direct_federation(tmp, spec, frames)
+        authority = None
+        if paillier:
+            sites, authority, _ = direct_paillier_federation(tmp, spec, frames)
+        else:
+            sites = direct_federation(tmp, spec, frames)
         conns: list[Any] = list(sites)
         if "slow" in setting:
             conns[-1] = Sleepy(sites[-1], delay)
         try:
-            trainer = FederatedTrainer(spec, conns, progress=False)
+            trainer = FederatedTrainer(spec, conns, progress=False, secure_sum=(
+                KeyAuthoritySum(authority) if authority else None))
             started = time.perf_counter()
             result = trainer.fit()
             seconds = time.perf_counter() - started
             trainer.evaluate(result)  # waits for a slow site's last call, as a job does
         finally:
-            for s in sites:
+            for s in [*sites, *([authority] if authority else [])]:
                 s.close()
     test = pd.concat([te for _, te in frames.values()])
     scores = result.score_samples(test.loc[:, list(schema.features)].to_numpy(float))

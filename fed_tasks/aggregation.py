@@ -122,6 +122,8 @@ class _Immediate:
         self.last_skipped: dict[str, str] = {}  # the last call's sites left out, and why
         self._out: dict[str, str] = {}  # sites left out for good (no rejoining), and why
         self.buffer_k: int | None = None  # buffered rounds: aggregate once k updates are in
+        self.spec: JobSpec | None = None  # the job (buffered rounds derive staleness from it)
+        self.last_staleness: dict[str, int] = {}  # a buffered round: site -> staleness
         self.sent: dict[str, dict[str, int]] = {}  # the last call's sizes per site (sent_by)
 
     #: whether a site left out of a round may come back (plain mode: it catches up; a
@@ -208,12 +210,51 @@ class _Immediate:
                 replies.append(done[site.name].result())
         return replies
 
-    #: a buffer's updates of the round itself, at least (the sites require min_sites)
-    fresh_needed = 1
+    @property
+    def fresh_needed(self) -> int:
+        """A buffer's updates of the round itself, at least (the sites require min_sites)."""
+        return self.spec.min_sites if self.spec is not None else 1
 
     def _kind(self, reply: Future, message: dict[str, Any]) -> str | None:
-        """A finished call's update this round: "fresh", "stale" or None (unusable)."""
-        return "fresh"
+        """A buffered round's update is fresh (computed for this round), stale (at most
+        ``max_staleness`` rounds old) or unusable; a failed call counts as fresh: it is
+        raised, as in a synchronous round."""
+        if self.spec is None or reply.exception() is not None:
+            return "fresh"
+        try:
+            slot = SignedContribution.from_str(reply.result()["contribution"]).round
+        except (KeyError, TypeError, ValueError):
+            return "fresh"  # malformed: refused where the aggregate is formed
+        index = slot_index(self.spec, "fit", int(message.get("round", 0)))
+        if slot == index:
+            return "fresh"
+        return "stale" if index - slot <= self.spec.max_staleness else None
+
+    def _buffer(self, signed: list[str], action: str, message: dict[str, Any]
+                ) -> list[str]:
+        """A buffered round's contributions that may join it: an update staler than the job
+        allows is dropped and said so (:attr:`last_skipped`); each kept one's staleness goes
+        to :attr:`last_staleness`. Raises if fewer than ``min_sites`` are of the round."""
+        self.last_staleness = {}
+        if self.spec is None or self.spec.async_k is None or action != "fit":
+            return signed
+        index = slot_index(self.spec, action, int(message.get("round", 0)))
+        kept, slots = [], {}
+        for raw in signed:
+            c = SignedContribution.from_str(raw)
+            if index - c.round > self.spec.max_staleness:  # too old to apply
+                self.last_skipped[c.site_id] = (f"its update was {index - c.round} rounds "
+                                                f"stale (the job allows "
+                                                f"{self.spec.max_staleness})")
+                continue
+            kept.append(raw)
+            slots[c.site_id] = c.round
+        self.last_staleness = staleness_in(self.spec, action, index, slots)
+        fresh = sum(v == 0 for v in self.last_staleness.values())
+        if fresh < self.fresh_needed:
+            raise TooFewSitesError(f"{fresh} updates of round {message.get('round')} came "
+                                   f"in, the job needs {self.fresh_needed}")
+        return kept
 
     def submit(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
                length: int) -> list[Released]:
@@ -308,26 +349,10 @@ class PlainSum(_Immediate):
         super().__init__()
         self.min_sites = min_sites
         self.spec = spec  # the job whose strategy combines a round (None: a plain sum)
-        self.last_staleness: dict[str, int] = {}  # a buffered round: site -> staleness
 
     @property
-    def fresh_needed(self) -> int:  # type: ignore[override]
+    def fresh_needed(self) -> int:
         return self.min_sites
-
-    def _kind(self, reply: Future, message: dict[str, Any]) -> str | None:
-        """A buffered round's update is fresh (computed for this round), stale (at most
-        ``max_staleness`` rounds old) or unusable; a failed call counts as fresh: it is
-        raised, as in a synchronous round."""
-        if self.spec is None or reply.exception() is not None:
-            return "fresh"
-        try:
-            slot = SignedContribution.from_str(reply.result()["contribution"]).round
-        except (KeyError, TypeError, ValueError):
-            return "fresh"  # malformed: refused where the aggregate is formed
-        index = slot_index(self.spec, "fit", int(message.get("round", 0)))
-        if slot == index:
-            return "fresh"
-        return "stale" if index - slot <= self.spec.max_staleness else None
 
     def sum(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
@@ -336,26 +361,9 @@ class PlainSum(_Immediate):
             raise TooFewSitesError(f"{len(replies)} sites answered, job needs {self.min_sites}")
         signed = [r["contribution"] for r in replies]
         self.sent = sent_by(replies, "contribution")
+        signed = self._buffer(signed, action, message)
         parsed = [SignedContribution.from_str(c) for c in signed]
-        staleness: dict[str, int] = {}
-        if self.spec is not None and self.spec.async_k is not None and action == "fit":
-            index = slot_index(self.spec, action, int(message.get("round", 0)))
-            fresh = [(s, c) for s, c in zip(signed, parsed, strict=True)
-                     if index - c.round <= self.spec.max_staleness]
-            for c in parsed:  # too old to apply: dropped, and said so
-                if index - c.round > self.spec.max_staleness:
-                    self.last_skipped[c.site_id] = (f"its update was {index - c.round} rounds "
-                                                    f"stale (the job allows "
-                                                    f"{self.spec.max_staleness})")
-            signed, parsed = [s for s, _ in fresh], [c for _, c in fresh]
-            staleness = staleness_in(self.spec, action, index,
-                                     {c.site_id: c.round for c in parsed})
-            fresh_updates = sum(c.round == index for c in parsed)
-            if fresh_updates < self.min_sites:
-                raise TooFewSitesError(f"{fresh_updates} updates of round "
-                                       f"{message.get('round')} came in, the job needs "
-                                       f"{self.min_sites}")
-        self.last_staleness = staleness
+        staleness = self.last_staleness
         total = combine(action, {c.site_id: _plain_vector(self.spec, action, c.payload, length)
                                  for c in parsed}, self.spec, staleness)
         return total, {"kind": "plain", "action": action,
@@ -377,8 +385,9 @@ class KeyAuthoritySum(_Immediate):
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
         replies = self._call(sites, action, message)
         self.sent = sent_by(replies, "contribution")
+        signed = self._buffer([r["contribution"] for r in replies], action, message)
         request = {"action": action, "round": int(message.get("round", 0)),
-                   "length": length, "contributions": [r["contribution"] for r in replies]}
+                   "length": length, "contributions": signed}
         reply = self.key_authority.call("decrypt", request)
         return decode_array(reply["sum"], length), {
             "kind": "paillier", "action": action, "round": int(message.get("round", 0)),

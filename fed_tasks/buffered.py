@@ -9,7 +9,9 @@ applied in the aggregate of slot ``t`` is ``t − s`` rounds stale; it weighs
 
 Every party forming a buffered aggregate — the orchestrator and each site checking it —
 derives the staleness from the slot each contribution is *signed* with, never from a
-message, so all of them apply the same weights.
+message, so all of them apply the same weights. In a Paillier job the key authority forms
+the buffer: it weighs each ciphertext by a whole-number weight and attests each
+contribution's slot and model, which every site checks as in plain mode.
 """
 
 from __future__ import annotations
@@ -61,3 +63,22 @@ def staleness_in(spec: JobSpec, action: str, index: int,
     if spec.async_k is None or action != "fit":
         return {}
     return {name: staleness_of(spec, index, slot) for name, slot in slots.items()}
+
+
+#: a secure sum adds whole numbers: there a staleness weight is ``round(W·(1+τ)^-½)``, the
+#: key authority raising each ciphertext to it (a fresh update weighs W; the ratio FedAvg
+#: takes cancels W)
+WEIGHT_SCALE = 256
+
+
+def whole_weight(staleness: int) -> int:
+    """:func:`staleness_weight` in units of 1/``WEIGHT_SCALE`` (at least 1)."""
+    return max(1, round(WEIGHT_SCALE * staleness_weight(staleness)))
+
+
+def summands(spec: JobSpec, action: str, max_sites: int) -> int:
+    """How many single-site encodings one slot of a secure sum must hold: the sites, or, in
+    a buffered round of a Paillier job, the sites at a fresh update's weight each."""
+    if spec.async_k is not None and action == "fit" and spec.aggregation == "paillier":
+        return max_sites * WEIGHT_SCALE
+    return max_sites

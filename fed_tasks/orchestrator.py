@@ -17,8 +17,14 @@ from typing import Any
 import numpy as np
 from tqdm.auto import tqdm
 
-from fed_tasks.aggregation import PlainSum, Released, SecureSum, TooFewSitesError
-from fed_tasks.buffered import staleness_weight
+from fed_tasks.aggregation import (
+    KeyAuthoritySum,
+    PlainSum,
+    Released,
+    SecureSum,
+    TooFewSitesError,
+)
+from fed_tasks.buffered import WEIGHT_SCALE, staleness_weight, whole_weight
 from fed_tasks.checkpoint import Checkpoint, CheckpointError
 from fed_tasks.global_state import GlobalState
 from fed_tasks.interface import SiteConnection, SiteRefusedError, call_all, is_budget_refusal
@@ -120,8 +126,10 @@ class FederatedTrainer:
         if hasattr(self.secure_sum, "timeout"):
             self.secure_sum.timeout = spec.round_timeout
         if spec.async_k is not None:
-            if not isinstance(self.secure_sum, PlainSum):
-                raise ValueError("buffered rounds (async_k) need aggregation 'plain'")
+            if not isinstance(self.secure_sum, PlainSum | KeyAuthoritySum):
+                raise ValueError("buffered rounds (async_k) need aggregation 'plain' or "
+                                 "'paillier'")
+            self.secure_sum.spec = spec
             if spec.async_k > len(self.sites):
                 raise ValueError(f"async_k={spec.async_k} exceeds the {len(self.sites)} sites: "
                                  "a round could never fill its buffer")
@@ -149,8 +157,10 @@ class FederatedTrainer:
             if action == "fit" and self.spec.async_k is not None:
                 for name, stale in sorted(getattr(self.secure_sum, "last_staleness",
                                                   {}).items()):
+                    weight = (whole_weight(stale) / WEIGHT_SCALE  # what the authority used
+                              if self.spec.aggregation == "paillier" else staleness_weight(stale))
                     self.buffered.append({"round": rnd, "site": name, "staleness": stale,
-                                          "weight": round(staleness_weight(stale), 4)})
+                                          "weight": round(weight, 4)})
                 self.secure_sum.last_staleness = {}
             for name, why in (getattr(self.secure_sum, "last_skipped", None) or {}).items():
                 self.skipped.append({"action": action, "round": rnd, "site": name, "why": why})

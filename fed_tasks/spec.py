@@ -169,10 +169,10 @@ class JobSpec(BaseModel):
     def _async_fits(self) -> JobSpec:
         if self.async_k is None:
             return self
-        if self.aggregation != "plain":
-            raise ValueError("async_k needs aggregation 'plain': in a secure mode each buffer "
-                             "would sum another subset of sites, so two sums could differ by "
-                             "one site's update alone")
+        if self.aggregation == "secagg":
+            raise ValueError("async_k needs aggregation 'plain' or 'paillier': the secure-sum "
+                             "session masks every round with every active site, so a buffer "
+                             "of late updates cannot be formed there yet")
         if self.model not in NEURAL_MODELS:
             raise ValueError(f"async_k buffers training rounds; model {self.model!r} has none")
         if self.async_k < self.min_sites:

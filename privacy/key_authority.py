@@ -24,7 +24,8 @@ import json
 import os
 import tempfile
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import NamedTuple
 
@@ -119,6 +120,21 @@ class DecryptedSum(NamedTuple):
     total: np.ndarray
     contributors: list[str]
     model: str
+    # a buffered sum: (site, slot, model) of each contribution, sorted by site
+    parts: tuple[tuple[str, int, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class BufferRule:
+    """How a buffered sum (FedBuff) may mix updates computed for earlier slots, derived by
+    the caller from the approved job: ``accepts(slot)`` says whether an update computed for
+    ``slot`` may join this sum (recent enough, of the same phase), ``weight(slot)`` is its
+    whole-number weight (a fresh update's is the largest). Each site's contributions are
+    decrypted at most once and in increasing slots, and at least ``min_sites`` of them must
+    be of the sum's own slot."""
+
+    accepts: Callable[[int], bool]
+    weight: Callable[[int], int]
 
 
 class KeyAuthority:
@@ -154,6 +170,7 @@ class KeyAuthority:
         self.min_sites = min_sites
         self.layout = layout
         self._spent_path = Path(spent_path) if spent_path is not None else None
+        self._last: dict[tuple[str, str], int] = {}  # buffered: (job, site) -> last slot
         self._spent: set[tuple[str, int]] = self._load_spent()
         self._lock = threading.Lock()
 
@@ -194,15 +211,20 @@ class KeyAuthority:
         contributions: Sequence[str],
         *,
         expected_length: int | None = None,
+        buffer: BufferRule | None = None,
     ) -> DecryptedSum:
         """As :meth:`decrypt_sum`, also returning who contributed and the model digest they
-        all share (so the authority can attest the sum to the sites)."""
+        all share (so the authority can attest the sum to the sites). With ``buffer``, a
+        buffered sum: see :class:`BufferRule`."""
         if not isinstance(job_id, str) or not job_id:
             raise RequestMismatchError(f"job_id must be a non-empty str, got {job_id!r}")
         if isinstance(round, bool) or not isinstance(round, int) or round < 0:
             raise RequestMismatchError(f"round must be a non-negative int, got {round!r}")
         if isinstance(contributions, str):
             raise MalformedContributionError("contributions must be a list of str, not one str")
+        if buffer is not None:
+            return self._decrypt_buffered(job_id, round, list(contributions), expected_length,
+                                          buffer)
         with self._lock:
             self._check_not_spent(job_id, round)
             signed = self._verify_contributions(job_id, round, list(contributions))
@@ -223,6 +245,45 @@ class KeyAuthority:
                 ) from None
             return DecryptedSum(plain, sorted(c.site_id for c in signed), models.pop())
 
+    def _decrypt_buffered(self, job_id: str, round: int, contributions: list[str],
+                          expected_length: int | None, buffer: BufferRule) -> DecryptedSum:
+        """A buffered sum: fresh updates (computed for ``round``, from one model) and stale
+        ones the rule accepts, each weighted by ``buffer.weight`` homomorphically."""
+        with self._lock:
+            self._check_not_spent(job_id, round)
+            signed = self._verify_contributions(
+                job_id, round, contributions,
+                slot_ok=lambda slot: slot == round or (slot < round and buffer.accepts(slot)))
+            fresh = [c for c in signed if c.round == round]
+            if len(fresh) < self.min_sites:
+                raise TooFewSitesError(
+                    f"only {len(fresh)} update(s) of round {round} in the buffer, policy "
+                    f"requires at least {self.min_sites} (stale ones only add to them)")
+            models = {c.model for c in fresh}
+            if len(models) != 1:
+                raise InconsistentContributionsError(
+                    f"round {round} of job {job_id!r}: the fresh contributions were computed "
+                    f"from {len(models)} different models (a site was sent another model)")
+            for c in signed:
+                last = self._last.get((job_id, c.site_id), -1)
+                if c.round <= last:
+                    raise ReplayError(
+                        f"the update of site {c.site_id!r} for round {c.round} was already "
+                        f"decrypted, or is older than one that was (round {last})")
+            vectors = self._parse_payloads(signed, expected_length)
+            total = EncryptedVector.sum(
+                v.scaled(buffer.weight(c.round)) for c, v in zip(signed, vectors, strict=True))
+            self._mark_spent(job_id, round, {c.site_id: c.round for c in signed})
+            try:
+                plain = decrypt_vector(self._decryptor, total)
+            except PaillierError as exc:
+                raise DecryptionFailedError(
+                    f"round {round} of job {job_id!r} could not be decrypted ({exc}); "
+                    "the round is spent"
+                ) from None
+            parts = tuple(sorted((c.site_id, c.round, c.model) for c in signed))
+            return DecryptedSum(plain, sorted(c.site_id for c in signed), models.pop(), parts)
+
     # ------------------------------------------------------------------ checks
 
     def _check_not_spent(self, job_id: str, round: int) -> None:
@@ -230,7 +291,8 @@ class KeyAuthority:
             raise ReplayError(f"round {round} of job {job_id!r} was already decrypted")
 
     def _verify_contributions(
-        self, job_id: str, round: int, contributions: list[str]
+        self, job_id: str, round: int, contributions: list[str],
+        slot_ok: Callable[[int], bool] | None = None,
     ) -> list[signing.SignedContribution]:
         if not contributions:
             raise TooFewSitesError(
@@ -252,7 +314,7 @@ class KeyAuthority:
                 raise BadSignatureError(
                     f"signature of site {c.site_id!r} does not verify ({exc})"
                 ) from None
-            if c.job_id != job_id or c.round != round:
+            if c.job_id != job_id or not (slot_ok(c.round) if slot_ok else c.round == round):
                 raise RequestMismatchError(
                     f"contribution of site {c.site_id!r} is for job {c.job_id!r} round "
                     f"{c.round}, but the request is for job {job_id!r} round {round}"
@@ -318,6 +380,7 @@ class KeyAuthority:
             obj = json.loads(path.read_text(encoding="utf-8"))
             entries = obj["spent"]
             spent = {(str(job), int(rnd)) for job, rnd in entries}
+            self._last = {(str(j), str(site)): int(slot) for j, site, slot in obj.get("last", [])}
         except (OSError, ValueError, KeyError, TypeError) as exc:
             raise SpentStoreError(
                 f"spent-rounds file {str(path)!r} is unreadable ({exc}); refusing to start "
@@ -325,11 +388,17 @@ class KeyAuthority:
             ) from None
         return spent
 
-    def _mark_spent(self, job_id: str, round: int) -> None:
+    def _mark_spent(self, job_id: str, round: int, slots: Mapping[str, int] | None = None
+                    ) -> None:
+        """Record the round (and, for a buffered sum, each site's slot) before decrypting."""
+        before = dict(self._last)
         self._spent.add((job_id, round))
+        self._last.update({(job_id, site): slot for site, slot in (slots or {}).items()})
         if self._spent_path is None:
             return
-        data = json.dumps({"version": 1, "spent": sorted([j, r] for j, r in self._spent)})
+        data = json.dumps({"version": 2, "spent": sorted([j, r] for j, r in self._spent),
+                           "last": sorted([j, site, slot]
+                                          for (j, site), slot in self._last.items())})
         path = self._spent_path
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
@@ -342,4 +411,5 @@ class KeyAuthority:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             self._spent.discard((job_id, round))
+            self._last = before
             raise

@@ -485,6 +485,26 @@ class EncryptedVector:
             cts, self.length, total, self.key_fingerprint, self.layout, self.public_key
         )
 
+    def scaled(self, weight: int) -> EncryptedVector:
+        """Homomorphic multiplication by a whole number ``weight`` ≥ 1 (``c^w mod n²``):
+        every packed slot times ``weight``, counted as ``weight`` summands, so the layout's
+        headroom check still guards the slots (a weighted sum of site updates)."""
+        if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
+            raise PaillierError(f"a ciphertext weight must be a whole number >= 1, got "
+                                f"{weight!r}")
+        total = self.n_summands * weight
+        if total > self.layout.max_summands:
+            raise SummandOverflowError(
+                f"weight {weight} makes {total} summands, more than max_summands="
+                f"{self.layout.max_summands}: slots could overflow"
+            )
+        n = gmpy2.mpz(self.public_key.n)
+        n2 = n * n
+        cts = tuple(gmpy2.powmod(gmpy2.mpz(c), weight, n2) for c in self.ciphertexts)
+        return EncryptedVector(
+            cts, self.length, total, self.key_fingerprint, self.layout, self.public_key
+        )
+
     def __add__(self, other: EncryptedVector) -> EncryptedVector:
         return self.add(other)
 

@@ -226,19 +226,25 @@ class SignedAggregate:
     model: str
     sum_sha256: str
     signature: str = ""
+    #: a buffered sum: (site, slot, model) of every contribution, each site checks them
+    parts: tuple[tuple[str, int, str], ...] = ()
 
     def canonical_bytes(self) -> bytes:
-        return json.dumps({"domain": _AGGREGATE_DOMAIN, "job_id": self.job_id,
-                           "round": self.round, "contributors": sorted(self.contributors),
-                           "model": self.model, "sum_sha256": self.sum_sha256},
-                          sort_keys=True, separators=(",", ":"), ensure_ascii=True
+        body: dict[str, Any] = {"domain": _AGGREGATE_DOMAIN, "job_id": self.job_id,
+                                "round": self.round, "contributors": sorted(self.contributors),
+                                "model": self.model, "sum_sha256": self.sum_sha256}
+        if self.parts:
+            body["parts"] = [list(p) for p in self.parts]
+        return json.dumps(body, sort_keys=True, separators=(",", ":"), ensure_ascii=True
                           ).encode("ascii")
 
     @classmethod
     def create(cls, private_key: Ed25519PrivateKey, job_id: str, round: int,
-               contributors: list[str], model: str, payload: str) -> SignedAggregate:
+               contributors: list[str], model: str, payload: str,
+               parts: tuple[tuple[str, int, str], ...] = ()) -> SignedAggregate:
         unsigned = cls(job_id, round, tuple(sorted(contributors)), model,
-                       hashlib.sha256(payload.encode("utf-8")).hexdigest())
+                       hashlib.sha256(payload.encode("utf-8")).hexdigest(),
+                       parts=tuple(sorted(tuple(p) for p in parts)))
         return replace(unsigned, signature=sign(private_key, unsigned.canonical_bytes()))
 
     def verify(self, public_key: str | Ed25519PublicKey, payload: str) -> None:
@@ -248,10 +254,12 @@ class SignedAggregate:
             raise SignatureError("the signed aggregate is about another sum")
 
     def to_str(self) -> str:
-        return json.dumps({"job_id": self.job_id, "round": self.round,
-                           "contributors": list(self.contributors), "model": self.model,
-                           "sum_sha256": self.sum_sha256, "signature": self.signature},
-                          separators=(",", ":"))
+        body: dict[str, Any] = {"job_id": self.job_id, "round": self.round,
+                                "contributors": list(self.contributors), "model": self.model,
+                                "sum_sha256": self.sum_sha256, "signature": self.signature}
+        if self.parts:
+            body["parts"] = [list(p) for p in self.parts]
+        return json.dumps(body, separators=(",", ":"))
 
     @classmethod
     def from_str(cls, s: str) -> SignedAggregate:
@@ -260,7 +268,11 @@ class SignedAggregate:
         except json.JSONDecodeError:
             obj = None
         keys = {"job_id", "round", "contributors", "model", "sum_sha256", "signature"}
-        if (not isinstance(obj, dict) or set(obj) != keys
+        parts = obj.get("parts", []) if isinstance(obj, dict) else None
+        if (not isinstance(obj, dict) or set(obj) - {"parts"} != keys
+                or not isinstance(parts, list) or not all(
+                    isinstance(p, list) and len(p) == 3 and isinstance(p[0], str)
+                    and type(p[1]) is int and isinstance(p[2], str) for p in parts)
                 or not isinstance(obj["contributors"], list)
                 or not all(isinstance(c, str) for c in obj["contributors"])
                 or isinstance(obj["round"], bool) or not isinstance(obj["round"], int)
@@ -269,4 +281,4 @@ class SignedAggregate:
             raise ContributionFormatError(f"signed aggregate must be JSON with fields "
                                           f"{sorted(keys)}")
         return cls(obj["job_id"], obj["round"], tuple(obj["contributors"]), obj["model"],
-                   obj["sum_sha256"], obj["signature"])
+                   obj["sum_sha256"], obj["signature"], tuple(tuple(p) for p in parts))

@@ -100,23 +100,31 @@ def check_buffered(config: dict[str, Any], spec: JobSpec, evidence: AggregateEvi
     (say, one site shown another aggregate) that too few sites hold."""
     index = aggregate_index(spec, evidence.action, evidence.round)
     out = _signed(config, spec, evidence)
-    for c in out.values():
+    _check_parts(spec, index, [(c.site_id, c.round, c.model) for c in out.values()], state)
+    _check_members(sorted(out), spec, config, site)
+    return out
+
+
+def _check_parts(spec: JobSpec, index: int, parts: list[tuple[str, int, str]],
+                 state: SiteModelState) -> None:
+    """The buffered-round rules over (site, slot it was computed for, model digest) of each
+    contribution to aggregate ``index``, whoever reports them (the signed updates in plain
+    mode, the key authority's signed attestation in a Paillier job)."""
+    for name, slot, model in parts:
         try:
-            staleness_of(spec, index, c.round)
+            staleness_of(spec, index, slot)
         except PayloadError as exc:
-            raise AggregateRefused(f"the contribution of {c.site_id!r}: {exc}") from None
-        if c.round <= state.used.get(c.site_id, 0):
-            raise AggregateRefused(f"the update of {c.site_id!r} for aggregate {c.round} was "
+            raise AggregateRefused(f"the contribution of {name!r}: {exc}") from None
+        if slot <= state.used.get(name, 0):
+            raise AggregateRefused(f"the update of {name!r} for aggregate {slot} was "
                                    "already applied, or is older than one that was")
-        if c.model != state.model_before(c.round):
-            raise AggregateRefused(f"the contribution of {c.site_id!r} was computed from another "
-                                   f"model than this site held before aggregate {c.round}")
-    fresh = sum(c.round == index for c in out.values())
+        if model != state.model_before(slot):
+            raise AggregateRefused(f"the contribution of {name!r} was computed from another "
+                                   f"model than this site held before aggregate {slot}")
+    fresh = sum(slot == index for _, slot, _ in parts)
     if fresh < spec.min_sites:
         raise AggregateRefused(f"the aggregate holds {fresh} updates of this round, the job "
                                f"needs at least {spec.min_sites} (stale ones only add to them)")
-    _check_members(sorted(out), spec, config, site)
-    return out
 
 
 def _check_members(contributors: list[str], spec: JobSpec, config: dict[str, Any],
@@ -138,9 +146,13 @@ def may_leave_out(spec: JobSpec) -> bool:
     and only for a job whose approved spec asks for it (``fraction`` < 1 or a
     ``round_timeout``). In a secure mode a site that could leave and rejoin would let two
     sums differ by its update alone (one round with it, the next without), so there a site
-    left out stays out."""
-    return spec.aggregation == "plain" and (spec.fraction < 1.0 or spec.async_k is not None
-                                            or spec.round_timeout is not None)
+    left out stays out — except in a buffered Paillier job, whose every sum is by design
+    whoever answered first: there the key authority decrypts each update in one sum only
+    and with at least ``min_sites`` updates of the round (README: what that leaves)."""
+    if spec.async_k is not None:  # a buffer holds whoever answered first (plain, paillier)
+        return True
+    return spec.aggregation == "plain" and (spec.fraction < 1.0 or
+                                            spec.round_timeout is not None)
 
 
 def plain_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvidence,
@@ -180,8 +192,11 @@ def _check_rows(n: float) -> None:
 
 
 def authority_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvidence,
-                  model: str) -> np.ndarray:
-    """The key authority's decrypted sum, accepted only with its valid signature."""
+                  state: SiteModelState) -> np.ndarray:
+    """The key authority's decrypted sum, accepted only with its valid signature (a
+    buffered round: with each contribution's slot and model attested and checked here as
+    in plain mode, each member's slot recorded in ``state.used``)."""
+    model = state.digest
     config = federation_config(directory)
     key = config.get("authority_signing_key")
     if not key:
@@ -204,8 +219,20 @@ def authority_sum(directory: Path, site: str, spec: JobSpec, evidence: Aggregate
     strangers = sorted(set(attested.contributors) - set(config["sites"]))
     if strangers:
         raise AggregateRefused(f"the signed aggregate lists non-members {strangers}")
+    buffered = spec.async_k is not None and evidence.action == "fit"
+    parts = [tuple(p) for p in attested.parts]
+    if buffered and sorted(p[0] for p in parts) != sorted(attested.contributors):
+        raise AggregateRefused("the signed buffered aggregate does not attest each "
+                               "contributor's round and model once")
+    if not buffered and parts:
+        raise AggregateRefused("the signed aggregate mixes rounds, which this job does not")
+    if buffered:
+        _check_parts(spec, index, parts, state)  # type: ignore[arg-type]
     _check_members(list(attested.contributors), spec, config, site)
     try:
-        return decode_array(evidence.sum, vector_length(spec, evidence.action))
+        summed = decode_array(evidence.sum, vector_length(spec, evidence.action))
     except PayloadError as exc:
         raise AggregateRefused(f"the signed sum is not a valid vector: {exc}") from None
+    if buffered:
+        state.used.update({name: slot for name, slot, _ in parts})  # type: ignore[misc]
+    return summed

@@ -26,11 +26,12 @@ from datasites.runtime.federation_config import (
     read_config,
     store_paillier_key,
 )
+from fed_tasks.buffered import staleness_of, summands, whole_weight
 from fed_tasks.codec import PayloadError, dumps, encode_array, loads
 from fed_tasks.schedule import SUMMED_ACTIONS, codec_for, slot_index, total_slots, vector_length
 from fed_tasks.selection import candidate_job
 from fed_tasks.spec import JobSpec
-from privacy.key_authority import KeyAuthority, KeyAuthorityError
+from privacy.key_authority import BufferRule, KeyAuthority, KeyAuthorityError
 from privacy.paillier import (
     PackingLayout,
     PaillierError,
@@ -95,7 +96,8 @@ def _authority(directory: Path, spec: JobSpec, action: str) -> KeyAuthority:
         raise CallRefused("key authority has no federation configuration")
     min_sites = max(int(config["min_sites"]), spec.min_sites)
     codec = codec_for(spec, action)
-    layout = PackingLayout(codec.frac_bits, codec.bound, int(config["max_sites"]))
+    layout = PackingLayout(codec.frac_bits, codec.bound,
+                           summands(spec, action, int(config["max_sites"])))
     return KeyAuthority(load_authority_key(directory), config["sites"], min_sites,
                         spent_path=directory / f"spent_{spec.job_id}.json",
                         layout=layout)
@@ -123,12 +125,13 @@ def run_key_authority(*, site: str, job_id: str, spec: str, keyring: pd.DataFram
                               ) from None
         length = vector_length(job, req.action)
         checked = _authority(guard.directory, job, req.action).decrypt_checked(
-            job.job_id, slot, list(req.contributions), expected_length=length)
+            job.job_id, slot, list(req.contributions), expected_length=length,
+            buffer=_buffer_rule(job, slot) if job.async_k and req.action == "fit" else None)
         payload = encode_array(checked.total)
         # the sites move their model only by a sum the authority signed (aggregate_check)
         attestation = SignedAggregate.create(
             load_site_keys(guard.directory, site).signing_key, job.job_id, slot,
-            checked.contributors, checked.model, payload)
+            checked.contributors, checked.model, payload, checked.parts)
         return dumps({"status": "ok", "result": {"sum": payload,
                                                  "attestation": attestation.to_str()}})
     except CallRefused as exc:
@@ -140,6 +143,20 @@ def run_key_authority(*, site: str, job_id: str, spec: str, keyring: pd.DataFram
                       f"{err.get('msg')}"})
     except (KeyAuthorityError, PaillierError, PayloadError, KeyError, ValueError) as exc:
         return dumps({"status": "refused", "reason": f"{type(exc).__name__}: {exc}"})
+
+
+def _buffer_rule(job: JobSpec, index: int) -> BufferRule:
+    """A buffered training sum's rule, from the approved job: updates computed for a training
+    slot at most ``max_staleness`` before ``index``, weighed by their staleness."""
+
+    def accepts(slot: int) -> bool:
+        try:
+            staleness_of(job, index, slot)
+        except PayloadError:
+            return False
+        return True
+
+    return BufferRule(accepts=accepts, weight=lambda slot: whole_weight(index - slot))
 
 
 class AuthorityRequest(BaseModel):

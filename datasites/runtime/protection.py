@@ -19,6 +19,7 @@ from cryptography.exceptions import InvalidSignature
 
 from datasites.runtime.aggregate_check import AggregateRefused, check_contributions
 from datasites.runtime.federation_config import SiteKeys, read_config
+from fed_tasks.buffered import summands
 from fed_tasks.compression import contribution_payload
 from fed_tasks.encoding import (
     codec_for,
@@ -77,7 +78,8 @@ def protect(keys: SiteKeys, spec: JobSpec, action: str, result: dict[str, Any],
         vector, clipped = clip_to_bound(spec, action, vector)
         pool = _pool(keys)
         packer = PackedPaillier(keys.paillier_public_key, codec_for(spec, action),
-                                max_summands=keys.max_sites, pool=pool)
+                                max_summands=summands(spec, action, keys.max_sites),
+                                pool=pool)
         payload = packer.encrypt(vector).to_str()
         # precompute next round's obfuscators while the orchestrator aggregates
         pool.refill_async(packer.n_ciphertexts(len(vector)))

@@ -118,8 +118,7 @@ class _ModelCall:
         elif evidence.kind == "plain":
             summed = plain_sum(self.directory, self.site, self.spec, evidence, self.state)
         else:
-            summed = authority_sum(self.directory, self.site, self.spec, evidence,
-                                   self.state.digest)
+            summed = authority_sum(self.directory, self.site, self.spec, evidence, self.state)
         self.state.apply(evidence.action, evidence.round, summed)
         self.state.save()
         config = read_config(self.directory) or {}

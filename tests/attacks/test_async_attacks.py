@@ -400,10 +400,9 @@ def test_a_center_contribution_is_not_reread_as_a_compressed_training_update(
         _close(sites)
 
 
-# ------------------------------------------ (4) async only in plain mode, never with DP
+# ------------------------------- (4) async only in plain and paillier, never with DP
 @pytest.mark.parametrize("change, why", [
-    ({"aggregation": "paillier"}, "needs aggregation 'plain'"),
-    ({"aggregation": "secagg"}, "needs aggregation 'plain'"),
+    ({"aggregation": "secagg"}, "needs aggregation 'plain' or 'paillier'"),
     ({"dp_epsilon": 3.0}, "not available with differential privacy"),
     ({"dp_epsilon": 3.0, "dp_sgd": True}, "not available with differential privacy"),
     ({"strategy": "scaffold"}, "does not average"),
@@ -493,3 +492,53 @@ def test_the_staleness_weight_follows_the_signed_slot_and_nothing_else(
         assert _slot(a3) == _slot(b3) == 3
     finally:
         _close(sites)
+
+
+# ------------------------------------------------ (6) a buffered sum in a Paillier job
+def test_the_authority_decrypts_each_buffered_update_once_and_only_beside_fresh_ones(
+        tmp_path, schema, four_sites):
+    """Attack (paillier, --async 2): the buffer is one sum the key authority forms, weighing
+    each stale ciphertext itself. Hold inst-2's round-1 update back and put it, stale, in
+    round 2's sum (allowed, and every site, inst-2 catching up, accepts the attested parts);
+    then put the same ciphertext into round 3's sum too, to difference two sums that share
+    it; then form round 3 from one fresh update padded with a stale one. Defence: the
+    authority decrypts each (site, slot) once and only with min_sites updates of the round
+    itself, refusing before it spends the round; the honest round 3 then goes through."""
+    from datasites.runtime.direct import direct_paillier_federation
+    from fed_tasks.aggregation import KeyAuthoritySum
+
+    spec = _spec(schema, aggregation="paillier", rounds=6)  # refused calls count too
+    sites, authority, _ = direct_paillier_federation(tmp_path, spec,
+                                                     dict(list(four_sites.items())[:3]))
+    a, b, c = sites
+    length = vector_length(spec, "fit")
+    try:
+        agg = KeyAuthoritySum(authority)
+        agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
+        ev0 = agg.evidence()
+
+        def fit(site, rnd, previous, catch_up=()):
+            message = {"round": rnd, "previous": previous, "catch_up": list(catch_up)}
+            return site.call("fit", message)["contribution"]
+
+        def decrypt(rnd, contributions):
+            out = authority.call("decrypt", {"action": "fit", "round": rnd, "length": length,
+                                             "contributions": contributions})
+            return {"kind": "paillier", "action": "fit", "round": rnd, "sum": out["sum"],
+                    "attestation": out["attestation"], "heads": []}
+
+        r1 = {s.name: fit(s, 1, ev0) for s in sites}
+        ev1 = decrypt(1, [r1["inst-0"], r1["inst-1"]])  # inst-2's update held back
+        ev2 = decrypt(2, [fit(a, 2, ev1), fit(b, 2, ev1), r1["inst-2"]])  # ... used, stale
+        r3 = {"inst-0": fit(a, 3, ev2), "inst-1": fit(b, 3, ev2),
+              "inst-2": fit(c, 3, ev2, catch_up=[ev1])}  # inst-2 checks both, catches up
+        with pytest.raises(SiteRefusedError, match="already decrypted"):
+            decrypt(3, [r3["inst-0"], r3["inst-1"], r1["inst-2"]])
+        with pytest.raises(SiteRefusedError, match="only 1 update"):
+            decrypt(3, [r3["inst-0"], r1["inst-1"]])
+        ev3 = decrypt(3, [r3["inst-0"], r3["inst-2"]])  # the round was not spent by either
+        for s in sites:
+            fit(s, 4, ev3)
+        assert len({_state(s, spec).digest for s in sites}) == 1
+    finally:
+        _close([*sites, authority])

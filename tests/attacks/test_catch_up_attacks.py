@@ -23,27 +23,20 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pandas as pd
 import pytest
 
-from datasites.governance.guard import SiteGuard, register_guard, unregister_guard
 from datasites.harness.partition import dirichlet_split, train_test_split
 from datasites.runtime.aggregate_check import may_leave_out
-from datasites.runtime.direct import direct_federation
+from datasites.runtime.direct import direct_federation, direct_paillier_federation
 from datasites.runtime.federation_config import (
-    ensure_signing_key,
     load_site_keys,
-    read_config,
-    store_paillier_key,
-    write_config,
 )
-from datasites.runtime.key_authority_site import KEYRING, run_key_authority
 from datasites.runtime.tables import make_mock
 from fed_tasks import dp_step, dp_usefulness
 from fed_tasks.aggregation import KeyAuthoritySum, MaskedSum, PlainSum
-from fed_tasks.codec import decode_array, dumps, encode_array, loads
+from fed_tasks.codec import decode_array, encode_array
 from fed_tasks.interface import SiteRefusedError
-from fed_tasks.schedule import codec_for, total_slots
+from fed_tasks.schedule import codec_for
 from fed_tasks.site_state import SiteModelState, aggregate_index
 from fed_tasks.site_step import StepInput, initial_weights, vector_length
 from fed_tasks.site_step import fit as site_fit
@@ -53,9 +46,6 @@ from privacy.paillier import (
     PackingLayout,
     as_decryptor,
     decrypt_vector,
-    fingerprint,
-    generate_keypair,
-    public_key_to_str,
 )
 from privacy.signing import SignedContribution
 
@@ -124,43 +114,9 @@ def _close(*groups) -> None:
             s.close()
 
 
-class DirectAuthority:
-    """The key authority's real entry point (``run_key_authority``) without syft transport:
-    its guard, approval, spent-round store and signed attestations are the production code."""
-
-    def __init__(self, name: str, directory: Path, spec: JobSpec, private_key, public) -> None:
-        self.name, self.spec = name, spec
-        self.keyring = pd.DataFrame({"key_fingerprint": [fingerprint(public)]})
-        self.guard = SiteGuard(name, directory)
-        self.guard.register_assets({KEYRING: self.keyring}, {})
-        self.guard.record_approval(spec, "direct", "owner@authority.site",
-                                   {"decrypt": total_slots(spec)})
-        store_paillier_key(self.guard.directory, private_key)
-        register_guard(self.guard)
-
-    def call(self, action: str, message: dict[str, Any]) -> dict[str, Any]:
-        envelope = loads(run_key_authority(site=self.name, job_id=self.spec.job_id,
-                                           spec=self.spec.to_json(), keyring=self.keyring,
-                                           action=action, payload=dumps(message)))
-        if envelope["status"] != "ok":
-            raise SiteRefusedError(self.name, str(envelope.get("reason", envelope["status"])))
-        return envelope["result"]
-
-    def close(self) -> None:
-        unregister_guard(self.guard)
-
-
 def _paillier_federation(root: Path, spec: JobSpec, frames):
     """Member sites + the key authority, all with one federation config (as provisioned)."""
-    sites = direct_federation(root, spec, frames)
-    public, private = generate_keypair(2048)
-    authority = DirectAuthority("authority", Path(root) / "authority", spec, private, public)
-    config = read_config(sites[0].guard.directory) | {
-        "paillier_public_key": public_key_to_str(public),
-        "authority_signing_key": ensure_signing_key(authority.guard.directory)}
-    for directory in [*(s.guard.directory for s in sites), authority.guard.directory]:
-        write_config(directory, config)
-    return sites, authority, private
+    return direct_paillier_federation(root, spec, frames)
 
 
 def _decrypt_one(private, spec: JobSpec, contribution: str, n_sites: int) -> np.ndarray:
