@@ -236,14 +236,18 @@ class KeyAuthority:
             vectors = self._parse_payloads(signed, expected_length)
             total = EncryptedVector.sum(vectors)
             self._mark_spent(job_id, round)
-            try:
-                plain = decrypt_vector(self._decryptor, total)
-            except PaillierError as exc:
-                raise DecryptionFailedError(
-                    f"round {round} of job {job_id!r} could not be decrypted ({exc}); "
-                    "the round is spent"
-                ) from None
+            plain = self._decrypt(job_id, round, total)
             return DecryptedSum(plain, sorted(c.site_id for c in signed), models.pop())
+
+    def _decrypt(self, job_id: str, round: int, total: EncryptedVector) -> np.ndarray:
+        """The spent round's sum in clear (a failure still spends it: no second try)."""
+        try:
+            return decrypt_vector(self._decryptor, total)
+        except PaillierError as exc:
+            raise DecryptionFailedError(
+                f"round {round} of job {job_id!r} could not be decrypted ({exc}); "
+                "the round is spent"
+            ) from None
 
     def _decrypt_buffered(self, job_id: str, round: int, contributions: list[str],
                           expected_length: int | None, buffer: BufferRule) -> DecryptedSum:
@@ -274,13 +278,7 @@ class KeyAuthority:
             total = EncryptedVector.sum(
                 v.scaled(buffer.weight(c.round)) for c, v in zip(signed, vectors, strict=True))
             self._mark_spent(job_id, round, {c.site_id: c.round for c in signed})
-            try:
-                plain = decrypt_vector(self._decryptor, total)
-            except PaillierError as exc:
-                raise DecryptionFailedError(
-                    f"round {round} of job {job_id!r} could not be decrypted ({exc}); "
-                    "the round is spent"
-                ) from None
+            plain = self._decrypt(job_id, round, total)
             parts = tuple(sorted((c.site_id, c.round, c.model) for c in signed))
             return DecryptedSum(plain, sorted(c.site_id for c in signed), models.pop(), parts)
 
