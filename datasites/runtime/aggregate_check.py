@@ -86,7 +86,7 @@ def check_contributions(config: dict[str, Any], spec: JobSpec, evidence: Aggrega
         if c.model != model:
             raise AggregateRefused(f"the contribution of {c.site_id!r} was computed from another "
                                    "model than this site's (sites were sent different models)")
-    _check_members(sorted(out), spec, config, site)
+    _check_members(sorted(out), spec, config, site, evidence.action)
     return out
 
 
@@ -100,13 +100,14 @@ def check_buffered(config: dict[str, Any], spec: JobSpec, evidence: AggregateEvi
     (say, one site shown another aggregate) that too few sites hold."""
     index = aggregate_index(spec, evidence.action, evidence.round)
     out = _signed(config, spec, evidence)
-    _check_parts(spec, index, [(c.site_id, c.round, c.model) for c in out.values()], state)
-    _check_members(sorted(out), spec, config, site)
+    _check_parts(spec, index, [(c.site_id, c.round, c.model) for c in out.values()], state,
+                 _need(spec, config))
+    _check_members(sorted(out), spec, config, site, evidence.action)
     return out
 
 
 def _check_parts(spec: JobSpec, index: int, parts: list[tuple[str, int, str]],
-                 state: SiteModelState) -> None:
+                 state: SiteModelState, need: int) -> None:
     """The buffered-round rules over (site, slot it was computed for, model digest) of each
     contribution to aggregate ``index``, whoever reports them (the signed updates in plain
     mode, the key authority's signed attestation in a Paillier job)."""
@@ -122,25 +123,30 @@ def _check_parts(spec: JobSpec, index: int, parts: list[tuple[str, int, str]],
             raise AggregateRefused(f"the contribution of {name!r} was computed from another "
                                    f"model than this site held before aggregate {slot}")
     fresh = sum(slot == index for _, slot, _ in parts)
-    if fresh < spec.min_sites:
+    if fresh < need:
         raise AggregateRefused(f"the aggregate holds {fresh} updates of this round, the job "
-                               f"needs at least {spec.min_sites} (stale ones only add to them)")
+                               f"needs at least {need} (stale ones only add to them)")
+
+
+def _need(spec: JobSpec, config: dict[str, Any]) -> int:
+    """Sites an aggregate must hold: the federation's floor binds the secure modes (plain
+    mode shows each update anyway)."""
+    floor = int(config.get("min_sites", 1)) if spec.aggregation != "plain" else 1
+    return max(spec.min_sites, floor)
 
 
 def _check_members(contributors: list[str], spec: JobSpec, config: dict[str, Any],
-                   site: str) -> None:
-    # the federation's floor binds the secure modes; plain mode shows each update anyway
-    floor = int(config.get("min_sites", 1)) if spec.aggregation != "plain" else 1
-    need = max(spec.min_sites, floor)
+                   site: str, action: str) -> None:
+    need = _need(spec, config)
     if len(contributors) < need:
         raise AggregateRefused(f"the aggregate holds {len(contributors)} sites, the job needs "
                                f"at least {need}")
-    if site not in contributors and not may_leave_out(spec):
+    if site not in contributors and not may_leave_out(spec, action):
         raise AggregateRefused(f"the aggregate leaves out this site ({site!r}); only a plain "
                                "job that calls a fraction of the sites or skips slow ones may")
 
 
-def may_leave_out(spec: JobSpec) -> bool:
+def may_leave_out(spec: JobSpec, action: str = "fit") -> bool:
     """Whether a site may apply an aggregate it is not in, to catch up after a round it was
     not selected for or too slow for: only in plain mode, where every update is seen anyway,
     and only for a job whose approved spec asks for it (``fraction`` < 1 or a
@@ -149,7 +155,7 @@ def may_leave_out(spec: JobSpec) -> bool:
     left out stays out — except in a buffered Paillier job, whose every sum is by design
     whoever answered first: there the key authority decrypts each update in one sum only
     and with at least ``min_sites`` updates of the round (README: what that leaves)."""
-    if spec.async_k is not None:  # a buffer holds whoever answered first (plain, paillier)
+    if spec.async_k is not None and action == "fit":  # a buffer: whoever answered first
         return True
     return spec.aggregation == "plain" and (spec.fraction < 1.0 or
                                             spec.round_timeout is not None)
@@ -227,8 +233,8 @@ def authority_sum(directory: Path, site: str, spec: JobSpec, evidence: Aggregate
     if not buffered and parts:
         raise AggregateRefused("the signed aggregate mixes rounds, which this job does not")
     if buffered:
-        _check_parts(spec, index, parts, state)  # type: ignore[arg-type]
-    _check_members(list(attested.contributors), spec, config, site)
+        _check_parts(spec, index, parts, state, _need(spec, config))  # type: ignore[arg-type]
+    _check_members(list(attested.contributors), spec, config, site, evidence.action)
     try:
         summed = decode_array(evidence.sum, vector_length(spec, evidence.action))
     except PayloadError as exc:

@@ -26,6 +26,7 @@ from datasites.runtime.federation_config import (
     read_config,
     store_paillier_key,
 )
+from datasites.runtime.site_entry import job_lock
 from fed_tasks.buffered import staleness_of, summands, whole_weight
 from fed_tasks.codec import PayloadError, dumps, encode_array, loads
 from fed_tasks.schedule import SUMMED_ACTIONS, codec_for, slot_index, total_slots, vector_length
@@ -124,9 +125,14 @@ def run_key_authority(*, site: str, job_id: str, spec: str, keyring: pd.DataFram
             raise CallRefused(f"the authority decrypts only the job's own aggregates: {exc}"
                               ) from None
         length = vector_length(job, req.action)
-        checked = _authority(guard.directory, job, req.action).decrypt_checked(
-            job.job_id, slot, list(req.contributions), expected_length=length,
-            buffer=_buffer_rule(job, slot) if job.async_k and req.action == "fit" else None)
+        # one decryption of a job at a time, its spent store read and written under the lock:
+        # two calls in flight could otherwise each decrypt a sum the other one spends (and
+        # their difference would be one site's update)
+        with job_lock(guard.directory, job.job_id):
+            checked = _authority(guard.directory, job, req.action).decrypt_checked(
+                job.job_id, slot, list(req.contributions), expected_length=length,
+                buffer=_buffer_rule(job, slot) if job.async_k and req.action == "fit"
+                else None)
         payload = encode_array(checked.total)
         # the sites move their model only by a sum the authority signed (aggregate_check)
         attestation = SignedAggregate.create(

@@ -542,3 +542,57 @@ def test_the_authority_decrypts_each_buffered_update_once_and_only_beside_fresh_
         assert len({_state(s, spec).digest for s in sites}) == 1
     finally:
         _close([*sites, authority])
+
+
+def test_two_decryptions_in_flight_never_spend_one_round_twice(tmp_path, schema, four_sites,
+                                                                monkeypatch):
+    """Attack: send the key authority two decrypt calls for the same round at once, one sum
+    with a held-back update and one without it, timed so that both pass the spent check
+    before either records the round: their difference would be that site's update.
+    Defence: the authority decrypts one sum of a job at a time, its spent store read and
+    written under a file lock; the second call finds the round spent."""
+    import threading
+
+    from datasites.runtime.direct import direct_paillier_federation
+    from fed_tasks.aggregation import KeyAuthoritySum
+    from privacy.key_authority import KeyAuthority
+
+    spec = _spec(schema, aggregation="paillier", async_k=None, rounds=3)
+    sites, authority, _ = direct_paillier_federation(tmp_path, spec,
+                                                     dict(list(four_sites.items())[:3]))
+    try:
+        agg = KeyAuthoritySum(authority)
+        agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
+        r1 = [s.call("fit", {"round": 1, "previous": agg.evidence()})["contribution"]
+              for s in sites]
+        both_inside = threading.Barrier(2)
+        parse = KeyAuthority._parse_payloads
+
+        def wait_for_the_other(self, *args, **kwargs):  # widen the window to certainty
+            try:
+                both_inside.wait(timeout=3)
+            except threading.BrokenBarrierError:
+                pass  # the other call is held outside: the lock works
+            return parse(self, *args, **kwargs)
+
+        monkeypatch.setattr(KeyAuthority, "_parse_payloads", wait_for_the_other)
+        out: dict[str, Any] = {}
+
+        def decrypt(name: str, contributions: list[str]) -> None:
+            try:
+                out[name] = authority.call("decrypt", {"action": "fit", "round": 1,
+                                                       "contributions": contributions})
+            except SiteRefusedError as exc:
+                out[name] = exc
+
+        calls = [threading.Thread(target=decrypt, args=("all", r1)),
+                 threading.Thread(target=decrypt, args=("two", r1[:2]))]
+        for t in calls:
+            t.start()
+        for t in calls:
+            t.join(60)
+        refused = [v for v in out.values() if isinstance(v, SiteRefusedError)]
+        assert len(out) == 2 and len(refused) == 1, out  # one sum decrypted, never two
+        assert "already decrypted" in str(refused[0])
+    finally:
+        _close([*sites, authority])
