@@ -186,8 +186,13 @@ class _Immediate:
         waiting = {**running, **called, **arrived}  # one update per site in a buffer
         deadline = None if self.timeout is None else time.monotonic() + self.timeout
 
+        kind: dict[str, str | None] = {}  # each finished call classified once
+
         def full() -> bool:  # K usable updates (too stale: none), enough of them fresh
-            kinds = [self._kind(f, message) for f in waiting.values() if f.done()]
+            for name, f in waiting.items():
+                if f.done() and name not in kind:
+                    kind[name] = self._kind(f, message)
+            kinds = list(kind.values())
             return (sum(k is not None for k in kinds) >= self.buffer_k
                     and kinds.count("fresh") >= self.fresh_needed)
 
@@ -231,30 +236,31 @@ class _Immediate:
         return "stale" if index - slot <= self.spec.max_staleness else None
 
     def _buffer(self, signed: list[str], action: str, message: dict[str, Any]
-                ) -> list[str]:
+                ) -> tuple[list[str], list[SignedContribution]]:
         """A buffered round's contributions that may join it: an update staler than the job
         allows is dropped and said so (:attr:`last_skipped`); each kept one's staleness goes
-        to :attr:`last_staleness`. Raises if fewer than ``min_sites`` are of the round."""
+        to :attr:`last_staleness`. Raises if fewer than ``min_sites`` are of the round.
+        Returns the kept contributions, as relayed and parsed."""
         self.last_staleness = {}
+        parsed = [SignedContribution.from_str(raw) for raw in signed]
         if self.spec is None or self.spec.async_k is None or action != "fit":
-            return signed
+            return signed, parsed
         index = slot_index(self.spec, action, int(message.get("round", 0)))
-        kept, slots = [], {}
-        for raw in signed:
-            c = SignedContribution.from_str(raw)
+        kept: list[tuple[str, SignedContribution]] = []
+        for raw, c in zip(signed, parsed, strict=True):
             if index - c.round > self.spec.max_staleness:  # too old to apply
                 self.last_skipped[c.site_id] = (f"its update was {index - c.round} rounds "
                                                 f"stale (the job allows "
                                                 f"{self.spec.max_staleness})")
                 continue
-            kept.append(raw)
-            slots[c.site_id] = c.round
-        self.last_staleness = staleness_in(self.spec, action, index, slots)
+            kept.append((raw, c))
+        self.last_staleness = staleness_in(self.spec, action, index,
+                                           {c.site_id: c.round for _, c in kept})
         fresh = sum(v == 0 for v in self.last_staleness.values())
         if fresh < self.fresh_needed:
             raise TooFewSitesError(f"{fresh} updates of round {message.get('round')} came "
                                    f"in, the job needs {self.fresh_needed}")
-        return kept
+        return [raw for raw, _ in kept], [c for _, c in kept]
 
     def submit(self, sites: list[SiteConnection], action: str, message: dict[str, Any],
                length: int) -> list[Released]:
@@ -361,11 +367,9 @@ class PlainSum(_Immediate):
             raise TooFewSitesError(f"{len(replies)} sites answered, job needs {self.min_sites}")
         signed = [r["contribution"] for r in replies]
         self.sent = sent_by(replies, "contribution")
-        signed = self._buffer(signed, action, message)
-        parsed = [SignedContribution.from_str(c) for c in signed]
-        staleness = self.last_staleness
+        signed, parsed = self._buffer(signed, action, message)
         total = combine(action, {c.site_id: _plain_vector(self.spec, action, c.payload, length)
-                                 for c in parsed}, self.spec, staleness)
+                                 for c in parsed}, self.spec, self.last_staleness)
         return total, {"kind": "plain", "action": action,
                        "round": int(message.get("round", 0)), "contributions": signed,
                        "heads": _heads(replies)}
@@ -385,7 +389,7 @@ class KeyAuthoritySum(_Immediate):
             length: int) -> tuple[np.ndarray, dict[str, Any]]:
         replies = self._call(sites, action, message)
         self.sent = sent_by(replies, "contribution")
-        signed = self._buffer([r["contribution"] for r in replies], action, message)
+        signed, _ = self._buffer([r["contribution"] for r in replies], action, message)
         request = {"action": action, "round": int(message.get("round", 0)),
                    "length": length, "contributions": signed}
         reply = self.key_authority.call("decrypt", request)

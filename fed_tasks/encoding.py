@@ -15,7 +15,6 @@ import numpy as np
 from fed_tasks.schedule import STATS_CODEC as STATS_CODEC
 from fed_tasks.schedule import codec_for as codec_for
 from fed_tasks.schedule import (
-    max_bits,
     max_length,
     phases,
     slot_at,
@@ -36,10 +35,10 @@ def secagg_plan(spec: JobSpec, n_sites: int) -> dict[str, Any]:
     """
     from privacy.secagg import default_threshold
 
-    bits = max_bits(spec, n_sites)
+    round_bits = [p.codec.bits_per_value(n_sites) for p in phases(spec) for _ in range(p.count)]
+    bits = max(round_bits)
     if bits > 64:
         raise ValueError(f"secure sum needs {bits}-bit values; lower update_bound or frac_bits")
-    round_bits = [p.codec.bits_per_value(n_sites) for p in phases(spec) for _ in range(p.count)]
     return {"threshold": default_threshold(n_sites), "bits": bits,
             "rounds": total_slots(spec), "vector_length": max_length(spec),
             "round_bits": round_bits}

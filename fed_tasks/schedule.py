@@ -158,10 +158,6 @@ def max_length(spec: JobSpec) -> int:
     return max(p.length for p in phases(spec))
 
 
-def max_bits(spec: JobSpec, n_sites: int) -> int:
-    return max(p.codec.bits_per_value(n_sites) for p in phases(spec))
-
-
 def combine(action: str, vectors: dict[str, np.ndarray], spec: JobSpec | None = None,
             staleness: dict[str, int] | None = None) -> np.ndarray:
     """The aggregate of one call from each contributor's vector: their sum, except for a

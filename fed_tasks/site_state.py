@@ -15,7 +15,7 @@ so sites that were shown different histories can never be summed together.
 
 from __future__ import annotations
 
-import copy
+import dataclasses
 import hashlib
 import json
 import os
@@ -158,7 +158,10 @@ class SiteModelState:
         if not self.expects(index):
             raise ModelStateError(f"aggregate {action} round {rnd} is not the next one for this "
                                   f"site (it holds the model after aggregate {self.applied})")
-        trial = copy.deepcopy(self.state)  # a sum that would wreck the model is refused whole
+        # a sum that would wreck the model is refused whole: advance on a trial state (it
+        # only reassigns arrays and dict entries, so copies of the dicts are enough)
+        trial = dataclasses.replace(self.state, extra=dict(self.state.extra),
+                                    server=dict(self.state.server))
         trial.advance(action, summed, strategy_for(self.spec), rnd=rnd)
         if not _finite(trial):
             raise ModelStateError(f"aggregate {action} round {rnd} would make this site's model "

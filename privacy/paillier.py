@@ -472,17 +472,25 @@ class EncryptedVector:
     def add(self, other: EncryptedVector) -> EncryptedVector:
         """Homomorphic sum: multiply ciphertexts mod n^2, add summand counts."""
         self._check_compatible(other)
-        total = self.n_summands + other.n_summands
+        n2 = self._n2()
+        return self._derived(
+            (a * b % n2 for a, b in zip(self.ciphertexts, other.ciphertexts, strict=True)),
+            self.n_summands + other.n_summands, "sum would have")
+
+    def _n2(self) -> Any:
+        n = gmpy2.mpz(self.public_key.n)
+        return n * n
+
+    def _derived(self, cts: Iterable[Any], total: int, what: str) -> EncryptedVector:
+        """A vector computed from this one, holding ``total`` summands (refused beyond
+        the layout's headroom: the packed slots could overflow)."""
         if total > self.layout.max_summands:
             raise SummandOverflowError(
-                f"sum would have {total} summands, more than max_summands="
+                f"{what} {total} summands, more than max_summands="
                 f"{self.layout.max_summands}: slots could overflow"
             )
-        n = gmpy2.mpz(self.public_key.n)
-        n2 = n * n
-        cts = tuple(a * b % n2 for a, b in zip(self.ciphertexts, other.ciphertexts, strict=True))
         return EncryptedVector(
-            cts, self.length, total, self.key_fingerprint, self.layout, self.public_key
+            tuple(cts), self.length, total, self.key_fingerprint, self.layout, self.public_key
         )
 
     def scaled(self, weight: int) -> EncryptedVector:
@@ -492,18 +500,9 @@ class EncryptedVector:
         if isinstance(weight, bool) or not isinstance(weight, int) or weight < 1:
             raise PaillierError(f"a ciphertext weight must be a whole number >= 1, got "
                                 f"{weight!r}")
-        total = self.n_summands * weight
-        if total > self.layout.max_summands:
-            raise SummandOverflowError(
-                f"weight {weight} makes {total} summands, more than max_summands="
-                f"{self.layout.max_summands}: slots could overflow"
-            )
-        n = gmpy2.mpz(self.public_key.n)
-        n2 = n * n
-        cts = tuple(gmpy2.powmod(gmpy2.mpz(c), weight, n2) for c in self.ciphertexts)
-        return EncryptedVector(
-            cts, self.length, total, self.key_fingerprint, self.layout, self.public_key
-        )
+        n2 = self._n2()
+        return self._derived((gmpy2.powmod(gmpy2.mpz(c), weight, n2) for c in self.ciphertexts),
+                             self.n_summands * weight, f"weight {weight} makes")
 
     def __add__(self, other: EncryptedVector) -> EncryptedVector:
         return self.add(other)

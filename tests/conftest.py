@@ -76,14 +76,11 @@ def drive():
     return plain_rounds
 
 
-def dp_direct_sites(root, spec, frames, schema):
-    """In-process sites running the real site code (:func:`direct_federation`) that publish
-    a mock of their train split (a DP job's statistics come from it), with a budget no test
-    exhausts."""
-    from datasites.runtime.direct import direct_federation
+def publish_mocks(sites, frames, schema):
+    """Give in-process sites a published mock of their train split (a DP job's statistics
+    come from it) and a budget no test exhausts."""
     from datasites.runtime.tables import make_mock
 
-    sites = direct_federation(root, spec, frames)
     for site, (train, test) in zip(sites, frames.values(), strict=True):
         site.guard.register_assets({"train": train, "test": test},
                                    {"train": make_mock(train, schema), "test": test})
@@ -93,7 +90,21 @@ def dp_direct_sites(root, spec, frames, schema):
     return sites
 
 
+def dp_direct_sites(root, spec, frames, schema):
+    """In-process sites running the real site code (:func:`direct_federation`) with
+    published mocks (:func:`publish_mocks`)."""
+    from datasites.runtime.direct import direct_federation
+
+    return publish_mocks(direct_federation(root, spec, frames), frames, schema)
+
+
 @pytest.fixture
 def dp_sites():
     """:func:`dp_direct_sites` for tests that need sites with published mocks."""
     return dp_direct_sites
+
+
+@pytest.fixture
+def with_mocks():
+    """:func:`publish_mocks` for tests that build their sites otherwise (a key authority)."""
+    return publish_mocks

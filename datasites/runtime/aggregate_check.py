@@ -23,7 +23,7 @@ import numpy as np
 
 from datasites.governance.guard import CallRefused
 from datasites.runtime.federation_config import read_config
-from fed_tasks.buffered import staleness_of
+from fed_tasks.buffered import staleness_in, staleness_of
 from fed_tasks.codec import PayloadError, decode_array
 from fed_tasks.compression import contribution_vector
 from fed_tasks.detectors import rules_for
@@ -170,7 +170,8 @@ def plain_sum(directory: Path, site: str, spec: JobSpec, evidence: AggregateEvid
     if spec.async_k is not None and evidence.action == "fit":
         contributions = check_buffered(config, spec, evidence, site, state)
         index = aggregate_index(spec, evidence.action, evidence.round)
-        staleness = {name: index - c.round for name, c in contributions.items()}
+        staleness = staleness_in(spec, evidence.action, index,
+                                 {name: c.round for name, c in contributions.items()})
     else:
         contributions = check_contributions(config, spec, evidence, site, state.digest)
     length = vector_length(spec, evidence.action)

@@ -26,6 +26,14 @@ from fed_tasks.schedule import total_slots
 from fed_tasks.spec import JobSpec
 
 
+def _result(name: str, envelope_text: str) -> dict[str, Any]:
+    """An entry point's envelope as a connection returns it: the result, or the refusal."""
+    envelope = loads(envelope_text)
+    if envelope["status"] != "ok":
+        raise SiteRefusedError(name, str(envelope.get("reason", envelope["status"])))
+    return envelope["result"]
+
+
 class DirectSite:
     """:class:`fed_tasks.interface.SiteConnection` calling ``run_approved`` in-process."""
 
@@ -41,12 +49,9 @@ class DirectSite:
     def call(self, action: str, message: dict[str, Any]) -> dict[str, Any]:
         if self.offline:
             raise ConnectionError(f"site {self.name!r} stopped answering")
-        envelope = loads(run_approved(site=self.name, job_id=self.spec.job_id,
-                                      spec=self.spec.to_json(), train=self.train,
-                                      test=self.test, action=action, payload=dumps(message)))
-        if envelope["status"] != "ok":
-            raise SiteRefusedError(self.name, str(envelope.get("reason", envelope["status"])))
-        return envelope["result"]
+        return _result(self.name, run_approved(
+            site=self.name, job_id=self.spec.job_id, spec=self.spec.to_json(),
+            train=self.train, test=self.test, action=action, payload=dumps(message)))
 
     def close(self) -> None:
         unregister_guard(self.guard)
@@ -88,12 +93,9 @@ class DirectAuthority:
     def call(self, action: str, message: dict[str, Any]) -> dict[str, Any]:
         from datasites.runtime.key_authority_site import run_key_authority
 
-        envelope = loads(run_key_authority(site=self.name, job_id=self.spec.job_id,
-                                           spec=self.spec.to_json(), keyring=self.keyring,
-                                           action=action, payload=dumps(message)))
-        if envelope["status"] != "ok":
-            raise SiteRefusedError(self.name, str(envelope.get("reason", envelope["status"])))
-        return envelope["result"]
+        return _result(self.name, run_key_authority(
+            site=self.name, job_id=self.spec.job_id, spec=self.spec.to_json(),
+            keyring=self.keyring, action=action, payload=dumps(message)))
 
     def close(self) -> None:
         unregister_guard(self.guard)

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import threading
 import time
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -31,7 +30,6 @@ from datasites.runtime.direct import direct_federation, direct_paillier_federati
 from datasites.runtime.federation_config import (
     load_site_keys,
 )
-from datasites.runtime.tables import make_mock
 from fed_tasks import dp_step, dp_usefulness
 from fed_tasks.aggregation import KeyAuthoritySum, MaskedSum, PlainSum
 from fed_tasks.codec import decode_array, encode_array
@@ -51,13 +49,6 @@ from privacy.signing import SignedContribution
 
 
 # ---------------------------------------------------------------------------- helpers
-@pytest.fixture(scope="module")
-def four(shuttle_small, schema):
-    parts = dirichlet_split(shuttle_small, 4, by="f1", seed=3)
-    return {f"inst-{i}": train_test_split(p, 0.3, seed=i, label=schema.label)
-            for i, p in enumerate(parts)}
-
-
 @pytest.fixture(scope="module")
 def three(shuttle_small, schema):
     parts = dirichlet_split(shuttle_small, 3, by="f1", seed=0)
@@ -114,9 +105,16 @@ def _close(*groups) -> None:
             s.close()
 
 
-def _paillier_federation(root: Path, spec: JobSpec, frames):
-    """Member sites + the key authority, all with one federation config (as provisioned)."""
-    return direct_paillier_federation(root, spec, frames)
+def _still_model_job(tmp_path, schema, three):
+    """A paillier job whose model barely moves between rounds (fedadam, server rate 1e-6),
+    its statistics already summed: (spec, sites, authority, private key, the sum, fit
+    length)."""
+    spec = _spec(schema, aggregation="paillier", rounds=3, strategy="fedadam",
+                 server_lr=1e-6)
+    sites, authority, private = direct_paillier_federation(tmp_path, spec, three)
+    agg = KeyAuthoritySum(authority)
+    agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
+    return spec, sites, authority, private, agg, vector_length(spec, "fit")
 
 
 def _decrypt_one(private, spec: JobSpec, contribution: str, n_sites: int) -> np.ndarray:
@@ -135,7 +133,7 @@ def _cos(a: np.ndarray, b: np.ndarray) -> float:
 
 # ------------------------------------------------------ (1) one contribution per slot
 def test_a_site_computes_each_slot_once_and_only_from_the_model_right_before_it(
-        tmp_path, schema, four):
+        tmp_path, schema, four_sites):
     """Attack: after leaving site 0 out of round 1, get it to compute slot 1 anyway (from a
     later model), to compute slot 2 twice (once per forked history), or slot 1 after slot 2.
     Defence: slots strictly increase, each from the model right after the previous
@@ -143,7 +141,7 @@ def test_a_site_computes_each_slot_once_and_only_from_the_model_right_before_it(
     job that opts in to catching up: without it site 0 refuses aggregate 1 outright, see
     ``test_without_opting_in_a_site_refuses_an_aggregate_that_leaves_it_out``.)"""
     spec = _spec(schema, **CATCH_UP)
-    sites = direct_federation(tmp_path, spec, four)
+    sites = direct_federation(tmp_path, spec, four_sites)
     try:
         agg, ev0, ev1 = _round_1_without_site_0(spec, sites)
         a = sites[0]
@@ -166,7 +164,7 @@ def test_a_site_computes_each_slot_once_and_only_from_the_model_right_before_it(
         _close(sites)
 
 
-def test_a_forked_history_is_never_summed_with_the_federations(tmp_path, schema, four):
+def test_a_forked_history_is_never_summed_with_the_federations(tmp_path, schema, four_sites):
     """Attack (plain mode): relay to site 0 a different, valid aggregate 1 (a subset of the
     real contributions) and sum its round-2 update with the others'. Defence: every
     contribution is bound to the model digest; a mixed aggregate is refused by every site, a
@@ -174,7 +172,7 @@ def test_a_forked_history_is_never_summed_with_the_federations(tmp_path, schema,
     summed with >= min_sites sites shown the same fork (plain mode shows updates anyway).
     The fork leaves site 0 out, so the job opts in to catching up (else: refused as such)."""
     spec = _spec(schema, **CATCH_UP)
-    sites = direct_federation(tmp_path, spec, four)
+    sites = direct_federation(tmp_path, spec, four_sites)
     try:
         agg, _stats, ev0 = _statistics(spec, sites)
         r1 = [s.call("fit", {"round": 1, "previous": ev0}) for s in sites]
@@ -198,7 +196,7 @@ def test_a_forked_history_is_never_summed_with_the_federations(tmp_path, schema,
 
 
 def test_without_opting_in_a_site_refuses_an_aggregate_that_leaves_it_out(
-        tmp_path, schema, four):
+        tmp_path, schema, four_sites):
     """Attack (plain mode, fraction 1, no round_timeout): leave site 0 out of round 1 and
     relay the aggregate of the others to it, as ``previous`` or as a catch-up entry, so that
     it follows a model it had no part in. Defence: the approved spec did not ask for
@@ -206,7 +204,7 @@ def test_without_opting_in_a_site_refuses_an_aggregate_that_leaves_it_out(
     keeps its model; an aggregate with it goes through."""
     spec = _spec(schema)
     assert spec.fraction == 1.0 and spec.round_timeout is None
-    sites = direct_federation(tmp_path, spec, four)
+    sites = direct_federation(tmp_path, spec, four_sites)
     try:
         agg, _stats, ev0 = _statistics(spec, sites)
         r1 = [s.call("fit", {"round": 1, "previous": ev0}) for s in sites[1:]]
@@ -242,7 +240,7 @@ def test_only_a_plain_job_may_call_a_fraction_of_the_sites(schema, aggregation):
     assert may_leave_out(_spec(schema, async_k=2))  # a buffered round need not hold the site
 
 
-def test_two_concurrent_calls_do_not_compute_one_slot_twice(tmp_path, schema, four,
+def test_two_concurrent_calls_do_not_compute_one_slot_twice(tmp_path, schema, four_sites,
                                                             monkeypatch, dp_sites):
     """Attack: send one site the same round twice at once, both calls timed to pass the slot
     check before either saves, so that it releases two differently DP-noised contributions
@@ -250,7 +248,7 @@ def test_two_concurrent_calls_do_not_compute_one_slot_twice(tmp_path, schema, fo
     loading the model state to saving it; the second call waits, then finds the slot computed
     and gets the very same bytes, uncharged."""
     spec = _spec(schema, dp_epsilon=1e4, dp_clip=1e-3)
-    sites = dp_sites(tmp_path, spec, four, schema)
+    sites = dp_sites(tmp_path, spec, four_sites, schema)
     try:
         agg, _stats, ev0 = _statistics(spec, sites)
         a = sites[0]
@@ -309,7 +307,7 @@ def test_paillier_a_left_out_site_stays_out_and_no_slot_is_decrypted_twice(
     uncounted, so once left out it stays out; every aggregate is checked against the
     authority's signature over job, slot, model and sum, in order."""
     spec = _spec(schema, aggregation="paillier", rounds=3, **CATCH_UP)
-    sites, authority, _private = _paillier_federation(tmp_path, spec, three)
+    sites, authority, _private = direct_paillier_federation(tmp_path, spec, three)
     try:
         agg = KeyAuthoritySum(authority)
         agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
@@ -365,13 +363,8 @@ def test_paillier_alternating_participation_does_not_isolate_one_sites_update(
     differ by A's update, round after round). Defence: A refuses the aggregate it was left
     out of, so it cannot rejoin: each site can be left out (and isolated, see the next test)
     at most once, as a secure-sum dropout."""
-    spec = _spec(schema, aggregation="paillier", rounds=3, strategy="fedadam",
-                 server_lr=1e-6)
-    sites, authority, _private = _paillier_federation(tmp_path, spec, three)
+    spec, sites, authority, _private, agg, length = _still_model_job(tmp_path, schema, three)
     try:
-        agg = KeyAuthoritySum(authority)
-        length = vector_length(spec, "fit")
-        agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
         agg.submit(sites, "fit", {"round": 1, "previous": agg.evidence()}, length)
         agg.submit(sites[1:], "fit", {"round": 2, "previous": agg.evidence()}, length)
         a = sites[0]
@@ -406,7 +399,7 @@ def test_paillier_orchestrator_keeps_a_timed_out_site_out_for_good(tmp_path, sch
     of every later call of the job (``KeyAuthoritySum.rejoin`` is False), even once it
     answers again: the orchestrator never relays it an aggregate it would refuse."""
     spec = _spec(schema, aggregation="paillier", rounds=3, **CATCH_UP)
-    sites, authority, _private = _paillier_federation(tmp_path, spec, three)
+    sites, authority, _private = direct_paillier_federation(tmp_path, spec, three)
     slow = _Slow(sites[0])
     members = [slow, *sites[1:]]
     try:
@@ -443,13 +436,8 @@ def test_paillier_orchestrator_keeps_a_timed_out_site_out_for_good(tmp_path, sch
     "confidentiality'."))
 def test_paillier_leaving_a_site_out_once_does_not_isolate_its_update(
         tmp_path, schema, three):
-    spec = _spec(schema, aggregation="paillier", rounds=3, strategy="fedadam",
-                 server_lr=1e-6)
-    sites, authority, private = _paillier_federation(tmp_path, spec, three)
+    spec, sites, authority, private, agg, length = _still_model_job(tmp_path, schema, three)
     try:
-        agg = KeyAuthoritySum(authority)
-        length = vector_length(spec, "fit")
-        agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
         seen: dict[int, list[dict[str, Any]]] = {}
         call = agg._call
 
@@ -505,9 +493,9 @@ def test_secagg_refuses_catch_up_evidence_uncounted(tmp_path, schema, three):
     "dropout cannot rejoin, so each site can be isolated once, not repeatedly (the same as "
     "in paillier: test_paillier_leaving_a_site_out_once_does_not_isolate_its_update)."))
 def test_secagg_a_dropout_does_not_isolate_the_dropped_sites_last_update(
-        tmp_path, schema, four):
+        tmp_path, schema, four_sites):
     spec = _spec(schema, aggregation="secagg", rounds=3, strategy="fedadam", server_lr=1e-6)
-    sites = direct_federation(tmp_path, spec, four)
+    sites = direct_federation(tmp_path, spec, four_sites)
     try:
         agg = MaskedSum(spec, len(sites))
         length = vector_length(spec, "fit")
@@ -520,7 +508,7 @@ def test_secagg_a_dropout_does_not_isolate_the_dropped_sites_last_update(
         released += agg.finish(sites[1:])
         fits = {r.round: r.vector for r in released if r.action == "fit"}
         recovered = fits[2] - fits[3]
-        train, _ = four[sites[0].name]
+        train, _ = four_sites[sites[0].name]
         truth = site_fit(spec, train, StepInput(2, held.state, held.private))["vector"]
         assert recovered[-1] == truth[-1]
         assert _cos(recovered[:-2], truth[:-2]) < 0.9
@@ -529,12 +517,12 @@ def test_secagg_a_dropout_does_not_isolate_the_dropped_sites_last_update(
 
 
 # ------------------------------------------------------ (4) cost of a catch-up list
-def test_a_catch_up_list_is_bounded_and_cheap_to_refuse_or_skip(tmp_path, schema, four):
+def test_a_catch_up_list_is_bounded_and_cheap_to_refuse_or_skip(tmp_path, schema, four_sites):
     """Attack: exhaust the site with a huge catch-up list. Defence: more than 1000 entries
     are refused by the schema, uncounted; entries already applied are skipped unverified;
     the first bad entry stops the call. (A plain job that opts in to catching up.)"""
     spec = _spec(schema, rounds=2, **CATCH_UP)
-    sites = direct_federation(tmp_path, spec, four)
+    sites = direct_federation(tmp_path, spec, four_sites)
     try:
         agg, ev0, ev1 = _round_1_without_site_0(spec, sites)
         a = sites[0]
@@ -556,14 +544,14 @@ def test_a_catch_up_list_is_bounded_and_cheap_to_refuse_or_skip(tmp_path, schema
 
 
 # ------------------------------------------------------ (5) skipping aggregates
-def test_a_site_left_behind_cannot_jump_past_training_on_its_own(tmp_path, schema, four):
+def test_a_site_left_behind_cannot_jump_past_training_on_its_own(tmp_path, schema, four_sites):
     """Attack: site 0 holds the model after round 1; relay the first calibration aggregate
     (which the early-stop rule lets follow any training round) without rounds 2 and 3, so it
     calibrates an older model than the federation's. Defence: that aggregate's contributors
     computed from another model: refused; with every missed aggregate relayed it goes on.
     (A plain job that opts in to catching up.)"""
     spec = _spec(schema, target_fpr=0.05, **CATCH_UP)
-    sites = direct_federation(tmp_path, spec, four)
+    sites = direct_federation(tmp_path, spec, four_sites)
     try:
         agg = PlainSum(spec.min_sites, spec)
         agg.submit(sites, "stats", {}, vector_length(spec, "stats"))
@@ -620,13 +608,13 @@ def _colluders_aggregate(spec: JobSpec, sites, stats, honest: list[str] | None =
     return evil, w0, target
 
 
-def test_colluding_members_cannot_set_an_honest_sites_model(tmp_path, schema, four):
+def test_colluding_members_cannot_set_an_honest_sites_model(tmp_path, schema, four_sites):
     """Attack: min_sites colluding members sign an aggregate 1 without the honest site that
     sets its model to any vector they like, so that it trains (and releases an update of) a
     crafted model. Defence (the approved spec does not ask for unreliable-site handling):
     the honest site refuses an aggregate that leaves it out, uncounted, model unchanged."""
     spec = _spec(schema, rounds=2)
-    sites = direct_federation(tmp_path, spec, four)
+    sites = direct_federation(tmp_path, spec, four_sites)
     try:
         agg, stats, ev0 = _statistics(spec, sites)
         evil, w0, _target = _colluders_aggregate(spec, sites, stats)
@@ -648,9 +636,9 @@ def test_colluding_members_cannot_set_an_honest_sites_model(tmp_path, schema, fo
     "count); the site then trains and releases an update of that crafted model. README: a "
     "malicious site cannot 'make another site train a crafted model'."))
 def test_colluding_members_cannot_set_the_model_of_a_site_that_may_catch_up(
-        tmp_path, schema, four):
+        tmp_path, schema, four_sites):
     spec = _spec(schema, rounds=2, **CATCH_UP)
-    sites = direct_federation(tmp_path, spec, four)
+    sites = direct_federation(tmp_path, spec, four_sites)
     try:
         agg, stats, ev0 = _statistics(spec, sites)
         evil, w0, target = _colluders_aggregate(spec, sites, stats)
@@ -670,9 +658,9 @@ def test_colluding_members_cannot_set_the_model_of_a_site_that_may_catch_up(
     "exactly. The leave-out check does not cover this (README, Security model: a malicious "
     "site can steer the model every site trains next)."))
 def test_colluding_members_cannot_steer_an_aggregate_the_honest_site_is_in(
-        tmp_path, schema, four):
+        tmp_path, schema, four_sites):
     spec = _spec(schema, rounds=2)
-    sites = direct_federation(tmp_path, spec, four)
+    sites = direct_federation(tmp_path, spec, four_sites)
     try:
         agg, stats, ev0 = _statistics(spec, sites)
         own = sites[0].call("fit", {"round": 1, "previous": ev0})["contribution"]
@@ -687,14 +675,14 @@ def test_colluding_members_cannot_steer_an_aggregate_the_honest_site_is_in(
 
 # ------------------------------------------------------ (7) adaptive clip and catch-up
 def test_a_catch_up_moves_the_adaptive_clip_once_per_aggregate_and_never_by_a_forgery(
-        tmp_path, schema, four, dp_sites):
+        tmp_path, schema, four_sites, dp_sites):
     """Attack: move a left-out site's clip C_t by relaying an aggregate twice, or one whose
     clipping count was rewritten. Defence: an applied aggregate is never applied again; a
     rewritten contribution fails its signature; after catching up the site holds the very
     clip the contributors hold. (A plain job that opts in to catching up.)"""
     spec = _spec(schema, dp_epsilon=1e4, dp_clip=1e-3, dp_adaptive_clip=True, dp_clip_lr=1.0,
                  **CATCH_UP)
-    sites = dp_sites(tmp_path, spec, four, schema)
+    sites = dp_sites(tmp_path, spec, four_sites, schema)
     try:
         agg, _stats, ev0 = _statistics(spec, sites)
         history = []
@@ -755,7 +743,7 @@ def test_a_swamped_job_is_refused_at_the_call_uncounted(tmp_path, schema, three,
 
 
 def test_an_impossible_min_sites_passes_the_noise_check_but_releases_nothing(
-        tmp_path, schema, three):
+        tmp_path, schema, three, with_mocks):
     """Attack: min_sites=1000 in a 3-site federation divides the ratio (secure mode) by
     ~330, from 67 to 0.2, so the site's policy no longer refuses the job. It gains nothing:
     the key authority decrypts no sum of fewer than min_sites sites, so not even the
@@ -766,15 +754,11 @@ def test_an_impossible_min_sites_passes_the_noise_check_but_releases_nothing(
     inflated = honest.model_copy(update={"min_sites": 1000})
     assert dp_usefulness.useless(honest, None) is not None
     assert dp_usefulness.useless(inflated, None) is None
-    sites, authority, _private = _paillier_federation(tmp_path, inflated, three)
+    sites, authority, _private = direct_paillier_federation(tmp_path, inflated, three)
     try:
-        for s, (train, test) in zip(sites, three.values(), strict=True):
-            s.guard.register_assets({"train": train, "test": test},
-                                    {"train": make_mock(train, schema), "test": test})
-            privacy = s.guard.privacy
-            privacy.set_policy(privacy.policy().model_copy(update={"epsilon_budget": 1e9}),
-                               "owner@direct.site", "test budget")
-            assert privacy.check_job(inflated, None, rows=len(train)) == []  # not refused
+        with_mocks(sites, three, schema)
+        for s, (train, _) in zip(sites, three.values(), strict=True):
+            assert s.guard.privacy.check_job(inflated, None, rows=len(train)) == []  # allowed
         replies = [s.call("stats", {}) for s in sites]  # DP: the public mock's moments
         with pytest.raises(SiteRefusedError, match="min_sites"):
             authority.call("decrypt", {"action": "stats", "round": 0,
