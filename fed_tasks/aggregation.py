@@ -332,6 +332,15 @@ def sent_by(replies: list[dict[str, Any]], key: str) -> dict[str, dict[str, int]
     return out
 
 
+def _slot_of(reply: dict[str, Any]) -> int | None:
+    """The slot a secure-sum reply's update was computed for (None if unreadable: the
+    sites refuse it when they form the sum)."""
+    try:
+        return SignedContribution.from_str(reply["masked"]).round
+    except (KeyError, TypeError, ValueError):
+        return None
+
+
 def _signed_payload(text: str) -> str:
     """The payload of a site's signed contribution (its signature is the sites' to check)."""
     return SignedContribution.from_str(text).payload
@@ -423,7 +432,8 @@ class MaskedSum:
         self.server = SecAggSessionServer(self.plan["threshold"], self.plan["bits"],
                                           self.plan["vector_length"], spec.job_id,
                                           self.plan["rounds"],
-                                          round_bits=self.plan["round_bits"])
+                                          round_bits=self.plan["round_bits"],
+                                          buffered=spec.async_k is not None)
         self._pending: tuple[str, int] | None = None  # (action, round) awaiting opening
         self._unreturned: list[Released] = []  # opened by a call that then failed
         self._evidence: dict[str, Any] | None = None  # signed inputs of the pending round
@@ -431,6 +441,15 @@ class MaskedSum:
         self.timeout: float | None = None  # a site silent this long drops out of the session
         self.last_skipped: dict[str, str] = {}  # the last call's new dropouts, and why
         self.sent: dict[str, dict[str, int]] = {}  # the last call's sizes per site (sent_by)
+        # buffered rounds (spec.async_k): a round's sum is over the sites called, summed
+        # once ``buffer_k`` answered; a site still computing keeps its call running and
+        # catches up on the sums it missed (``_history``) at its next call
+        self.buffer_k: int | None = None
+        self.last_staleness: dict[str, int] = {}
+        self._busy: dict[str, Future] = {}
+        self._history: list[dict[str, Any]] = []
+        self._seen: dict[str, int] = {}  # site -> len(_history) at its last call
+        self._answered: set[str] = set()  # sites that opened their shares inbox
 
     def _setup(self, sites: list[SiteConnection]) -> None:
         adverts = call_all(sites, "secagg_advertise", {})
@@ -443,8 +462,9 @@ class MaskedSum:
         """Check and decode the pending sum from the sites that opened it."""
         if self._pending is None:
             return []
-        opened = [rep["opened"] for rep in replies.values()
-                  if not isinstance(rep, Exception) and rep.get("opened")]
+        opened = [rep["opened"] for name, rep in replies.items()  # (a buffered job's other
+                  if not isinstance(rep, Exception) and rep.get("opened")  # sites catch up)
+                  and name in self.server.survivors]
         if not opened:
             return []
         action, rnd = self._pending
@@ -463,6 +483,8 @@ class MaskedSum:
                length: int) -> list[Released]:
         if not self._ready:
             self._setup(sites)
+        if self.spec.async_k is not None:
+            return self._submit_buffered(sites, action, message)
         rnd = int(message.get("round", 0))
         first = self.server.round == 0
         active = [s for s in sites if s.name in self.server.active]
@@ -484,8 +506,110 @@ class MaskedSum:
         self._pending = (action, rnd)
         return released
 
+    def _submit_buffered(self, sites: list[SiteConnection], action: str,
+                         message: dict[str, Any]) -> list[Released]:
+        """A buffered round: call every site not still computing (the round's roster); sum
+        once ``buffer_k`` answered, at least ``min_sites`` with an update of this very
+        round (the others: a late update their site masked again). A roster member still
+        computing is recovered for this round only; its late reply, masked for a round
+        summed without it, is never used: the site masks that update again when next
+        called. The phases after the rounds wait for every site."""
+        rnd = int(message.get("round", 0))
+        fit = action == "fit"
+        if not fit:
+            wait(list(self._busy.values()), timeout=self.timeout)
+        self._busy = {n: f for n, f in self._busy.items() if not f.done()}
+        idle = [s for s in sites if s.name not in self._busy]
+        roster = [s.name for s in idle]
+        history = self._history
+
+        def message_for(site: SiteConnection) -> dict[str, Any]:
+            out = {**message, "roster": roster}
+            if site.name not in self._answered:
+                out["inbox"] = self.server.inbox(site.name).to_str()
+            missed = history[self._seen.get(site.name, len(history) - 1):-1]
+            if message.get("previous") is not None and missed:
+                out["catch_up"] = missed
+            return out
+
+        pool = ThreadPoolExecutor(max_workers=max(1, len(idle)))
+        futures = {s.name: pool.submit(s.call, action, message_for(s)) for s in idle}
+        pool.shutdown(wait=False)
+        for site in idle:
+            self._seen[site.name] = len(history)
+        index = slot_index(self.spec, action, rnd)
+        deadline = None if self.timeout is None else time.monotonic() + self.timeout
+
+        def full() -> bool:
+            if not fit or self.buffer_k is None:
+                return False
+            ok = [f.result() for f in futures.values() if f.done() and f.exception() is None]
+            fresh = sum(_slot_of(r) == index for r in ok)
+            return len(ok) >= self.buffer_k and fresh >= self.spec.min_sites
+
+        while not full() and not all(f.done() for f in futures.values()):
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                break
+            wait([f for f in futures.values() if not f.done()], timeout=left,
+                 return_when=FIRST_COMPLETED)
+        replies: dict[str, dict[str, Any] | Exception] = {}
+        self.last_skipped = {}
+        for name, future in futures.items():
+            if future.done():
+                exc = future.exception()
+                replies[name] = exc if isinstance(exc, Exception) else future.result()
+            else:
+                self._busy[name] = future
+                replies[name] = RoundTimeout(f"site {name!r} was still computing when the "
+                                             f"round's buffer filled")
+            if isinstance(replies[name], Exception):
+                self.last_skipped[name] = f"left out of this round: {replies[name]}"
+            else:
+                self._answered.add(name)
+        self.last_skipped |= {n: "still computing an earlier round" for n in self._busy
+                              if n not in futures}
+        released = self._release(replies)
+        try:
+            self._evidence = self._collect(action, rnd, idle, replies, roster)
+        except TooFewSitesError:
+            self._unreturned += released
+            raise
+        self._history.append(self._evidence)
+        self._pending = (action, rnd)
+        self.last_staleness = ({SignedContribution.from_str(m).site_id:
+                                index - SignedContribution.from_str(m).round
+                                for m in self._evidence["inputs"]} if fit else {})
+        return released
+
+    def call_sites(self, sites: list[SiteConnection], action: str, message: dict[str, Any]
+                   ) -> dict[str, dict[str, Any]]:
+        """A call outside the sums (evaluation): in a buffered job each site first catches
+        up on the sums it missed (a site still computing is waited for); otherwise the
+        sites still in the session, as they are."""
+        if self.spec.async_k is None:
+            members = [s for s in sites if s.name not in self.left_out(sites)]
+            return dict(zip([s.name for s in members], call_all(members, action, message),
+                            strict=True))
+        wait(list(self._busy.values()), timeout=self.timeout)
+        self._busy = {n: f for n, f in self._busy.items() if not f.done()}
+        self.last_skipped = {n: "still computing an earlier call" for n in self._busy}
+        ready = [s for s in sites if s.name not in self._busy]
+        history = self._history
+
+        def message_for(site: SiteConnection) -> dict[str, Any]:
+            missed = history[self._seen.get(site.name, len(history) - 1):-1]
+            return {**message, "catch_up": missed} if missed else message
+
+        replies = call_within(ready, action, message_for)
+        for reply in replies.values():
+            if isinstance(reply, Exception):
+                raise reply
+        return replies  # type: ignore[return-value]
+
     def _collect(self, action: str, rnd: int, active: list[SiteConnection],
-                 replies: dict[str, dict[str, Any] | Exception]) -> dict[str, Any]:
+                 replies: dict[str, dict[str, Any] | Exception],
+                 roster: list[str] | None = None) -> dict[str, Any]:
         """Add the masked vectors; if sites dropped, have the survivors reveal their keys.
         Returns the round's evidence for the sites."""
         r = session_round(self.spec, action, rnd)
@@ -501,7 +625,7 @@ class MaskedSum:
                 f"secure sum of {action!r}: {len(masked)} sites answered, the job needs at "
                 f"least {self.spec.min_sites}; failures: {self.dropped}")
         try:
-            request = self.server.collect_masked(r, masked)
+            request = self.server.collect_masked(r, masked, roster)
         except SecAggError as exc:
             raise TooFewSitesError(f"secure sum of {action!r}: {exc}; failures: "
                                    f"{self.dropped}") from None

@@ -50,6 +50,7 @@ class AggregateEvidence(_Strict):
 
 class StatsMessage(_Strict):
     inbox: str | None = Field(default=None, max_length=MAX_TEXT)  # secure sum: key shares
+    roster: list[str] | None = Field(default=None, max_length=MAX_SITES)  # as in FitMessage
 
 
 class FitMessage(_Strict):
@@ -62,6 +63,8 @@ class FitMessage(_Strict):
     previous: AggregateEvidence
     catch_up: list[AggregateEvidence] = Field(default=[], max_length=MAX_CATCH_UP)
     inbox: str | None = Field(default=None, max_length=MAX_TEXT)
+    # a buffered secure-sum round: the sites called, whom this site masks with
+    roster: list[str] | None = Field(default=None, max_length=MAX_SITES)
 
 
 class EvaluateMessage(_Strict):

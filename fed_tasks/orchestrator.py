@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 
 from fed_tasks.aggregation import (
     KeyAuthoritySum,
+    MaskedSum,
     PlainSum,
     Released,
     SecureSum,
@@ -126,9 +127,8 @@ class FederatedTrainer:
         if hasattr(self.secure_sum, "timeout"):
             self.secure_sum.timeout = spec.round_timeout
         if spec.async_k is not None:
-            if not isinstance(self.secure_sum, PlainSum | KeyAuthoritySum):
-                raise ValueError("buffered rounds (async_k) need aggregation 'plain' or "
-                                 "'paillier'")
+            if not isinstance(self.secure_sum, PlainSum | KeyAuthoritySum | MaskedSum):
+                raise ValueError("buffered rounds (async_k) need the job's own secure sum")
             self.secure_sum.spec = spec
             if spec.async_k > len(self.sites):
                 raise ValueError(f"async_k={spec.async_k} exceeds the {len(self.sites)} sites: "

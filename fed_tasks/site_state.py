@@ -96,6 +96,10 @@ class SiteModelState:
     # from, and each member's last slot already applied, so no update counts twice
     past: dict[int, str] = field(default_factory=dict)
     used: dict[str, int] = field(default_factory=dict)
+    # a buffered secure-sum job: this site's last training update until an aggregate holds
+    # it ({"slot", "vector"}); a late one is masked again into a later round (never sent
+    # in clear, kept 0600 with the rest)
+    pending: dict | None = None
 
     @classmethod
     def initial(cls, spec: JobSpec, weights: np.ndarray, path: Path | None = None
@@ -123,7 +127,8 @@ class SiteModelState:
                        int(raw["trained"]), raw.get("reply"),
                        _arrays(raw, "private", lambda _: len(weights)), path,
                        {int(k): str(v) for k, v in dict(raw.get("past") or {}).items()},
-                       {str(k): int(v) for k, v in dict(raw.get("used") or {}).items()})
+                       {str(k): int(v) for k, v in dict(raw.get("used") or {}).items()},
+                       raw.get("pending"))
         except (KeyError, TypeError, ValueError, json.JSONDecodeError) as exc:
             raise ModelStateError(f"model state file {path.name} is unreadable: "
                                   f"{type(exc).__name__}") from None
@@ -137,7 +142,8 @@ class SiteModelState:
             "weights": encode_array(self.state.weights), "loss": repr(self.state.loss),
             "norm": self.state.norm.to_dict() if self.state.norm is not None else None,
             "extra": _encoded(self.state.extra), "server": _encoded(self.state.server),
-            "private": _encoded(self.private), "past": self.past, "used": self.used})
+            "private": _encoded(self.private), "past": self.past, "used": self.used,
+            "pending": self.pending})
         tmp = self.path.with_name(self.path.name + ".tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as fh:

@@ -96,7 +96,8 @@ class JobSpec(BaseModel):
     # asynchronous buffered rounds (FedBuff; fed_tasks/buffered.py): a round's aggregate is
     # formed once async_k updates are in; a slow site's update joins a later aggregate,
     # weighted (1 + staleness)^-1/2, and never once it is more than max_staleness rounds old.
-    # Plain mode only (see _async_fits).
+    # In secagg each round masks over the sites it calls; a late update is masked again
+    # into a later round by its site (privacy/secagg_session.py, "Buffered rounds").
     async_k: int | None = Field(default=None, ge=1, le=1000)
     max_staleness: int = Field(default=4, ge=0, le=100)
     # smaller training updates (fed_tasks/compression.py): "none", "q8" / "q16" (8 / 16 bits
@@ -169,10 +170,6 @@ class JobSpec(BaseModel):
     def _async_fits(self) -> JobSpec:
         if self.async_k is None:
             return self
-        if self.aggregation == "secagg":
-            raise ValueError("async_k needs aggregation 'plain' or 'paillier': the secure-sum "
-                             "session masks every round with every active site, so a buffer "
-                             "of late updates cannot be formed there yet")
         if self.model not in NEURAL_MODELS:
             raise ValueError(f"async_k buffers training rounds; model {self.model!r} has none")
         if self.async_k < self.min_sites:

@@ -38,6 +38,16 @@ Dropouts (an extra call, only in a round where a site stopped answering)
   A dropped site stays dropped for the job (its round-r key was revealed). Up to n - t sites
   may drop; with more, the round fails with SecAggThresholdError.
 
+Buffered rounds (``buffered=True``, FedBuff under a secure sum)
+  A round's sum is whoever answered first. The orchestrator names each round's *roster*,
+  the sites it calls in that round; each site masks with the roster's other members only
+  (at least ``min_survivors`` of them, itself included), so a site still computing an
+  earlier round is no peer and costs no recovery. A roster member that does not answer is
+  recovered as above, but only for that round: its round-r key exposes round r alone, so it
+  masks again in a later round (its late round-r input then hides behind its self-mask
+  only; see the threat model). A site may open a round it did not add to (it was still
+  computing): it catches up on the others' sum, which holds nothing of its own.
+
 Why per-round keys: once v drops in round r the server learns s_sk_{v,r}; with a long-term
 key it could recompute every pairwise mask v ever used. Per-round keys expose round r only.
 
@@ -437,10 +447,11 @@ class SecAggSessionClient:
 
     def __init__(self, site_id: str, *, job_id: str, threshold: int, bits: int,
                  vector_length: int, rounds: int, min_survivors: int = 0,
-                 round_bits: list[int] | None = None) -> None:
+                 round_bits: list[int] | None = None, buffered: bool = False) -> None:
         _check_params(threshold, bits, vector_length)
         _check_rounds(rounds)
         self.round_bits = _round_bits(round_bits, bits, rounds)
+        self.buffered = bool(buffered)
         if not isinstance(site_id, str) or not site_id:
             raise SecAggMessageError(f"site_id must be a non-empty string, got {site_id!r}")
         if not isinstance(job_id, str):
@@ -480,6 +491,11 @@ class SecAggSessionClient:
             raise SecAggMessageError(
                 f"site {self.site_id!r}: {what} is for job {job_id!r}, not {self.job_id!r}"
             )
+
+    @property
+    def phase(self) -> str:
+        """Setup progress: "keys" (advertised), "shared", "ready" (inbox opened)."""
+        return self._phase
 
     @property
     def dropped(self) -> dict[str, int]:
@@ -601,10 +617,38 @@ class SecAggSessionClient:
         self._held, self._phase = held, "ready"
 
     # -- round r
+    def peers_for(self, roster: Any = None) -> list[str]:
+        """The peers a new round masks with: every active site, or in a buffered session
+        the ``roster`` the orchestrator called, less this site; refused below
+        ``min_survivors`` sites (callable before the round's input exists)."""
+        me = self.site_id
+        if not self.buffered:
+            if roster is not None:
+                raise SecAggProtocolError(f"site {me!r}: job {self.job_id!r} masks with every "
+                                          "active site; it takes no roster")
+            peers = [v for v in self._sites if v != me and v not in self._dropped]
+        else:
+            if not _is_str_list(roster) or len(set(roster)) != len(roster):
+                raise SecAggMessageError(f"site {me!r}: a buffered round needs a roster of "
+                                         f"distinct site ids, got {roster!r}")
+            strangers = sorted(set(roster) - set(self._sites)) if self._sites else []
+            if strangers or me not in roster:
+                raise SecAggUnknownSenderError(
+                    f"site {me!r}: the roster {sorted(roster)} must list this site and "
+                    f"members only (strangers: {strangers})")
+            peers = sorted(v for v in roster if v != me)
+        if len(peers) + 1 < self.min_survivors:
+            raise SecAggThresholdError(
+                f"site {me!r}: only {len(peers) + 1} sites would mask this round together, "
+                f"a sum needs at least {self.min_survivors}")
+        return peers
+
     def masked_input(self, r: int, x: np.ndarray,
-                     inbox: SessionInbox | str | None = None) -> SessionMaskedInput:
+                     inbox: SessionInbox | str | None = None,
+                     roster: list[str] | None = None) -> SessionMaskedInput:
         """Mask x for round r with its self-mask and round-r pairwise seeds over the active
-        peers. The first call needs the site's `inbox` (it carries K's contributions)."""
+        peers (a buffered session: over ``roster``, the sites called in round r). The first
+        call needs the site's `inbox` (it carries K's contributions)."""
         if self._phase == "keys":
             raise SecAggProtocolError(f"site {self.site_id!r}: masked_input before share")
         if self._phase == "shared":
@@ -633,12 +677,7 @@ class SecAggSessionClient:
                 )
             peers = self._peers  # identical retry: identical message
         else:
-            peers = [v for v in self._sites if v != self.site_id and v not in self._dropped]
-            if len(peers) + 1 < self.min_survivors:
-                raise SecAggThresholdError(
-                    f"site {self.site_id!r}: only {len(peers) + 1} sites are still active in "
-                    f"round {r}, a sum needs at least {self.min_survivors}"
-                )
+            peers = self.peers_for(roster)
         n, me = self.vector_length, self.site_id
         acc = xs.copy()
         acc += _prg_u64(_self_seed(self._group_key, self.job_id, r, me), n)
@@ -729,7 +768,9 @@ class SecAggSessionClient:
                 f"site {me!r}: masked sum is {msg.vector_length} values mod 2^{msg.bits}, this "
                 f"job sums {self.vector_length} values mod 2^{bits} in round {r}")
         surv = set(msg.survivors)
-        if not retry:
+        if not retry and self._catching_up(r, surv):
+            pass  # a buffered round this site did not add to: the others' sum
+        elif not retry:
             surv = self._check_survivors(r, msg.survivors, "opens")
             if self._recovery is not None and sorted(surv) != self._recovery[0]:
                 raise SecAggUnmaskRefusedError(
@@ -742,6 +783,29 @@ class SecAggSessionClient:
         total &= _mask(bits)
         self._opened, self._opened_digest = r, digest
         return SessionOpenedSum(self.job_id, me, r, sorted(surv), _pack(total, bits))
+
+    def _catching_up(self, r: int, survivors: set[str]) -> bool:
+        """Whether round r's sum is one a buffered site opens without having added to it
+        (it was still computing, or its input came too late and its round key was
+        recovered): a sum of at least ``min_survivors`` members, none of it this site's."""
+        if not self.buffered or (self.site_id in survivors and self._round == r):
+            return False
+        if self.site_id in survivors:
+            raise SecAggUnmaskRefusedError(f"site {self.site_id!r} did not mask round {r}, "
+                                           "yet the masked sum lists it as a survivor")
+        if self._round == r and self._recovery is not None:
+            raise SecAggUnmaskRefusedError(
+                f"site {self.site_id!r} refuses round {r}: it revealed keys as one of its "
+                f"survivors {self._recovery[0]}, the masked sum leaves it out")
+        unknown = sorted(survivors - set(self._sites))
+        if unknown:
+            raise SecAggUnknownSenderError(
+                f"site {self.site_id!r}: round-{r} survivors {unknown} are not in this job")
+        if len(survivors) < self.min_survivors:
+            raise SecAggThresholdError(
+                f"site {self.site_id!r}: round {r} lists only {len(survivors)} survivors, a "
+                f"sum needs at least {self.min_survivors}")
+        return True
 
     def open_round(self, inputs: Iterable[SessionMaskedInput | str],
                    recoveries: Iterable[SessionRecoverShares | str] = ()) -> SessionOpenedSum:
@@ -772,6 +836,10 @@ class SecAggSessionClient:
                                      f"{self.vector_length} values mod 2^{bits}")
         survivors = sorted(got)
         peers = {u: list(got[u].peers) for u in survivors}
+        rosters = {frozenset([u, *p]) for u, p in peers.items()}
+        if self.buffered and len(rosters) != 1:
+            raise SecAggMessageError(f"site {self.site_id!r}: the round-{r} inputs were masked "
+                                     "over different rosters (sites shown different rounds)")
         dropped = sorted(set().union(*map(set, peers.values())) - set(survivors))
         total = np.zeros(self.vector_length, dtype=np.uint64)
         for m in got.values():
@@ -805,7 +873,7 @@ class SecAggSessionClient:
             "kind": "secagg_session_client_state", "protocol": PROTOCOL,
             "site_id": self.site_id, "job_id": self.job_id, "threshold": self.threshold,
             "bits": self.bits, "vector_length": self.vector_length, "rounds": self.rounds,
-            "round_bits": self.round_bits,
+            "round_bits": self.round_bits, "buffered": self.buffered,
             "min_survivors": self.min_survivors, "phase": self._phase,
             "c_sk": _b64e(self._c_sk.private_bytes_raw()),
             "s_sks": [_b64e(k.private_bytes_raw()) for k in self._s_sks],
@@ -835,6 +903,7 @@ class SecAggSessionClient:
             _check_params(c.threshold, c.bits, c.vector_length)
             _check_rounds(c.rounds)
             c.round_bits = _round_bits(st.get("round_bits"), c.bits, c.rounds)
+            c.buffered = bool(st.get("buffered", False))
             c._phase = st["phase"]
             key = X25519PrivateKey.from_private_bytes
             c._c_sk = key(_b64d(st["c_sk"], "c_sk", _KEY))
@@ -874,10 +943,12 @@ class SecAggSessionServer:
 
     def __init__(self, threshold: int, bits: int, vector_length: int, job_id: str,
                  rounds: int, *, sites: Iterable[str] | None = None,
-                 min_survivors: int = 0, round_bits: list[int] | None = None) -> None:
+                 min_survivors: int = 0, round_bits: list[int] | None = None,
+                 buffered: bool = False) -> None:
         _check_params(threshold, bits, vector_length)
         _check_rounds(rounds)
         self.round_bits = _round_bits(round_bits, bits, rounds)
+        self.buffered = bool(buffered)
         if not isinstance(job_id, str):
             raise SecAggMessageError(f"job_id must be a string, got {job_id!r}")
         self.threshold, self.bits, self.vector_length = threshold, bits, vector_length
@@ -985,14 +1056,19 @@ class SecAggSessionServer:
             raise SecAggUnknownSenderError(f"no shares inbox for site {site!r} in this job")
         return SessionInbox.from_str(self._inboxes[site])
 
-    def collect_masked(self, r: int, messages: Iterable[SessionMaskedInput | str]
-                       ) -> SessionRecoverRequest | None:
+    def collect_masked(self, r: int, messages: Iterable[SessionMaskedInput | str],
+                       roster: Iterable[str] | None = None) -> SessionRecoverRequest | None:
         """Round r: validate and add the masked inputs; fix survivors and dropped.
 
         Returns None if no site dropped (the masked sum is ready), else the recovery request
         to send to the survivors. Dropped = active sites that did not answer, plus
         already-dropped sites that a survivor still masked with (it had not heard of it).
+        A buffered session takes the round's ``roster`` (the sites called): its members that
+        did not answer are dropped for this round only.
         """
+        if self.buffered != (roster is not None):
+            raise SecAggProtocolError("a buffered session's round needs its roster; any other "
+                                      "takes none")
         if not self._inboxes:
             raise SecAggProtocolError("collect_masked before route_shares")
         if type(r) is not int or not 1 <= r <= self.rounds:
@@ -1005,7 +1081,10 @@ class SecAggSessionServer:
             )
         step = f"MaskedInput of round {r}"
         got = collect_messages(SessionMaskedInput, messages, self.job_id, self.participants, step)
-        active = set(self.active)
+        active = set(self.active) if roster is None else set(roster)
+        if not active <= set(self.participants):
+            raise SecAggUnknownSenderError(f"round-{r} roster names non-participants "
+                                           f"{sorted(active - set(self.participants))}")
         for u, msg in got.items():
             if u in self._dropped:
                 raise SecAggUnknownSenderError(
@@ -1025,6 +1104,8 @@ class SecAggSessionServer:
             peers = set(msg.peers)
             bad = sorted(peers - set(self.participants) | ({u} & peers))
             skipped = sorted(active - peers - {u})
+            if roster is not None:  # exactly the roster: no stranger, nobody left out
+                bad = sorted(set(bad) | (peers - active) | ({u} - active))
             if bad or skipped or len(peers) != len(msg.peers):
                 raise SecAggMessageError(
                     f"site {u!r} masked with peers {msg.peers}: unknown/self {bad}, active "
@@ -1037,7 +1118,7 @@ class SecAggSessionServer:
         survivors = sorted(got)
         needed = set().union(*(set(got[u].peers) for u in survivors))
         dropped = sorted((active - set(got)) | (needed - active))
-        for v in dropped:
+        for v in dropped if not self.buffered else ():  # buffered: out for this round only
             self._dropped.setdefault(v, r)
         self._round, self._survivors, self._round_dropped = r, survivors, dropped
         self._peers = {u: list(got[u].peers) for u in survivors}
@@ -1103,6 +1184,7 @@ class SecAggSessionServer:
             "kind": "secagg_session_server_state", "protocol": PROTOCOL,
             "threshold": self.threshold, "bits": self.bits, "vector_length": self.vector_length,
             "round_bits": self.round_bits, "job_id": self.job_id, "rounds": self.rounds,
+            "buffered": self.buffered,
             "sites": self.sites,
             "min_survivors": self.min_survivors,
             "c_pks": {s: _b64e(k) for s, k in self._c_pks.items()},
@@ -1121,7 +1203,8 @@ class SecAggSessionServer:
                 raise SecAggMessageError(f"not a {PROTOCOL} session server state")
             srv = cls(st["threshold"], st["bits"], st["vector_length"], st["job_id"],
                       st["rounds"], sites=st["sites"], min_survivors=st["min_survivors"],
-                      round_bits=st.get("round_bits"))
+                      round_bits=st.get("round_bits"),
+                      buffered=bool(st.get("buffered", False)))
             srv._c_pks = {s: _b64d(k, "c_pk", _KEY) for s, k in st["c_pks"].items()}
             srv._s_pks = {s: [_b64d(k, "s_pk", _KEY) for k in ks]
                           for s, ks in st["s_pks"].items()}

@@ -17,7 +17,11 @@ from typing import Any
 import numpy as np
 from cryptography.exceptions import InvalidSignature
 
-from datasites.runtime.aggregate_check import AggregateRefused, check_contributions
+from datasites.runtime.aggregate_check import (
+    AggregateRefused,
+    check_buffered,
+    check_contributions,
+)
 from datasites.runtime.federation_config import SiteKeys, read_config
 from fed_tasks.buffered import summands
 from fed_tasks.compression import contribution_payload
@@ -29,6 +33,7 @@ from fed_tasks.encoding import (
 )
 from fed_tasks.messages import AggregateEvidence
 from fed_tasks.schedule import slot_index
+from fed_tasks.site_state import SiteModelState, aggregate_index
 from fed_tasks.spec import JobSpec
 from privacy import signing
 from privacy.paillier import ObfuscatorPool, PackedPaillier, fingerprint
@@ -116,21 +121,34 @@ def _save_client(directory: Path, spec: JobSpec, client: SecAggSessionClient) ->
 
 
 def _open_evidence(client: SecAggSessionClient, keys: SiteKeys, config: dict[str, Any],
-                   spec: JobSpec, evidence: AggregateEvidence, model: str
+                   spec: JobSpec, evidence: AggregateEvidence, state: SiteModelState
                    ) -> tuple[SessionOpenedSum, np.ndarray]:
     """Check the survivors' signed masked inputs, form their sum and open it (this site's
-    own computation: the orchestrator only relays)."""
+    own computation: the orchestrator only relays). In a buffered training round an input
+    may be a stale update masked again for this round: checked as in plain mode
+    (:func:`~datasites.runtime.aggregate_check.check_buffered`), each member's slot then
+    recorded in ``state.used``."""
     if evidence.kind != "secagg":
         raise AggregateRefused(f"a secure-sum job cannot use {evidence.kind!r} evidence")
-    signed = check_contributions(config, spec, evidence, keys.site, model)
+    buffered = spec.async_k is not None and evidence.action == "fit"
+    if buffered:
+        signed = check_buffered(config, spec, evidence, keys.site, state)
+    else:
+        signed = check_contributions(config, spec, evidence, keys.site, state.digest)
     try:
         opened = client.open_round([c.payload for c in signed.values()], evidence.recovery)
     except SecAggError as exc:
         raise AggregateRefused(f"the secure sum does not open: {exc}") from None
     if sorted(opened.survivors) != sorted(signed):
         raise AggregateRefused("the opened sum's survivors differ from the signed inputs")
+    index = aggregate_index(spec, evidence.action, evidence.round)
+    if opened.round != index + 1:  # the inputs were masked for another aggregate
+        raise AggregateRefused(f"the masked inputs are of session round {opened.round}, not "
+                               f"of aggregate {index}'s")
     _, summed = decode_session_sum(spec, opened.round, client.opened_values(opened),
                                    len(opened.survivors))
+    if buffered:
+        state.used.update({name: c.round for name, c in signed.items()})
     return opened, summed
 
 
@@ -149,23 +167,28 @@ class SecureSumCall:
         self.config = read_config(directory) or {}
         self.opened: SessionOpenedSum | None = None
 
-    def open_previous(self, evidence: AggregateEvidence, model: str) -> np.ndarray:
+    def open_previous(self, evidence: AggregateEvidence, state: SiteModelState) -> np.ndarray:
         self.opened, summed = _open_evidence(self.client, self.keys, self.config, self.spec,
-                                             evidence, model)
+                                             evidence, state)
         return summed
 
     def protect(self, action: str, result: dict[str, Any], inbox: str | None,
-                model: str) -> dict[str, Any]:
-        """Mask the step's vector for this aggregate and sign it; save the session state."""
+                model: str, roster: list[str] | None = None,
+                computed_for: int | None = None) -> dict[str, Any]:
+        """Mask the step's vector for this aggregate and sign it; save the session state.
+
+        A buffered round masks over its ``roster``; a stale update masked again is signed
+        with the slot it was ``computed_for`` (and ``model``, the one it started from)."""
         vector, clipped = clip_to_bound(self.spec, action, result.pop("vector"))
         q = np.zeros(self.client.vector_length, dtype=np.uint64)
         encoded = codec_for(self.spec, action).encode(vector)
         q[:len(encoded)] = np.asarray(encoded, dtype=np.uint64)
         r = session_round(self.spec, action, result.get("round", 0))
-        masked = self.client.masked_input(r, q, inbox)
+        masked = self.client.masked_input(r, q, inbox, roster)
+        slot = (computed_for if computed_for is not None
+                else slot_index(self.spec, action, result.get("round", 0)))
         signed = SignedContribution.create(self.keys.signing_key, self.keys.site, self.spec.job_id,
-                                           slot_index(self.spec, action, result.get("round", 0)),
-                                           masked.to_str(), model=model)
+                                           slot, masked.to_str(), model=model)
         _save_client(self.directory, self.spec, self.client)
         return {**result, "masked": signed.to_str(), "clipped": clipped,
                 "opened": self.opened.to_str() if self.opened else None}
@@ -192,7 +215,8 @@ def secagg_control(directory: Path, keys: SiteKeys, spec: JobSpec, action: str,
         client = SecAggSessionClient(keys.site, job_id=spec.job_id, threshold=plan["threshold"],
                                      bits=plan["bits"], vector_length=plan["vector_length"],
                                      rounds=plan["rounds"], min_survivors=spec.min_sites,
-                                     round_bits=plan["round_bits"])
+                                     round_bits=plan["round_bits"],
+                                     buffered=spec.async_k is not None)
         advert = client.advertise(sign=lambda payload: keys.signing_key.sign(payload))
         _save_client(directory, spec, client)
         return {"advert": advert.to_str()}

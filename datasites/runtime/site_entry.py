@@ -34,13 +34,15 @@ from datasites.governance.receipts import keep_peer_receipts
 from datasites.runtime.aggregate_check import authority_sum, plain_sum
 from datasites.runtime.federation_config import SiteKeys, load_site_keys, read_config
 from datasites.runtime.protection import SECAGG_CONTROL, SecureSumCall, protect, secagg_control
-from fed_tasks.codec import PayloadError, dumps, loads
+from fed_tasks.buffered import staleness_weight
+from fed_tasks.codec import PayloadError, decode_array, dumps, encode_array, loads
 from fed_tasks.messages import AggregateEvidence, parse_message
-from fed_tasks.schedule import SUMMED_ACTIONS
+from fed_tasks.schedule import SUMMED_ACTIONS, vector_length
 from fed_tasks.selection import candidate_job, validation_split
 from fed_tasks.site_state import ModelStateError, SiteModelState, aggregate_index
 from fed_tasks.site_step import StepInput, initial_weights
 from fed_tasks.spec import JobSpec
+from privacy.secagg import SecAggError
 
 log = logging.getLogger(__name__)
 
@@ -85,6 +87,7 @@ class _ModelCall:
         self.secure = (SecureSumCall(guard.directory, self.keys, spec)
                        if spec.aggregation == "secagg" else None)
         self.cached: dict[str, Any] | None = None
+        self.late: dict[str, Any] | None = None  # a buffered secure sum's late update
         self.round = int(getattr(self.msg, "round", 0))
         self.slot: int | None = None
         if action in SUMMED_ACTIONS:  # the slot follows from the approved spec's schedule
@@ -93,7 +96,7 @@ class _ModelCall:
                 self.cached = self.state.reply  # an exact retry: the same reply, nothing new
                 return
         missed = list(getattr(self.msg, "catch_up", []) or [])
-        if missed and self.secure is not None:  # a secure-sum site left out is a dropout
+        if missed and self.secure is not None and spec.async_k is None:
             raise CallRefused("a secure-sum job relays no missed aggregates: a site left out "
                               "of a round stays out of the session")
         previous = getattr(self.msg, "previous", None)
@@ -101,6 +104,16 @@ class _ModelCall:
             self._advance(evidence)
         if self.slot is not None:
             self.state.check_slot(self.slot)
+        if (self.secure is not None and action in SUMMED_ACTIONS  # whom it would mask with:
+                and self.secure.client.phase != "keys"):
+            try:  # refused before anything private runs
+                self.secure.client.peers_for(getattr(self.msg, "roster", None))
+            except SecAggError as exc:
+                raise CallRefused(f"this round's masking is refused: {exc}") from None
+        # a buffered secure-sum round: an update of this site that no aggregate holds yet
+        # is masked again for this round instead of training a new one
+        self.late = (self._late_update() if self.secure is not None and action == "fit"
+                     and spec.async_k is not None else None)
 
     def _advance(self, evidence: AggregateEvidence) -> None:
         """Apply the previous aggregate once the site has verified it itself."""
@@ -114,7 +127,7 @@ class _ModelCall:
             raise ModelStateError(f"aggregate {index} is not the next one for this site "
                                   f"(it holds the model after aggregate {self.state.applied})")
         if self.secure is not None:
-            summed = self.secure.open_previous(evidence, self.state.digest)
+            summed = self.secure.open_previous(evidence, self.state)
         elif evidence.kind == "plain":
             summed = plain_sum(self.directory, self.site, self.spec, evidence, self.state)
         else:
@@ -125,6 +138,30 @@ class _ModelCall:
         keep_peer_receipts(self.directory, self.site, config.get("audit_keys") or {},
                            evidence.heads, job_id=self.spec.job_id,
                            action=f"{evidence.action} {evidence.round}")
+
+    def _late_update(self) -> dict[str, Any] | None:
+        """This site's last update if it came too late for its round and may still join
+        this one (no aggregate holds it, at most ``max_staleness`` rounds old, its model
+        still known); else None, and the pending update is forgotten."""
+        pending, self.state.pending = self.state.pending, None
+        if pending is None or self.slot is None:
+            return None
+        slot = int(pending["slot"])
+        if (slot <= self.state.used.get(self.site, 0) or slot >= self.slot
+                or self.slot - slot > self.spec.max_staleness
+                or self.state.model_before(slot) is None):
+            return None
+        self.state.pending = pending
+        return pending
+
+    def late_step(self) -> dict[str, Any]:
+        """The step of a round this site joins with its late update: that update, weighed
+        by its staleness (the weight a secure sum cannot apply; the site can, knowing both
+        slots), nothing private computed anew."""
+        assert self.late is not None and self.slot is not None
+        vector = decode_array(str(self.late["vector"]), vector_length(self.spec, "fit"))
+        weight = staleness_weight(self.slot - int(self.late["slot"]))
+        return {"vector": weight * vector, "round": self.round}
 
     def step_input(self) -> StepInput:
         return StepInput(self.round, self.state.state, self.state.private)
@@ -137,7 +174,14 @@ class _ModelCall:
         assert self.keys is not None
         if self.secure is not None:
             inbox = getattr(self.msg, "inbox", None)
-            result = self.secure.protect(self.action, step, inbox, model)
+            roster = getattr(self.msg, "roster", None)
+            computed_for = None
+            if self.late is not None:  # signed with the slot and model it was computed for
+                computed_for = int(self.late["slot"])
+                model = self.state.model_before(computed_for) or model
+            elif self.action == "fit" and self.spec.async_k is not None:
+                self.state.pending = {"slot": self.slot, "vector": encode_array(step["vector"])}
+            result = self.secure.protect(self.action, step, inbox, model, roster, computed_for)
         else:
             result = protect(self.keys, self.spec, self.action, step, model)
         # relayed with the aggregate, so the other members keep it as a receipt
@@ -203,8 +247,9 @@ def run_approved(*, site: str, job_id: str, spec: str, train: pd.DataFrame, test
                 else:
                     counted = True
                     # policy re-checked, DP budget charged before the step runs (site_privacy)
-                    step = guard.privacy.run_step(model_job, step_action, call.step_input(),
-                                                  train, test, approval)
+                    step = (call.late_step() if call.late is not None else
+                            guard.privacy.run_step(model_job, step_action, call.step_input(),
+                                                   train, test, approval))
                     result = call.release(step)
         reply = dumps({"status": "ok", "action": action, "call": call_no, "result": result})
         log.info("site %s job %s %s #%d released %s", site, job_id, action, call_no,

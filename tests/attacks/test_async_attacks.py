@@ -400,9 +400,8 @@ def test_a_center_contribution_is_not_reread_as_a_compressed_training_update(
         _close(sites)
 
 
-# ------------------------------- (4) async only in plain and paillier, never with DP
+# ------------------------------- (4) async only for averaging strategies, never with DP
 @pytest.mark.parametrize("change, why", [
-    ({"aggregation": "secagg"}, "needs aggregation 'plain' or 'paillier'"),
     ({"dp_epsilon": 3.0}, "not available with differential privacy"),
     ({"dp_epsilon": 3.0, "dp_sgd": True}, "not available with differential privacy"),
     ({"strategy": "scaffold"}, "does not average"),
