@@ -648,9 +648,13 @@ class MaskedSum:
     def session_state(self) -> dict[str, Any]:
         """The session's public state (keys, relayed ciphertexts, survivors, the pending
         masked sum) with the round awaiting opening: nothing a site's secret is in."""
-        return {"server": self.server.export_state(), "ready": self._ready,
-                "pending": list(self._pending) if self._pending else None,
-                "dropped": dict(self.dropped)}
+        state = {"server": self.server.export_state(), "ready": self._ready,
+                 "pending": list(self._pending) if self._pending else None,
+                 "dropped": dict(self.dropped)}
+        if self.spec.async_k is not None:  # what a site catches up on (public evidence)
+            state |= {"history": self._history, "seen": dict(self._seen),
+                      "answered": sorted(self._answered)}
+        return state
 
     def left_out(self, sites: list[SiteConnection]) -> set[str]:
         """The sites out of the session for good (dropped in an earlier round and
@@ -676,6 +680,9 @@ class MaskedSum:
             self._pending = (str(pending[0]), int(pending[1])) if pending else None
             self._ready = bool(session["ready"])
             self.dropped = {str(k): str(v) for k, v in dict(session["dropped"]).items()}
+            self._history = [dict(e) for e in session.get("history") or []]
+            self._seen = {str(k): int(v) for k, v in dict(session.get("seen") or {}).items()}
+            self._answered = {str(n) for n in session.get("answered") or []}
         except (KeyError, TypeError, ValueError, IndexError, SecAggError) as exc:
             raise ValueError(f"the checkpoint's secure-sum session is unreadable: {exc}"
                              ) from None
