@@ -11,7 +11,10 @@ training call: a slower institution. In the same run, per seed:
 - **async K=3, one slow**: each round is formed once three updates are in; the slow site's
   update joins a later round, weighted ``(1 + staleness)^-½``;
 - the last two again in ``paillier``: there the key authority forms each buffer as one
-  sum, weighing each stale ciphertext itself.
+  sum, weighing each stale ciphertext itself;
+- and in ``secagg``: each round one masked sum over the sites called; the slow site,
+  recovered for the round it was too late for, masks its update again (weighed by itself)
+  into the round after it finished.
 
 Reported: the training wall time (``fit``), the pooled test ROC-AUC, and how many of the
 slow site's updates were applied and how stale they were.
@@ -35,19 +38,22 @@ import pandas as pd
 RESULTS = Path(__file__).parent / "results" / "async_rounds.json"
 DATA = Path(__file__).parents[1] / "datasites" / "data"
 SETTINGS = ("sync, all fast", "sync, one slow", "async K=3, one slow",
-            "paillier sync, one slow", "paillier async K=3, one slow")
+            "paillier sync, one slow", "paillier async K=3, one slow",
+            "secagg sync, one slow", "secagg async K=3, one slow")
 
 
-class Sleepy:
-    """A site that takes ``delay`` seconds longer for every training call."""
+def make_slow(site: Any, delay: float) -> None:
+    """The site's training step takes ``delay`` seconds longer (its other work does not:
+    in secagg, masking a late update again into a later round stays quick)."""
+    privacy = site.guard.privacy
+    train = privacy.run_step
 
-    def __init__(self, inner: Any, delay: float) -> None:
-        self.inner, self.name, self.delay = inner, inner.name, delay
-
-    def call(self, action: str, message: dict[str, Any]) -> dict[str, Any]:
+    def slow_step(job: Any, action: str, *args: Any, **kwargs: Any) -> Any:
         if action == "fit":
-            time.sleep(self.delay)
-        return self.inner.call(action, message)
+            time.sleep(delay)
+        return train(job, action, *args, **kwargs)
+
+    privacy.run_step = slow_step
 
 
 def splits(seed: int) -> tuple[dict[str, tuple[pd.DataFrame, pd.DataFrame]], Any]:
@@ -65,27 +71,28 @@ def run(setting: str, seed: int, rounds: int, delay: float) -> dict[str, Any]:
     from sklearn.metrics import roc_auc_score
 
     from datasites.runtime.direct import direct_federation, direct_paillier_federation
-    from fed_tasks.aggregation import KeyAuthoritySum
+    from fed_tasks.aggregation import KeyAuthoritySum, MaskedSum
     from fed_tasks.orchestrator import FederatedTrainer
     from fed_tasks.spec import JobSpec
 
     frames, schema = splits(seed)
     paillier = setting.startswith("paillier")
+    mode = setting.split()[0] if setting.startswith(("paillier", "secagg")) else "plain"
     spec = JobSpec(features=schema.features, label_column=schema.label, rounds=rounds,
                    min_sites=3, seed=seed, async_k=3 if "async" in setting else None,
-                   aggregation="paillier" if paillier else "plain")
+                   aggregation=mode)
     with tempfile.TemporaryDirectory() as tmp:
         authority = None
         if paillier:
             sites, authority, _ = direct_paillier_federation(tmp, spec, frames)
         else:
             sites = direct_federation(tmp, spec, frames)
-        conns: list[Any] = list(sites)
         if "slow" in setting:
-            conns[-1] = Sleepy(sites[-1], delay)
+            make_slow(sites[-1], delay)
         try:
-            trainer = FederatedTrainer(spec, conns, progress=False, secure_sum=(
-                KeyAuthoritySum(authority) if authority else None))
+            secure = (KeyAuthoritySum(authority) if authority else
+                      MaskedSum(spec, len(sites)) if mode == "secagg" else None)
+            trainer = FederatedTrainer(spec, sites, progress=False, secure_sum=secure)
             started = time.perf_counter()
             result = trainer.fit()
             seconds = time.perf_counter() - started
@@ -116,7 +123,7 @@ def main() -> None:
         for setting in SETTINGS:
             rows.append(run(setting, seed, args.rounds, args.delay))
             r = rows[-1]
-            print(f"seed {seed}  {setting:<22} fit {r['fit_seconds']:7.1f} s  ROC-AUC "
+            print(f"seed {seed}  {setting:<28} fit {r['fit_seconds']:7.1f} s  ROC-AUC "
                   f"{r['roc_auc']:.4f}  slow site's updates applied {r['slow_updates_applied']}"
                   f"  staleness {r['slow_staleness']}", flush=True)
     summary = {}

@@ -61,6 +61,11 @@ class SecureSum(Protocol):
         """Release any sum still pending (after the last round, or an early stop)."""
         ...
 
+    def call_sites(self, sites: list[SiteConnection], action: str, message: dict[str, Any]
+                   ) -> dict[str, dict[str, Any]]:
+        """A call outside the sums (evaluation), each site caught up first; site -> reply."""
+        ...
+
     def session_state(self) -> dict[str, Any] | None:
         """What the orchestrator must keep to continue in a new process, beyond the
         evidence (a secure-sum session's public state; None where nothing is needed)."""
@@ -562,13 +567,12 @@ class MaskedSum:
             else:
                 self._busy[name] = future
                 replies[name] = RoundTimeout(f"site {name!r} was still computing when the "
-                                             f"round's buffer filled")
+                                             "round's buffer filled (its mask key of the round "
+                                             "is revealed; its update joins a later round)")
             if isinstance(replies[name], Exception):
                 self.last_skipped[name] = f"left out of this round: {replies[name]}"
             else:
                 self._answered.add(name)
-        self.last_skipped |= {n: "still computing an earlier round" for n in self._busy
-                              if n not in futures}
         released = self._release(replies)
         try:
             self._evidence = self._collect(action, rnd, idle, replies, roster)

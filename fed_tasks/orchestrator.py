@@ -28,7 +28,7 @@ from fed_tasks.aggregation import (
 from fed_tasks.buffered import WEIGHT_SCALE, staleness_weight, whole_weight
 from fed_tasks.checkpoint import Checkpoint, CheckpointError
 from fed_tasks.global_state import GlobalState
-from fed_tasks.interface import SiteConnection, SiteRefusedError, call_all, is_budget_refusal
+from fed_tasks.interface import SiteConnection, SiteRefusedError, is_budget_refusal
 from fed_tasks.preprocessing import Standardizer
 from fed_tasks.schedule import phases, training_done, vector_length
 from fed_tasks.site_step import detector, initial_weights
@@ -304,14 +304,8 @@ class FederatedTrainer:
         of the last aggregate, in case the site has not applied it yet."""
         if self._chosen is not None:
             return self._chosen.evaluate(result)
-        message = {"previous": self.secure_sum.evidence()}
-        caught_up = getattr(self.secure_sum, "call_sites", None)
-        if caught_up is not None:  # each site first applies the aggregates it missed
-            replies = caught_up(self.sites, "evaluate", message)
-            return [{"site": s.name, **replies[s.name]} for s in self.sites
-                    if s.name in replies]
-        left_out = getattr(self.secure_sum, "left_out", None)  # out of a secure sum for good
-        gone = left_out(self.sites) if left_out is not None else set()
-        members = [s for s in self.sites if s.name not in gone]
-        return [{"site": s.name, **r} for s, r in
-                zip(members, call_all(members, "evaluate", message), strict=True)]
+        # each site first applies the aggregates it missed (a site out of a synchronous
+        # secure sum for good is not called)
+        replies = self.secure_sum.call_sites(self.sites, "evaluate",
+                                             {"previous": self.secure_sum.evidence()})
+        return [{"site": s.name, **replies[s.name]} for s in self.sites if s.name in replies]

@@ -232,3 +232,17 @@ def test_buffered_rounds_are_averaging_strategies_only(schema):
         JobSpec(**base, async_k=2, dp_epsilon=3.0)
     with pytest.raises(ValueError, match="below min_sites"):
         JobSpec(**base, async_k=1)
+
+
+@pytest.mark.parametrize("mode", ["plain", "secagg"])
+def test_the_owner_reads_in_words_that_rounds_are_buffered_and_what_secagg_gives_up(
+        schema, mode):
+    """The review an owner approves from says that rounds are buffered and, in secagg, that
+    a late site's masked copy is then hidden only by a mask every member can remove."""
+    from datasites.governance.review import Review
+
+    spec = JobSpec(features=schema.features, label_column=schema.label, min_sites=2,
+                   async_k=2, aggregation=mode)
+    words = Review("r1", "inst-0", "ds@x", "pending", "", spec, True).plain_words()
+    assert "rounds are buffered: each aggregate is formed once 2 site(s)" in words
+    assert ("hidden only by a mask every member can remove" in words) == (mode == "secagg")

@@ -308,8 +308,8 @@ def _options_cases() -> dict[str, tuple[list[str], str]]:
         **{f"{s}-secagg": (["--strategy", s, "--aggregation", "secagg"],
                            f"--strategy '{s}' needs every site's update in clear")
            for s in ("median", "trimmed-mean", "krum")},
-        "async-secagg": (["--async", "2", "--aggregation", "secagg"],
-                         "--async needs --aggregation 'plain'"),
+        "async-dp": (["--async", "2", *eps], "--async is not available with differential "
+                     "privacy"),
         "async-above-sites": (["--async", "4", "--sites", "3"],
                               "--async 4: a round's buffer takes 1 to --sites (3) updates"),
         "async-krum": (["--async", "3", "--strategy", "krum"],
@@ -662,7 +662,7 @@ def test_submit_refuses_a_round_option_the_job_cannot_take_in_one_line(tmp_path)
     cases = {
         ("--strategy", "krum", "--aggregation", "paillier"):
             "--strategy 'krum' needs every site's update in clear",
-        ("--async", "2", "--aggregation", "secagg"): "--async needs --aggregation 'plain'",
+        ("--async", "2", "--epsilon", "3"): "--async is not available with differential",
         ("--async", "9"): "--async 9: a round's buffer takes 1 to --sites",
         ("--fraction", "0.5", "--aggregation", "secagg"): "--fraction < 1 needs --aggregation",
         ("--personalize", "2", "--model", "pca"): "personalization fine-tunes a --model",

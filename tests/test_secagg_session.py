@@ -512,3 +512,120 @@ def test_message_sizes_are_reasonable() -> None:
     masked = len(job.masked[1]["site0"].to_str())
     assert masked < 4 * LENGTH * 4 / 3 + 300  # 4 bytes per value at 32 bits, base64
     assert len(job.previous.to_str()) < 4 * LENGTH * 4 / 3 + 300
+
+
+# ---------------------------------------------------------------- buffered sessions
+
+
+class BufferedJob:
+    """A buffered session (``buffered=True``): each round masks over the roster called."""
+
+    def __init__(self, n: int = 4, threshold: int = 2, rounds: int = 4,
+                 min_survivors: int = 3) -> None:
+        self.x = _rounds_of_vectors(n, rounds)
+        self.sites = sorted(self.x[0])
+        self.server = SecAggSessionServer(threshold, BITS, LENGTH, JOB, rounds, sites=self.sites,
+                                          min_survivors=min_survivors, buffered=True)
+        self.clients = {s: SecAggSessionClient(s, job_id=JOB, threshold=threshold, bits=BITS,
+                                               vector_length=LENGTH, rounds=rounds,
+                                               min_survivors=min_survivors, buffered=True)
+                        for s in self.sites}
+        directory = self.server.collect_keys([c.advertise() for c in self.clients.values()])
+        self.inboxes = self.server.route_shares([c.share(directory)
+                                                 for c in self.clients.values()])
+
+    def mask(self, r: int, roster: list[str], who: list[str] | None = None) -> dict:
+        return {s: self.clients[s].masked_input(r, self.x[r - 1][s], self.inboxes[s],
+                                                roster=roster)
+                for s in (roster if who is None else who)}
+
+
+def test_a_buffered_round_sums_its_roster_and_a_late_site_rejoins_the_next() -> None:
+    """Round 1: site3 is called but too slow, so it is recovered for round 1 only; round 2
+    calls the other three (site3 still computing): no peer of theirs is missing, no
+    recovery; site3 opens both sums it did not add to; round 3 takes it back."""
+    job = BufferedJob()
+    everyone, fast = job.sites, job.sites[:3]
+    masked = job.mask(1, everyone, who=fast)
+    request = job.server.collect_masked(1, [m.to_str() for m in masked.values()], everyone)
+    assert request is not None and request.dropped == ["site3"]
+    revealed = [job.clients[s].recover(request) for s in fast]
+    job.server.recover(1, revealed)
+    opened = [job.clients[s].open_round(list(masked.values()), revealed) for s in fast]
+    assert np.array_equal(job.server.collect_opened(1, opened), _plain_sum(job.x[0], fast))
+    late = job.clients["site3"].masked_input(1, job.x[0]["site3"], job.inboxes["site3"],
+                                             roster=everyone)  # its late call ends now
+    caught = job.clients["site3"].open_round(list(masked.values()), revealed)
+    assert np.array_equal(job.clients["site3"].opened_values(caught), _plain_sum(job.x[0], fast))
+    # its late input, masked for a round summed without it, is of no use in any later sum
+    with pytest.raises(SecAggRoundError):
+        job.server.collect_masked(1, [late.to_str()], everyone)
+
+    masked = job.mask(2, fast)
+    assert job.server.collect_masked(2, [m.to_str() for m in masked.values()], fast) is None
+    sums = {s: job.clients[s].open_round(list(masked.values())) for s in everyone}
+    assert {job.clients[s].opened_values(o).tobytes() for s, o in sums.items()} == {
+        _plain_sum(job.x[1], fast).tobytes()}
+
+    masked = job.mask(3, everyone)
+    assert job.server.collect_masked(3, [m.to_str() for m in masked.values()], everyone) is None
+    opened = [job.clients[s].open_round(list(masked.values())) for s in everyone]
+    assert np.array_equal(job.server.collect_opened(3, opened), _plain_sum(job.x[2], everyone))
+
+
+def test_a_buffered_round_refuses_rosters_outside_the_rules() -> None:
+    """The roster comes from the orchestrator: a site masks only with members, only if it is
+    on it, only with at least min_survivors sites; the server takes inputs masked over
+    exactly the roster; a synchronous session takes no roster at all."""
+    job = BufferedJob()
+    c = job.clients["site0"]
+    x, box = job.x[0]["site0"], job.inboxes["site0"]
+    with pytest.raises(SecAggUnknownSenderError, match="must list this site"):
+        c.masked_input(1, x, box, roster=["site1", "site2", "site3"])
+    with pytest.raises(SecAggUnknownSenderError, match="strangers: \\['mallory'\\]"):
+        c.masked_input(1, x, box, roster=["site0", "site1", "mallory"])
+    with pytest.raises(SecAggThresholdError, match="only 2 sites would mask"):
+        c.masked_input(1, x, box, roster=["site0", "site1"])
+    with pytest.raises(SecAggMessageError, match="distinct"):
+        c.masked_input(1, x, box, roster=["site0", "site1", "site1"])
+    with pytest.raises(SecAggMessageError, match="distinct"):
+        c.masked_input(1, x, box)  # no roster in a buffered session
+    masked = job.mask(1, ["site0", "site1", "site2"])
+    with pytest.raises(SecAggMessageError, match="active but left out"):
+        job.server.collect_masked(1, [m.to_str() for m in masked.values()], job.sites)
+    with pytest.raises(SecAggProtocolError, match="needs its roster"):
+        job.server.collect_masked(1, [m.to_str() for m in masked.values()])
+
+    sync = Job(3, 2)
+    with pytest.raises(SecAggProtocolError, match="takes no roster"):
+        sync.clients["site0"].masked_input(1, sync.x[0]["site0"], sync.inboxes["site0"],
+                                           roster=sync.sites)
+
+
+def test_a_buffered_site_refuses_inputs_masked_over_different_rosters() -> None:
+    """A malicious orchestrator shows two sites different rosters in one round: their
+    pairwise masks do not cancel, and every site refuses to open what they would form."""
+    job = BufferedJob(min_survivors=2)
+    a = job.clients["site0"].masked_input(1, job.x[0]["site0"], job.inboxes["site0"],
+                                          roster=["site0", "site1", "site2"])
+    b = job.clients["site1"].masked_input(1, job.x[0]["site1"], job.inboxes["site1"],
+                                          roster=["site0", "site1", "site3"])
+    for s in ("site2", "site3"):
+        with pytest.raises(SecAggMessageError, match="different rosters"):
+            job.clients[s].open_round([a, b])
+
+
+def test_a_survivor_that_revealed_keys_will_not_open_a_sum_leaving_it_out() -> None:
+    """site0 revealed site3's round key as a survivor of {site0, site1, site2}; a masked sum
+    of round 1 over {site1, site2, ...} without site0 is refused (it would tell the
+    orchestrator a difference of inputs)."""
+    job = BufferedJob(min_survivors=2)
+    everyone, fast = job.sites, job.sites[:3]
+    masked = job.mask(1, everyone, who=fast)
+    request = job.server.collect_masked(1, [m.to_str() for m in masked.values()], everyone)
+    revealed = [job.clients[s].recover(request) for s in fast]
+    job.server.recover(1, revealed)
+    without = SessionMaskedSum(JOB, 1, ["site1", "site2"], BITS, LENGTH,
+                               job.server.masked_sum(1).data)
+    with pytest.raises(SecAggUnmaskRefusedError, match="revealed keys as one of its survivors"):
+        job.clients["site0"].open_sum(without)

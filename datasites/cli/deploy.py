@@ -213,8 +213,8 @@ def submit(
         "site].")),
     async_k: int = typer.Option(None, "--async", min=1, max=opts.SITES_MAX,
                                 show_default=False, help=(
-        "Buffered rounds (FedBuff): a round's aggregate is formed once K sites answered; "
-        "--aggregation plain or paillier [default: every round waits for every site].")),
+        "Buffered rounds (FedBuff): a round's aggregate is formed once K sites answered "
+        "[default: every round waits for every site].")),
 ) -> None:
     """The data scientist submits a job to every site: prints the job id and request ids."""
     try:

@@ -368,8 +368,9 @@ def demo(
                                 show_default=False, help=(
         "Buffered asynchronous rounds (FedBuff): a round's aggregate is formed once K sites "
         "have answered; a slower site's update joins a later round, down-weighted by its "
-        "staleness. --aggregation plain or paillier (the key authority weighs the late "
-        "ciphertexts) [default: every round waits for every site].")),
+        "staleness (paillier: the key authority weighs the late ciphertexts; secagg: the "
+        "late site masks its update again into a later round) [default: every round waits "
+        "for every site].")),
     compress: str = typer.Option("none", "--compress", help=opts.COMPRESS_HELP),
     seed: int = typer.Option(0, min=0, max=opts.SEED_MAX,
                              help="Seed for the split and the model."),

@@ -110,7 +110,11 @@ def _buffered(s: JobSpec) -> list[str]:
             f"answered (at least {s.min_sites} with an update of that very round); a slower "
             "site's update joins a later round, weighted down by how many rounds old it is "
             f"(at most {s.max_staleness}); your site accepts only updates computed from a "
-            "model it held itself, each once"]
+            "model it held itself, each once"] + (
+        ["  in the secure sum a site too slow for its round has that round's mask key "
+         "revealed and masks its update again later: the late copy is then hidden only by a "
+         "mask every member can remove (README, Security model)"]
+        if s.aggregation == "secagg" else [])
 
 
 def _selection(s: JobSpec, rows: int | None, label: str) -> list[str]:
