@@ -110,6 +110,25 @@ def call_within(sites: list[SiteConnection], action: str, message_for: Any,
     return out
 
 
+def wait_until(futures: dict[str, Future], full: Any, timeout: float | None) -> None:
+    """Wait until ``full()`` holds, every call has ended, or ``timeout`` seconds passed (a
+    buffered round: the buffer is full once enough updates are in)."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    while not full() and not all(f.done() for f in futures.values()):
+        left = None if deadline is None else deadline - time.monotonic()
+        if left is not None and left <= 0:
+            return
+        wait([f for f in futures.values() if not f.done()], timeout=left,
+             return_when=FIRST_COMPLETED)
+
+
+def missed_by(history: list[dict[str, Any]], seen: dict[str, int], site: str
+              ) -> list[dict[str, Any]]:
+    """The evidence of the aggregates released since ``site`` was last called (``seen``:
+    the history's length then), but the last one, which every call carries anyway."""
+    return history[seen.get(site, len(history) - 1):-1]
+
+
 class _Immediate:
     """A sum visible as soon as the call returns.
 
@@ -142,7 +161,7 @@ class _Immediate:
     def _message_for(self, site: SiteConnection, message: dict[str, Any]) -> dict[str, Any]:
         if message.get("previous") is None or not self._history:
             return message
-        missed = self._history[self._seen.get(site.name, len(self._history) - 1):-1]
+        missed = missed_by(self._history, self._seen, site.name)
         return {**message, "catch_up": missed} if missed else message
 
     def _call(self, sites: list[SiteConnection], action: str, message: dict[str, Any]
@@ -189,7 +208,6 @@ class _Immediate:
             self._seen[site.name] = len(self._history)
         pool.shutdown(wait=False)
         waiting = {**running, **called, **arrived}  # one update per site in a buffer
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
 
         kind: dict[str, str | None] = {}  # each finished call classified once
 
@@ -201,12 +219,7 @@ class _Immediate:
             return (sum(k is not None for k in kinds) >= self.buffer_k
                     and kinds.count("fresh") >= self.fresh_needed)
 
-        while not full() and not all(f.done() for f in waiting.values()):
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            wait([f for f in waiting.values() if not f.done()], timeout=left,
-                 return_when=FIRST_COMPLETED)
+        wait_until(waiting, full, self.timeout)
         done = {name: f for name, f in waiting.items() if f.done()}
         self._busy = {name: f for name, f in {**running, **called}.items()
                       if f is not done.get(name)}
@@ -532,7 +545,7 @@ class MaskedSum:
             out = {**message, "roster": roster}
             if site.name not in self._answered:
                 out["inbox"] = self.server.inbox(site.name).to_str()
-            missed = history[self._seen.get(site.name, len(history) - 1):-1]
+            missed = missed_by(history, self._seen, site.name)
             if message.get("previous") is not None and missed:
                 out["catch_up"] = missed
             return out
@@ -543,21 +556,19 @@ class MaskedSum:
         for site in idle:
             self._seen[site.name] = len(history)
         index = slot_index(self.spec, action, rnd)
-        deadline = None if self.timeout is None else time.monotonic() + self.timeout
 
-        def full() -> bool:
+        slots: dict[str, int | None] = {}  # each answer's slot, read once
+
+        def full() -> bool:  # K answers, at least min_sites of them fresh
             if not fit or self.buffer_k is None:
                 return False
-            ok = [f.result() for f in futures.values() if f.done() and f.exception() is None]
-            fresh = sum(_slot_of(r) == index for r in ok)
-            return len(ok) >= self.buffer_k and fresh >= self.spec.min_sites
+            for name, f in futures.items():
+                if f.done() and f.exception() is None and name not in slots:
+                    slots[name] = _slot_of(f.result())
+            fresh = sum(slot == index for slot in slots.values())
+            return len(slots) >= self.buffer_k and fresh >= self.spec.min_sites
 
-        while not full() and not all(f.done() for f in futures.values()):
-            left = None if deadline is None else deadline - time.monotonic()
-            if left is not None and left <= 0:
-                break
-            wait([f for f in futures.values() if not f.done()], timeout=left,
-                 return_when=FIRST_COMPLETED)
+        wait_until(futures, full, self.timeout)
         replies: dict[str, dict[str, Any] | Exception] = {}
         self.last_skipped = {}
         for name, future in futures.items():
@@ -581,9 +592,8 @@ class MaskedSum:
             raise
         self._history.append(self._evidence)
         self._pending = (action, rnd)
-        self.last_staleness = ({SignedContribution.from_str(m).site_id:
-                                index - SignedContribution.from_str(m).round
-                                for m in self._evidence["inputs"]} if fit else {})
+        inputs = [SignedContribution.from_str(m) for m in self._evidence["inputs"]]
+        self.last_staleness = {c.site_id: index - c.round for c in inputs} if fit else {}
         return released
 
     def call_sites(self, sites: list[SiteConnection], action: str, message: dict[str, Any]
@@ -602,7 +612,7 @@ class MaskedSum:
         history = self._history
 
         def message_for(site: SiteConnection) -> dict[str, Any]:
-            missed = history[self._seen.get(site.name, len(history) - 1):-1]
+            missed = missed_by(history, self._seen, site.name)
             return {**message, "catch_up": missed} if missed else message
 
         replies = call_within(ready, action, message_for)
