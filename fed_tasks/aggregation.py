@@ -438,7 +438,9 @@ class MaskedSum:
     Setup: two calls per site (keys, encrypted shares relayed unread). Then each aggregate
     costs ONE call per site: the call carries the previous aggregate's masked sum, which the
     sites open (and use) before masking their new vector. A round in which sites stop
-    answering costs one recovery call at the survivors.
+    answering costs one recovery call at the survivors. With buffered rounds
+    (``spec.async_k``: :meth:`_submit_buffered`) a site that misses a round is out of that
+    round only.
     """
 
     def __init__(self, spec: JobSpec, n_sites: int) -> None:

@@ -152,9 +152,11 @@ def may_leave_out(spec: JobSpec, action: str = "fit") -> bool:
     and only for a job whose approved spec asks for it (``fraction`` < 1 or a
     ``round_timeout``). In a secure mode a site that could leave and rejoin would let two
     sums differ by its update alone (one round with it, the next without), so there a site
-    left out stays out — except in a buffered Paillier job, whose every sum is by design
-    whoever answered first: there the key authority decrypts each update in one sum only
-    and with at least ``min_sites`` updates of the round (README: what that leaves)."""
+    left out stays out — except in a buffered secure job, whose every sum is by design
+    whoever answered first: there each update is in one sum only (the key authority
+    decrypts each once; a secure-sum site masks its late update again only while no
+    aggregate holds it), with at least ``min_sites`` updates of the round (README: what
+    that leaves)."""
     if spec.async_k is not None and action == "fit":  # a buffer: whoever answered first
         return True
     return spec.aggregation == "plain" and (spec.fraction < 1.0 or
