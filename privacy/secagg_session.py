@@ -575,6 +575,17 @@ class SecAggSessionClient:
         self._phase, self._dir_digest, self._share_msg = "shared", digest, msg.to_str()
         return msg
 
+    def open_inbox(self, inbox: SessionInbox | str | None) -> None:
+        """Open the shares inbox the first masked call carries, before that call computes
+        anything (a missing or foreign inbox is refused while nothing is spent)."""
+        if self._phase != "shared":
+            raise SecAggProtocolError(f"site {self.site_id!r} has no shares inbox to open now "
+                                      f"(setup phase {self._phase!r})")
+        if inbox is None:
+            raise SecAggProtocolError(
+                f"site {self.site_id!r}: its first masked input needs its shares inbox")
+        self._open_inbox(inbox)
+
     def _open_inbox(self, inbox: SessionInbox | str) -> None:
         """Authenticate and decrypt every sender's blob; derive K; keep the key shares."""
         box = SessionInbox.coerce(inbox)

@@ -167,6 +167,12 @@ class SecureSumCall:
         self.config = read_config(directory) or {}
         self.opened: SessionOpenedSum | None = None
 
+    def save(self) -> None:
+        """Keep the session state, e.g. right after opening a sum: once a site opened a
+        round its survivors are final (it reveals no round key of it afterwards), also if
+        the call stops before masking anything new."""
+        _save_client(self.directory, self.spec, self.client)
+
     def open_previous(self, evidence: AggregateEvidence, state: SiteModelState) -> np.ndarray:
         self.opened, summed = _open_evidence(self.client, self.keys, self.config, self.spec,
                                              evidence, state)

@@ -104,9 +104,11 @@ class _ModelCall:
             self._advance(evidence)
         if self.slot is not None:
             self.state.check_slot(self.slot)
-        if (self.secure is not None and action in SUMMED_ACTIONS  # whom it would mask with:
-                and self.secure.client.phase != "keys"):
+        if (self.secure is not None and action in SUMMED_ACTIONS  # its shares inbox and
+                and self.secure.client.phase != "keys"):  # whom it would mask with:
             try:  # refused before anything private runs
+                if self.secure.client.phase == "shared":
+                    self.secure.client.open_inbox(getattr(self.msg, "inbox", None))
                 self.secure.client.peers_for(getattr(self.msg, "roster", None))
             except SecAggError as exc:
                 raise CallRefused(f"this round's masking is refused: {exc}") from None
@@ -133,6 +135,8 @@ class _ModelCall:
         else:
             summed = authority_sum(self.directory, self.site, self.spec, evidence, self.state)
         self.state.apply(evidence.action, evidence.round, summed)
+        if self.secure is not None:  # opened: its survivors are final, whatever comes next
+            self.secure.save()
         self.state.save()
         config = read_config(self.directory) or {}
         keep_peer_receipts(self.directory, self.site, config.get("audit_keys") or {},
