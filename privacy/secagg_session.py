@@ -60,8 +60,10 @@ Shamir-shared, every member holds K: a member colluding with the orchestrator ca
 self-masks, which matters only for a site declared dropped in a round whose input the
 orchestrator nevertheless holds; pairwise masks still protect every other input against
 the orchestrator and t-1 colluding sites. No signatures on the survivor set (no
-ConsistencyCheck round): a malicious orchestrator could show different sets to different
-sites. Exported client state holds secret keys and K: keep it at the site.
+ConsistencyCheck round): a malicious orchestrator can show different sets to different
+sites, and the difference of two openings of one round is one site's input
+(tests/attacks/test_buffered_secagg_attacks.py, docs/plan_consistent_survivor_sets.md).
+Exported client state holds secret keys and K: keep it at the site.
 """
 
 from __future__ import annotations
