@@ -26,6 +26,28 @@ def shuttle_small(shuttle: pd.DataFrame) -> pd.DataFrame:
     return pd.concat(parts).sample(frac=1.0, random_state=1).reset_index(drop=True)
 
 
+#: test files that take a minute or more, longest first (measured with --durations): the
+#: two ``make test`` workers take whole files in this order, so starting the long ones
+#: first lets both finish together instead of one running a long file alone at the end
+SLOW_FIRST = ("tests/test_cli.py", "tests/deployment/test_deploy_cli.py",
+              "tests/deployment/test_resume.py", "tests/deployment/test_notebooks.py",
+              "tests/test_detectors.py", "tests/deployment/test_postgres.py",
+              "tests/attacks/test_crafted_model.py", "tests/test_kill.py",
+              "tests/deployment/test_http_federation.py", "tests/test_dp_usefulness.py",
+              "tests/test_compression.py", "tests/test_secure_aggregation.py",
+              "tests/test_dp_sites.py", "tests/test_async_rounds.py")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """The slow files first (in ``SLOW_FIRST`` order), then the rest as collected; the
+    order within a file is kept (``make test`` passes ``--no-loadscope-reorder``)."""
+    def rank(item: pytest.Item) -> int:
+        path = item.nodeid.split("::")[0]
+        return SLOW_FIRST.index(path) if path in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the rest keep their collected order
+
+
 @pytest.fixture(scope="session")
 def schema(shuttle_small: pd.DataFrame) -> FederationSchema:
     return infer_schema(shuttle_small, BUNDLED_LABEL)
