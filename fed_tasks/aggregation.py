@@ -122,11 +122,30 @@ def wait_until(futures: dict[str, Future], full: Any, timeout: float | None) -> 
              return_when=FIRST_COMPLETED)
 
 
-def missed_by(history: list[dict[str, Any]], seen: dict[str, int], site: str
-              ) -> list[dict[str, Any]]:
-    """The evidence of the aggregates released since ``site`` was last called (``seen``:
-    the history's length then), but the last one, which every call carries anyway."""
-    return history[seen.get(site, len(history) - 1):-1]
+def with_catch_up(message: dict[str, Any], history: list[dict[str, Any]],
+                  seen: dict[str, int], site: str) -> dict[str, Any]:
+    """``message`` with the evidence of the aggregates released since ``site`` was last
+    called (``seen``: the history's length then) as ``catch_up``, but the last one, which
+    the message carries as ``previous`` anyway."""
+    if message.get("previous") is None or not history:
+        return message
+    missed = history[seen.get(site, len(history) - 1):-1]
+    return {**message, "catch_up": missed} if missed else message
+
+
+def call_caught_up(sites: list[SiteConnection], action: str, message_for: Any,
+                   busy: dict[str, Future], timeout: float | None
+                   ) -> tuple[dict[str, dict[str, Any]], dict[str, Future]]:
+    """A call outside the sums (evaluation) after every call still running has ended
+    (``timeout`` at most); a site whose call is still running is not called. Returns the
+    replies and the calls still running; a site's refusal is raised."""
+    wait(list(busy.values()), timeout=timeout)
+    busy = {name: f for name, f in busy.items() if not f.done()}
+    replies = call_within([s for s in sites if s.name not in busy], action, message_for)
+    for reply in replies.values():
+        if isinstance(reply, Exception):
+            raise reply
+    return replies, busy  # type: ignore[return-value]
 
 
 class _Immediate:
@@ -159,10 +178,7 @@ class _Immediate:
         raise NotImplementedError
 
     def _message_for(self, site: SiteConnection, message: dict[str, Any]) -> dict[str, Any]:
-        if message.get("previous") is None or not self._history:
-            return message
-        missed = missed_by(self._history, self._seen, site.name)
-        return {**message, "catch_up": missed} if missed else message
+        return with_catch_up(message, self._history, self._seen, site.name)
 
     def _call(self, sites: list[SiteConnection], action: str, message: dict[str, Any]
               ) -> list[dict[str, Any]]:
@@ -294,15 +310,11 @@ class _Immediate:
         """A call outside the sums (evaluation), each site caught up first; site -> reply.
         A site still computing an earlier call is waited for (``timeout`` at most) and
         left out if it stays busy, as in :attr:`last_skipped`."""
-        wait(list(self._busy.values()), timeout=self.timeout)
-        self._busy = {k: f for k, f in self._busy.items() if not f.done()}
+        replies, self._busy = call_caught_up(
+            [s for s in sites if s.name not in self._out], action,
+            lambda s: self._message_for(s, message), self._busy, self.timeout)
         self.last_skipped = {name: "still computing an earlier call" for name in self._busy}
-        sites = [s for s in sites if s.name not in self._busy and s.name not in self._out]
-        replies = call_within(sites, action, lambda s: self._message_for(s, message))
-        for reply in replies.values():
-            if isinstance(reply, Exception):
-                raise reply
-        return replies  # type: ignore[return-value]
+        return replies
 
     def finish(self, sites: list[SiteConnection]) -> list[Released]:
         return []
@@ -544,12 +556,9 @@ class MaskedSum:
         history = self._history
 
         def message_for(site: SiteConnection) -> dict[str, Any]:
-            out = {**message, "roster": roster}
+            out = {**with_catch_up(message, history, self._seen, site.name), "roster": roster}
             if site.name not in self._answered:
                 out["inbox"] = self.server.inbox(site.name).to_str()
-            missed = missed_by(history, self._seen, site.name)
-            if message.get("previous") is not None and missed:
-                out["catch_up"] = missed
             return out
 
         pool = ThreadPoolExecutor(max_workers=max(1, len(idle)))
@@ -607,21 +616,11 @@ class MaskedSum:
             members = [s for s in sites if s.name not in self.left_out(sites)]
             return dict(zip([s.name for s in members], call_all(members, action, message),
                             strict=True))
-        wait(list(self._busy.values()), timeout=self.timeout)
-        self._busy = {n: f for n, f in self._busy.items() if not f.done()}
+        replies, self._busy = call_caught_up(
+            sites, action, lambda s: with_catch_up(message, self._history, self._seen, s.name),
+            self._busy, self.timeout)
         self.last_skipped = {n: "still computing an earlier call" for n in self._busy}
-        ready = [s for s in sites if s.name not in self._busy]
-        history = self._history
-
-        def message_for(site: SiteConnection) -> dict[str, Any]:
-            missed = missed_by(history, self._seen, site.name)
-            return {**message, "catch_up": missed} if missed else message
-
-        replies = call_within(ready, action, message_for)
-        for reply in replies.values():
-            if isinstance(reply, Exception):
-                raise reply
-        return replies  # type: ignore[return-value]
+        return replies
 
     def _collect(self, action: str, rnd: int, active: list[SiteConnection],
                  replies: dict[str, dict[str, Any] | Exception],

@@ -665,10 +665,7 @@ class SecAggSessionClient:
         if self._phase == "keys":
             raise SecAggProtocolError(f"site {self.site_id!r}: masked_input before share")
         if self._phase == "shared":
-            if inbox is None:
-                raise SecAggProtocolError(
-                    f"site {self.site_id!r}: its first masked input needs its shares inbox")
-            self._open_inbox(inbox)
+            self.open_inbox(inbox)
         if type(r) is not int or not 1 <= r <= self.rounds:
             raise SecAggRoundError(
                 f"site {self.site_id!r}: round {r!r} is outside 1..{self.rounds} of job "
@@ -1115,10 +1112,9 @@ class SecAggSessionServer:
                 raise SecAggLengthError(f"site {u!r} sent {msg.vector_length} values, this job "
                                         f"has {self.vector_length}")
             peers = set(msg.peers)
-            bad = sorted(peers - set(self.participants) | ({u} & peers))
+            allowed = set(self.participants) if roster is None else active  # a roster: exactly it
+            bad = sorted((peers - allowed) | ({u} & peers) | ({u} - allowed))
             skipped = sorted(active - peers - {u})
-            if roster is not None:  # exactly the roster: no stranger, nobody left out
-                bad = sorted(set(bad) | (peers - active) | ({u} - active))
             if bad or skipped or len(peers) != len(msg.peers):
                 raise SecAggMessageError(
                     f"site {u!r} masked with peers {msg.peers}: unknown/self {bad}, active "

@@ -151,12 +151,12 @@ class _ModelCall:
         if pending is None or self.slot is None:
             return None
         slot = int(pending["slot"])
+        model = self.state.model_before(slot)
         if (slot <= self.state.used.get(self.site, 0) or slot >= self.slot
-                or self.slot - slot > self.spec.max_staleness
-                or self.state.model_before(slot) is None):
+                or self.slot - slot > self.spec.max_staleness or model is None):
             return None
         self.state.pending = pending
-        return pending
+        return {**pending, "model": model}  # the model it was computed from, to sign
 
     def late_step(self) -> dict[str, Any]:
         """The step of a round this site joins with its late update: that update, weighed
@@ -181,8 +181,7 @@ class _ModelCall:
             roster = getattr(self.msg, "roster", None)
             computed_for = None
             if self.late is not None:  # signed with the slot and model it was computed for
-                computed_for = int(self.late["slot"])
-                model = self.state.model_before(computed_for) or model
+                computed_for, model = int(self.late["slot"]), str(self.late["model"])
             elif self.action == "fit" and self.spec.async_k is not None:
                 self.state.pending = {"slot": self.slot, "vector": encode_array(step["vector"])}
             result = self.secure.protect(self.action, step, inbox, model, roster, computed_for)

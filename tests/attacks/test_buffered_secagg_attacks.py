@@ -29,6 +29,8 @@ that stays (README, "What is not prevented").
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from dataclasses import replace
 from typing import Any
 
@@ -192,9 +194,14 @@ def _refused_uncounted(site, spec: JobSpec, match: str, call, action: str = "fit
     assert _used(site, spec, action) == before
 
 
-def _close(*groups) -> None:
-    for group in groups:
-        for s in group:
+@contextlib.contextmanager
+def _federation(tmp_path, spec: JobSpec, frames) -> Iterator[tuple[list, _Scientist]]:
+    """Real sites of ``spec`` (closed afterwards) and the scientist, its key setup done."""
+    sites = direct_federation(tmp_path, spec, frames)
+    try:
+        yield sites, _Scientist(spec, sites)
+    finally:
+        for s in sites:
             s.close()
 
 
@@ -208,11 +215,9 @@ def test_a_roster_that_is_not_a_valid_set_of_members_is_refused_before_the_step(
     before the private step runs (the guard's count does not move), at the statistics and
     at a training round; the honest roster then goes through."""
     spec = _spec(schema)
-    sites = direct_federation(tmp_path, spec, four_sites)
-    names = [s.name for s in sites]
-    a = sites[0]
-    try:
-        sci = _Scientist(spec, sites)
+    with _federation(tmp_path, spec, four_sites) as (sites, sci):
+        names = [s.name for s in sites]
+        a = sites[0]
         bad = {
             "must list this site": names[1:],
             "members only .*strangers: \\['scientist'\\]": [*names, "scientist"],
@@ -234,8 +239,6 @@ def test_a_roster_that_is_not_a_valid_set_of_members_is_refused_before_the_step(
         reply = sci.call(a.name, "fit", names, 1, ev0)
         assert sorted(SessionMaskedInput.from_str(_signed(reply).payload).peers) == names[1:]
         assert _used(a, spec) == 1
-    finally:
-        _close(sites)
 
 
 def test_a_synchronous_secure_sum_job_takes_no_roster(tmp_path, schema, four_sites):
@@ -244,18 +247,14 @@ def test_a_synchronous_secure_sum_job_takes_no_roster(tmp_path, schema, four_sit
     without a recovery and let it rejoin later. Defence: refused uncounted; in a synchronous
     job a site masks with every active site."""
     spec = _spec(schema, async_k=None)
-    sites = direct_federation(tmp_path, spec, four_sites)
-    names = [s.name for s in sites]
-    try:
-        sci = _Scientist(spec, sites)
+    with _federation(tmp_path, spec, four_sites) as (sites, sci):
+        names = [s.name for s in sites]
         for roster in (names, names[:3]):
             _refused_uncounted(sites[0], spec, "takes no roster",
                                lambda r=roster: sci.call(names[0], "stats", r), "stats")
         ev0 = _evidence("stats", 0, [sci.call(n, "stats", None) for n in names])
         _refused_uncounted(sites[0], spec, "takes no roster",
                            lambda: sci.call(names[0], "fit", names[:3], 1, ev0))
-    finally:
-        _close(sites)
 
 
 # ------------------------------------------- (2) one masked input per session round
@@ -268,11 +267,9 @@ def test_a_site_masks_one_input_per_session_round_whatever_the_retry_says(
     whatever the message says; an earlier slot is out of order. The session itself refuses a
     second input for a round (``masked_input``), even with the site's own keys."""
     spec = _spec(schema)
-    sites = direct_federation(tmp_path, spec, four_sites)
-    names = [s.name for s in sites]
-    a = sites[0]
-    try:
-        sci = _Scientist(spec, sites)
+    with _federation(tmp_path, spec, four_sites) as (sites, sci):
+        names = [s.name for s in sites]
+        a = sites[0]
         ev0 = _statistics(sci, names)
         r1 = sci.round_of(names, 1, ev0)
         for roster, catch_up in ((names[:3], None), (names, [ev0]), (names[:3], [ev0])):
@@ -289,8 +286,6 @@ def test_a_site_masks_one_input_per_session_round_whatever_the_retry_says(
                                                                      1, ev0))
         assert sci.call(a.name, "fit", names[:3], 2, ev1) == r2  # the retry of its last slot
         assert _used(a, spec) == 2
-    finally:
-        _close(sites)
 
 
 # ---------------------------------------- (3) different rosters shown in one round
@@ -302,11 +297,9 @@ def test_inputs_masked_over_different_rosters_never_form_a_sum(tmp_path, schema,
     different rosters (each masked input says its peers, signed), uncounted, its model
     unchanged; it never trains on it."""
     spec = _spec(schema)
-    sites = direct_federation(tmp_path, spec, four_sites)
-    names = [s.name for s in sites]
-    a, b, c, d = names
-    try:
-        sci = _Scientist(spec, sites)
+    with _federation(tmp_path, spec, four_sites) as (sites, sci):
+        names = [s.name for s in sites]
+        a, b, c, d = names
         ev0 = _statistics(sci, names)
         r1 = {n: sci.call(n, "fit", names, 1, ev0) for n in (a, b)}
         r1 |= {n: sci.call(n, "fit", [b, c, d], 1, ev0) for n in (c, d)}
@@ -316,8 +309,6 @@ def test_inputs_masked_over_different_rosters_never_form_a_sum(tmp_path, schema,
                 _refused_uncounted(s, spec, "masked over different rosters",
                                    lambda s=s, e=evidence: sci.call(s.name, "fit", names, 2, e))
                 assert _state(s, spec).applied == 0
-    finally:
-        _close(sites)
 
 
 # -------------------- (4) a late update: once, with its own slot and model, beside fresh
@@ -342,12 +333,10 @@ def test_a_late_update_joins_one_later_sum_once_and_never_passes_as_fresh(
     Defence: signatures, the session round of every input and the slot of each member last
     applied; each refusal uncounted; every site ends on the same model."""
     spec = _spec(schema, min_sites=3)
-    sites = direct_federation(tmp_path, spec, four_sites)
-    names = [s.name for s in sites]
-    a, b, c, d = names
-    site = dict(zip(names, sites, strict=True))
-    try:
-        sci = _Scientist(spec, sites)
+    with _federation(tmp_path, spec, four_sites) as (sites, sci):
+        names = [s.name for s in sites]
+        a, b, c, d = names
+        site = dict(zip(names, sites, strict=True))
         ev0, r1, ev1, r2 = _late_round_two(sci, names)
         late, model0 = _signed(r2[d]), _state(site[a], spec).past[0]
         assert (late.round, late.model) == (1, model0)  # signed with its own slot and model
@@ -372,8 +361,6 @@ def test_a_late_update_joins_one_later_sum_once_and_never_passes_as_fresh(
         sci.call(d, "fit", names, 3, ev2)  # inst-3 goes on from aggregate 2: a fresh update
         assert len({_state(s, spec).digest for s in sites}) == 1
         assert _state(site[d], spec).pending["slot"] == 3
-    finally:
-        _close(sites)
 
 
 def test_stale_updates_do_not_pad_a_sum_below_min_sites_fresh_ones(tmp_path, schema,
@@ -384,19 +371,15 @@ def test_stale_updates_do_not_pad_a_sum_below_min_sites_fresh_ones(tmp_path, sch
     aggregate needs ``min_sites`` updates of its very round; refused uncounted by the site
     that revealed keys for it and by the one left out."""
     spec = _spec(schema, min_sites=3)
-    sites = direct_federation(tmp_path, spec, four_sites)
-    names = [s.name for s in sites]
-    a, b, c, d = names
-    try:
-        sci = _Scientist(spec, sites)
+    with _federation(tmp_path, spec, four_sites) as (sites, sci):
+        names = [s.name for s in sites]
+        a, b, c, d = names
         _, _, _, r2 = _late_round_two(sci, names)
         padded = _evidence("fit", 2, [r2[a], r2[b], r2[d]], sci.recover(2, [a, b, d], [c]))
         for s in (sites[0], sites[2]):
             _refused_uncounted(s, spec, "holds 2 updates of this round, the job needs at "
                                "least 3", lambda s=s: sci.call(s.name, "fit", names, 3, padded))
             assert _state(s, spec).applied == 1
-    finally:
-        _close(sites)
 
 
 # ------------------------- (5) a survivor that revealed keys is never left out afterwards
@@ -412,11 +395,9 @@ def test_a_site_that_revealed_keys_for_a_round_refuses_a_sum_of_it_without_itsel
     Defence: a site that revealed keys for a round opens it only over that recovery's
     survivors; refused uncounted, its model unchanged."""
     spec = _spec(schema)
-    sites = direct_federation(tmp_path, spec, four_sites)
-    names = [s.name for s in sites]
-    a, b, c, d = names
-    try:
-        sci = _Scientist(spec, sites)
+    with _federation(tmp_path, spec, four_sites) as (sites, sci):
+        names = [s.name for s in sites]
+        a, b, c, d = names
         ev0 = _statistics(sci, names)
         r1 = sci.round_of(names, 1, ev0)
         sci.recover(1, [a, b, c], [d])
@@ -430,8 +411,6 @@ def test_a_site_that_revealed_keys_for_a_round_refuses_a_sum_of_it_without_itsel
         _refused_uncounted(sites[0], spec, "it revealed keys as one of its survivors",
                            lambda: sci.call(a, "fit", names, 2, evidence))
         assert _state(sites[0], spec).applied == 0
-    finally:
-        _close(sites)
 
 
 # --------------------------------------------- (6) the documented weakness: K held by all
@@ -447,11 +426,9 @@ def test_a_site_that_revealed_keys_for_a_round_refuses_a_sum_of_it_without_itsel
 def test_a_colluding_member_cannot_read_the_update_of_a_site_declared_late(
         tmp_path, schema, four_sites):
     spec = _spec(schema)
-    sites = direct_federation(tmp_path, spec, four_sites)
-    names = [s.name for s in sites]
-    a, b, c, d = names
-    try:
-        sci = _Scientist(spec, sites)
+    with _federation(tmp_path, spec, four_sites) as (sites, sci):
+        names = [s.name for s in sites]
+        a, b, c, d = names
         ev0 = _statistics(sci, names)
         group_key = _client(sites[2], spec)._group_key  # inst-2 colludes: it holds K
 
@@ -486,8 +463,6 @@ def test_a_colluding_member_cannot_read_the_update_of_a_site_declared_late(
         assert not all(leaked.values()), (
             f"the scientist and one colluding member read inst-3's own updates of rounds "
             f"{sorted(leaked)}, each exactly")
-    finally:
-        _close(sites)
 
 
 # ------------------------- (7) WEAKNESS: two survivor sets of one round, no collusion
@@ -522,11 +497,9 @@ def test_no_site_opens_a_round_over_a_site_the_other_survivors_recovered(
     xfail reason)."""
     frames = four_sites if opener == "the late site itself" else five_sites
     spec = _spec(schema)
-    sites = direct_federation(tmp_path, spec, frames)
-    names = [s.name for s in sites]
-    a, b, c, d = names[:4]
-    try:
-        sci = _Scientist(spec, sites)
+    with _federation(tmp_path, spec, frames) as (sites, sci):
+        names = [s.name for s in sites]
+        a, b, c, d = names[:4]
         ev0 = _statistics(sci, names)
         r1 = sci.round_of([a, b, c, d], 1, ev0)
         slot, truth = _pending_update(sites[3], spec)
@@ -558,8 +531,6 @@ def test_no_site_opens_a_round_over_a_site_the_other_survivors_recovered(
             f"two survivor sets of round 1 were opened ({opener} opened all four inputs, the "
             f"others inst-3's recovered set); their difference is inst-3's slot-{slot} update "
             f"to {off:.1e}")
-    finally:
-        _close(sites)
 
 
 # ----------------- (8) was a hole: a site revealed round keys after opening the round
@@ -582,11 +553,9 @@ def test_a_site_that_opened_a_round_reveals_no_round_key_of_it_afterwards(
     ``_ModelCall._advance`` was lost when the call then stopped, and ``secagg_reveal`` /
     ``evaluate`` never saved it. Now ``_advance`` saves it right after the opening."""
     spec = _spec(schema, rounds=1 if path == "the last reveal" else 4)
-    sites = direct_federation(tmp_path, spec, four_sites)
-    names = [s.name for s in sites]
-    a, b, c, d = names
-    try:
-        sci = _Scientist(spec, sites)
+    with _federation(tmp_path, spec, four_sites) as (sites, sci):
+        names = [s.name for s in sites]
+        a, b, c, d = names
         ev0 = _statistics(sci, names)
         r1 = sci.round_of(names, 1, ev0)
         ev1 = _evidence("fit", 1, r1.values())
@@ -606,8 +575,6 @@ def test_a_site_that_opened_a_round_reveals_no_round_key_of_it_afterwards(
                 assert "already opened" in str(exc)
         assert not answered, (f"{answered} revealed their shares of inst-3's round-1 key after "
                               "opening round 1 with inst-3 in it")
-    finally:
-        _close(sites)
 
 
 # ------- (9) was a hole (not only buffered): a message-only failure after the step
@@ -624,11 +591,9 @@ def test_a_first_masked_call_without_its_own_shares_inbox_is_refused_uncounted(
     the job for good (and a lost or mangled relay did the same). Now ``_ModelCall`` opens
     it before the step."""
     spec = _spec(schema)
-    sites = direct_federation(tmp_path, spec, four_sites)
-    names = [s.name for s in sites]
-    a = sites[0]
-    try:
-        sci = _Scientist(spec, sites)
+    with _federation(tmp_path, spec, four_sites) as (sites, sci):
+        names = [s.name for s in sites]
+        a = sites[0]
         message: dict[str, Any] = {"roster": names}
         if inbox is not None:
             message["inbox"] = sci.server.inbox(names[1]).to_str()
@@ -636,5 +601,3 @@ def test_a_first_masked_call_without_its_own_shares_inbox_is_refused_uncounted(
             a.call("stats", message)
         assert _used(a, spec, "stats") == 0, "the refused statistics call was counted"
         sci.call(a.name, "stats", names)  # the honest call still goes through
-    finally:
-        _close(sites)
